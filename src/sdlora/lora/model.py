@@ -1,0 +1,452 @@
+"""SD-LoRA over a whole backbone: injection, shared magnitudes, task lifecycle, KD, merge, adapter state.
+
+Usage::
+
+    model = SDLoRAModel(backbone, AdapterConfig(protocol="official"), default_targets=["blocks.*.attn.qkv"])
+    for task in range(num_tasks):
+        model.begin_task()                         # new trainable (A_t, B_t) everywhere, magnitudes set up
+        opt = torch.optim.SGD(model.trainable_parameters(), lr=8e-3, momentum=0.9)
+        ...                                        # train with model(x)
+        report = model.end_task()                  # freeze the direction (or absorb it, with KD)
+    plain = model.merge_and_unload()               # same class as the backbone, W0 + sum_k alpha_k dir_k folded in
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+from .layer import LowRankUnit, SDLoRALinear, component_norm
+
+__all__ = ["SDLoRAModel", "ADAPTER_FORMAT"]
+
+ADAPTER_FORMAT = "sdlora-adapter/1"
+_FUSED_SLICES = {"q": 0, "k": 1, "v": 2}
+
+
+def _is_fused_qkv(name: str, module: nn.Linear) -> bool:
+    return name.rsplit(".", 1)[-1] == "qkv" and module.out_features == 3 * module.in_features
+
+
+class SDLoRAModel(nn.Module):
+    """A backbone with SD-LoRA components on its attention projections (paper §3.2-3.5).
+
+    The backbone is modified in place: every target ``nn.Linear`` is replaced by an ``SDLoRALinear`` wrapping
+    it, and every backbone parameter is frozen. The magnitudes (one per task, shared by all adapted layers,
+    paper §4.1; or one per task per projection with ``per_layer_magnitudes``) are owned here as two tensors,
+    ``alpha_prev`` (earlier tasks) and ``alpha_cur`` (current task), each a Parameter when it trains and a
+    buffer when it does not.
+
+    Args:
+        backbone: the model to adapt (e.g. a timm ViT); forward(x) of this object calls it.
+        config: adapter behaviour; resolved against its protocol preset.
+        default_targets: module-name patterns used when ``config.targets`` is None.
+
+    Raises:
+        ValueError: a target pattern matches no ``nn.Linear`` (the message lists candidates).
+    """
+
+    def __init__(self, backbone: nn.Module, config: AdapterConfig, default_targets: list[str] | None = None) -> None:
+        super().__init__()
+        self.config = config.resolved()
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        targets = self.config.targets or default_targets
+        if not targets:
+            raise ValueError("no adapter targets: set adapter.targets (e.g. ['blocks.*.attn.qkv'])")
+        self.targets = list(targets)
+        self._layer_names: list[str] = []
+        self._inject()
+        self.num_tasks = 0  # tasks begun so far (the current one included while in a task)
+        self.in_task = False
+        self.task_ranks: list[int] = []  # rank added per task (0: no new component)
+        self.kd_log: list[dict[str, Any]] = []
+        self.num_slots = 0
+        ref = next(iter(self.layers())).base.weight
+        shape = (self.num_units, 0) if self.config.per_layer_magnitudes else (0,)
+        self.register_buffer("alpha_prev", torch.zeros(shape, device=ref.device, dtype=torch.float32))
+        self.register_buffer("alpha_cur", torch.zeros(shape, device=ref.device, dtype=torch.float32))
+
+    # ----------------------------------------------------------------------------------------- injection
+    def _inject(self) -> None:
+        cfg = self.config
+        linear_names = [n for n, m in self.backbone.named_modules() if isinstance(m, nn.Linear)]
+        chosen: list[str] = []
+        for pattern in self.targets:
+            hits = [n for n in linear_names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                sample = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
+                raise ValueError(
+                    f"adapter target {pattern!r} matches no nn.Linear in the backbone; "
+                    f"Linear modules look like: {sample}"
+                )
+            chosen.extend(h for h in hits if h not in chosen)
+        index = 0
+        for name in chosen:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.backbone.get_submodule(parent_name) if parent_name else self.backbone
+            base = getattr(parent, child)
+            if _is_fused_qkv(name, base):
+                d = base.in_features
+                units = [
+                    (p, _FUSED_SLICES[p] * d, (_FUSED_SLICES[p] + 1) * d)
+                    for p in sorted(cfg.projections, key=lambda p: _FUSED_SLICES[p])
+                ]
+            else:
+                units = [("out", 0, base.out_features)]
+            layer = SDLoRALinear(
+                base, units, index, cfg.compute, cfg.normaliser, bool(cfg.normalise_current), cfg.norm_eps
+            )
+            index += len(units)
+            setattr(parent, child, layer)
+            self._layer_names.append(name)
+        self.num_units = index
+
+    def layers(self) -> list[SDLoRALinear]:
+        """The adapted layers, in injection order."""
+        return [self.backbone.get_submodule(n) for n in self._layer_names]  # type: ignore[misc]
+
+    def named_units(self) -> list[tuple[str, LowRankUnit]]:
+        """``("blocks.0.attn.qkv.q", unit)`` for every adapted projection, in index order."""
+        return [(f"{n}.{u.name}", u) for n, layer in zip(self._layer_names, self.layers()) for u in layer.units]
+
+    # ------------------------------------------------------------------------------------------ forward
+    def alphas(self) -> Tensor:
+        """All magnitudes, shape (S,) or (units, S) with per-layer magnitudes: ``[alpha_prev, alpha_cur]``."""
+        return torch.cat([self.alpha_prev, self.alpha_cur], dim=-1)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        alphas = self.alphas()  # built once per forward, shared by every layer (paper §4.1)
+        layers = self.layers()
+        for layer in layers:
+            layer.alphas = alphas
+        try:
+            return self.backbone(x, *args, **kwargs)
+        finally:
+            for layer in layers:
+                layer.alphas = None
+
+    # ---------------------------------------------------------------------------------------- lifecycle
+    def _adds_component(self, task: int) -> bool:
+        return self.config.components == "per_task" or task == 0
+
+    def begin_task(self, rank: int | None = None) -> int:
+        """Start the next task: add a trainable component (A kaiming-uniform, B zero) and set the magnitudes.
+
+        Args:
+            rank: rank of the new component; default from ``config.rank_for_task`` (SD-LoRA-RR schedule).
+
+        Returns:
+            The rank added (0 when the configuration adds no component for this task).
+        """
+        if self.in_task:
+            raise RuntimeError("begin_task() called twice: call end_task() before starting another task")
+        cfg = self.config
+        task = self.num_tasks
+        rank = cfg.rank_for_task(task) if rank is None else rank
+        if rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {rank}")
+        old = self.alphas().detach()
+        added = 0
+        if self._adds_component(task):
+            slot = self.num_slots
+            self.num_slots += 1
+            for _, unit in self.named_units():
+                unit.add_current(rank, slot)
+            added = rank
+        elif cfg.components == "single":
+            pass  # the one component keeps learning
+        # Magnitudes: new slots start at alpha_init; old ones keep their values only with alpha_carry_over
+        # (the official code re-creates all of them at 0.8 every task, lora.py L326-328).
+        values = torch.full(
+            (*old.shape[:-1], self.num_slots), float(cfg.alpha_init), device=old.device, dtype=torch.float32
+        )
+        if cfg.alpha_carry_over:
+            values[..., : old.shape[-1]] = old
+        self._set_magnitudes(values, training=True)
+        self.task_ranks.append(added)
+        self.num_tasks += 1
+        self.in_task = True
+        return added
+
+    def _set_magnitudes(self, values: Tensor, training: bool) -> None:
+        cfg = self.config
+        prev, cur = values[..., :-1].clone(), values[..., -1:].clone()
+        for name, value, trains in (
+            ("alpha_prev", prev, training and cfg.train_magnitudes and cfg.train_old_magnitudes),
+            ("alpha_cur", cur, training and cfg.train_magnitudes),
+        ):
+            if name in self._parameters:
+                del self._parameters[name]
+            if name in self._buffers:
+                del self._buffers[name]
+            if trains and value.numel():
+                self.register_parameter(name, nn.Parameter(value))
+            else:
+                self.register_buffer(name, value)
+
+    @torch.no_grad()
+    def end_task(self) -> dict[str, Any]:
+        """Finish the current task: freeze its direction in every unit (or absorb it, with KD).
+
+        Returns:
+            ``{"task", "rank", "frozen", "absorbed", "dropped_zero"}``: how many units kept a new frozen
+            direction, how many absorbed it into earlier magnitudes (SD-LoRA-KD), how many had a zero product.
+        """
+        if not self.in_task:
+            raise RuntimeError("end_task() called without begin_task()")
+        cfg = self.config
+        task = self.num_tasks - 1
+        report: dict[str, Any] = {
+            "task": task,
+            "rank": self.task_ranks[-1],
+            "frozen": 0,
+            "absorbed": 0,
+            "dropped_zero": 0,
+        }
+        # "single" keeps its one component learning; "first_only" has nothing new after the first task.
+        if cfg.components != "single" and self._adds_component(task):
+            alphas = self.alphas().detach()
+            for _, unit in self.named_units():
+                if not unit.has_current:
+                    continue
+                if cfg.kd and unit.num_frozen and self._kd_absorb(unit, alphas):
+                    report["absorbed"] += 1
+                elif unit.freeze_current(str(cfg.normaliser)):
+                    report["frozen"] += 1
+                else:
+                    report["dropped_zero"] += 1
+        # Magnitudes stay as they are (buffers between tasks); begin_task decides what carries over.
+        self._set_magnitudes(self.alphas().detach(), training=False)
+        self.in_task = False
+        if cfg.kd:
+            self.kd_log.append({"task": task, "absorbed": report["absorbed"], "kept": report["frozen"]})
+        return report
+
+    def _kd_absorb(self, unit: LowRankUnit, alphas: Tensor) -> bool:
+        """SD-LoRA-KD for one unit (paper Eq. 7-8, Algorithm 1 lines 9-13).
+
+        Fits the new normalised direction d = M_t / ||M_t||_F by the unit's frozen directions D_k = M_k / n_k:
+        c = argmin ||d - sum_k c_k D_k||_F (Eq. 7), in float64 from r x r Gram blocks (no dense d_out x d_in
+        product). If the residual ||d - D c||_F (unsquared unless ``kd_squared_residual``; d has unit norm, so
+        it is relative) is <= tau, the component is dropped and its contribution is moved onto the earlier
+        magnitudes of this unit: extra_k += kappa * c_k, where kappa = ||M_t||_F * (current scale) is the
+        weight the current component had on d. Eq. 8 writes alpha_k + c_k, which is the same when the current
+        component is normalised with alpha_t = 1; the kappa factor keeps the layer's function otherwise.
+        The increments are stored per unit because the magnitudes are shared across layers.
+        """
+        cfg = self.config
+        assert unit.A_cur is not None and unit.B_cur is not None
+        a_t, b_t = unit.A_cur.detach().double(), unit.B_cur.detach().double()
+        a_f, b_f = unit.A_frozen.double(), unit.B_frozen.double()
+        m_norm = float(component_norm(b_t, a_t, "frobenius_of_product"))
+        if m_norm == 0.0:
+            return False
+        owner = unit.rank_owner
+        n_comp = unit.num_frozen
+        proj = torch.zeros(n_comp, owner.numel(), dtype=torch.float64, device=owner.device)
+        proj[owner, torch.arange(owner.numel(), device=owner.device)] = 1.0
+        norms = unit.norms.double()
+        # <M_k, M_l>_F = sum((B_k^T B_l) * (A_k A_l^T)), aggregated from rank rows to components.
+        gram_m = proj @ ((b_f.t() @ b_f) * (a_f @ a_f.t())) @ proj.t()
+        gram = gram_m / (norms[:, None] * norms[None, :])
+        rhs = (proj @ ((b_f.t() @ b_t) * (a_f @ a_t.t())).sum(1)) / (norms * m_norm)
+        coef = torch.linalg.lstsq(gram, rhs[:, None], driver="gelsd").solution[:, 0]
+        res_sq = float((1.0 - 2.0 * coef @ rhs + coef @ gram @ coef).clamp_min(0.0))
+        residual = res_sq if cfg.kd_squared_residual else res_sq**0.5
+        if residual > cfg.kd_tau:
+            return False
+        alpha_t = float(unit._row(alphas)[unit.cur_slot])
+        if cfg.normalise_current:
+            n_cur = float(component_norm(b_t, a_t, str(cfg.normaliser)))
+            kappa = alpha_t * m_norm / (n_cur * n_cur + cfg.norm_eps**2) ** 0.5
+        else:
+            kappa = alpha_t * m_norm
+        unit.extra += (kappa * coef).to(unit.extra)
+        unit.drop_current()
+        return True
+
+    # ----------------------------------------------------------------------------------------- training
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters that learn in the current task: current (A_t, B_t) of every unit and the magnitudes."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict[str, Any]:
+        """Parameter accounting (counts of scalars).
+
+        Returns:
+            ``trainable_adapter``: current-task LoRA factors (ViT-B/16, r=10 on q,v of 12 blocks: 368,640);
+            ``trainable_magnitudes``: magnitudes that learn now; ``stored_per_task``: frozen factor scalars kept
+            per task slot; ``stored_total``: every adapter scalar held (frozen factors, norms, KD increments,
+            current factors, magnitudes).
+        """
+        trainable_adapter = 0
+        stored_per_slot = [0] * self.num_slots
+        stored_total = 0
+        for _, u in self.named_units():
+            if u.A_cur is not None and u.B_cur is not None:
+                n = u.A_cur.numel() + u.B_cur.numel()
+                stored_total += n
+                if u.A_cur.requires_grad:
+                    trainable_adapter += n
+            for c, r in enumerate(u.comp_ranks):
+                stored_per_slot[int(u.slots[c])] += r * (u.in_features + u.out_features)
+            stored_total += u.A_frozen.numel() + u.B_frozen.numel() + u.norms.numel() + u.extra.numel()
+        mags = self.alpha_prev.numel() + self.alpha_cur.numel()
+        trainable_mags = sum(t.numel() for t in (self.alpha_prev, self.alpha_cur) if t.requires_grad)
+        return {
+            "trainable_adapter": trainable_adapter,
+            "trainable_magnitudes": trainable_mags,
+            "stored_per_task": stored_per_slot,
+            "stored_total": stored_total + mags,
+        }
+
+    # ------------------------------------------------------------------------------------------- merge
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold all components into the wrapped weights in place, for inference at the cost of the bare
+        backbone. ``unmerge`` restores W0 exactly. Training while merged is refused."""
+        alphas = self.alphas().detach()
+        for layer in self.layers():
+            layer.merge(alphas)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for layer in self.layers():
+            layer.unmerge()
+
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for layer in self.layers())
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> nn.Module:
+        """A copy of the backbone, same class, with ``W0 + sum_k alpha_k dir_k`` folded into each target
+        weight and every adapter module replaced by a plain ``nn.Linear``. This object is left unchanged, so
+        its ``state_dict()`` keys are those of the original backbone (e.g. loadable by
+        ``timm.create_model(name, pretrained=False)``)."""
+        alphas = self.alphas().detach()
+        deltas = {n: layer.delta_weight(alphas) for n, layer in zip(self._layer_names, self.layers())}
+        plain = copy.deepcopy(self.backbone)
+        for name, delta in deltas.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = plain.get_submodule(parent_name) if parent_name else plain
+            wrapped: SDLoRALinear = getattr(parent, child)
+            base = wrapped.base
+            if wrapped.merged:  # the copy carries W0 in _w0
+                assert wrapped._w0 is not None
+                base.weight.copy_(wrapped._w0)
+            base.weight.add_(delta.to(base.weight))
+            setattr(parent, child, base)
+        return plain
+
+    # ------------------------------------------------------------------------------------ adapter state
+    def adapter_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Everything that defines the adapter, without the backbone weights.
+
+        Returns:
+            ``(tensors, meta)``: tensors for safetensors (contiguous, CPU) and a JSON-able description (config,
+            ranks, slots, task counters, KD log) that ``load_adapter_state`` checks against the backbone.
+        """
+        tensors: dict[str, Tensor] = {}
+        units_meta = []
+        for name, u in self.named_units():
+            units_meta.append(
+                {
+                    "name": name,
+                    "start": u.start,
+                    "stop": u.stop,
+                    "in_features": u.in_features,
+                    "comp_ranks": list(u.comp_ranks),
+                    "cur_rank": 0 if u.A_cur is None else int(u.A_cur.shape[0]),
+                    "cur_slot": u.cur_slot,
+                }
+            )
+            tensors[f"{name}.A_frozen"] = u.A_frozen
+            tensors[f"{name}.B_frozen"] = u.B_frozen
+            tensors[f"{name}.norms"] = u.norms
+            tensors[f"{name}.extra"] = u.extra
+            tensors[f"{name}.slots"] = u.slots
+            if u.A_cur is not None and u.B_cur is not None:
+                tensors[f"{name}.A_cur"] = u.A_cur
+                tensors[f"{name}.B_cur"] = u.B_cur
+        tensors["alpha_prev"] = self.alpha_prev
+        tensors["alpha_cur"] = self.alpha_cur
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {
+            "format": ADAPTER_FORMAT,
+            "config": dataclasses.asdict(self.config),
+            "targets": self.targets,
+            "num_tasks": self.num_tasks,
+            "num_slots": self.num_slots,
+            "in_task": self.in_task,
+            "task_ranks": list(self.task_ranks),
+            "kd_log": list(self.kd_log),
+            "units": units_meta,
+        }
+        return tensors, meta
+
+    @torch.no_grad()
+    def load_adapter_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """Restore a state from ``adapter_state`` into this (freshly injected) model.
+
+        Raises:
+            ValueError: the state is of another format, was made with another adapter configuration, or its
+                units do not match this backbone (names, slices or input sizes differ).
+        """
+        if meta.get("format") != ADAPTER_FORMAT:
+            raise ValueError(f"not an sdlora adapter state (format {meta.get('format')!r}, want {ADAPTER_FORMAT})")
+        mine = dataclasses.asdict(self.config)
+        theirs = meta.get("config", {})
+        diffs = [f"{k}: saved {theirs.get(k)!r}, here {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
+        if diffs:
+            raise ValueError("adapter state was saved with another adapter config: " + "; ".join(diffs))
+        units = self.named_units()
+        saved = meta["units"]
+        here = [(n, u.start, u.stop, u.in_features) for n, u in units]
+        there = [(m["name"], m["start"], m["stop"], m["in_features"]) for m in saved]
+        if here != there:
+            mismatch = next(((h, t) for h, t in zip(here, there) if h != t), None)
+            raise ValueError(
+                f"adapter state does not fit this backbone: {len(there)} saved units vs {len(here)} here"
+                + (f"; first difference: saved {mismatch[1]} vs here {mismatch[0]}" if mismatch else "")
+            )
+        for (name, u), m in zip(units, saved):
+            get = tensors.__getitem__
+            a, b = get(f"{name}.A_frozen"), get(f"{name}.B_frozen")
+            if a.shape[1:] != u.A_frozen.shape[1:] or b.shape[:1] != u.B_frozen.shape[:1]:
+                raise ValueError(f"{name}: saved factors of shape {tuple(a.shape)}/{tuple(b.shape)} do not fit")
+            u.set_frozen(a, b, get(f"{name}.norms"), get(f"{name}.slots"), get(f"{name}.extra"), m["comp_ranks"])
+            u.drop_current()
+            if m["cur_rank"]:
+                u.add_current(m["cur_rank"], m["cur_slot"])
+                assert u.A_cur is not None and u.B_cur is not None
+                u.A_cur.copy_(get(f"{name}.A_cur"))
+                u.B_cur.copy_(get(f"{name}.B_cur"))
+        self.num_tasks = int(meta["num_tasks"])
+        self.num_slots = int(meta["num_slots"])
+        self.task_ranks = list(meta["task_ranks"])
+        self.kd_log = list(meta["kd_log"])
+        self.in_task = bool(meta["in_task"])
+        ref = self.alpha_prev
+        values = torch.cat([tensors["alpha_prev"], tensors["alpha_cur"]], -1).to(ref.device, torch.float32)
+        if self.num_slots == 0:
+            values = values.reshape(*ref.shape[:-1], 0)
+            self._set_magnitudes_empty(values)
+        else:
+            self._set_magnitudes(values, training=self.in_task)
+
+    def _set_magnitudes_empty(self, values: Tensor) -> None:
+        for name in ("alpha_prev", "alpha_cur"):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+            self.register_buffer(name, values.clone())
