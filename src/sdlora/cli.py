@@ -1,0 +1,220 @@
+"""Command-line interface: ``sdlora run | demo | compare | export | report | list``.
+
+Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, run directory). The reason goes to
+stderr in one line (``sdlora: error: ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+log = logging.getLogger("sdlora")
+
+DEMO_PRESETS = {"demo": "demo", "full": "demo-full"}
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("sdlora")
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
+    root.propagate = False
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _default_out(cfg_name: str) -> str:
+    return str(Path("runs") / cfg_name)
+
+
+def _run(config: str, out: str | None, overrides: list[str], resume: bool, overwrite: bool) -> dict[str, Any]:
+    from .config import load_config
+    from .engine import run_experiment
+    from .report import format_task_table
+
+    cfg, cfg_dict = load_config(config, overrides)
+    out_dir = out or _default_out(cfg.name or "run")
+    results = run_experiment(cfg, cfg_dict, out_dir, resume=resume, overwrite=overwrite)
+    if _is_main_process():
+        print(format_task_table(results))
+        print(f"run directory: {out_dir}")
+    return results
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _run(args.config, args.out, args.set, args.resume, args.overwrite)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    preset = "demo-full" if args.full else "demo"
+    overrides = list(args.set)
+    if args.method:
+        overrides.append(f"method.name={args.method}")
+    cfg, _ = load_config(preset, overrides)
+    if _is_main_process():
+        d = cfg.data
+        print(
+            f"sdlora demo: {cfg.method.name} on {cfg.backbone.name} + {d.name} at {d.image_size}px, "
+            f"{d.train_per_class} train / {d.test_per_class} test images per class, "
+            f"{cfg.scenario.init_cls}+{cfg.scenario.increment}/task classes, {cfg.train.epochs} epoch(s)/task",
+            flush=True,
+        )
+    out = args.out or _default_out(f"{preset}-{cfg.method.name}")
+    _run(preset, out, overrides, args.resume, args.overwrite)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    table = run_compare(args.config, methods, seeds, args.out, args.set)
+    print(table)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from safetensors.torch import save_file
+
+    from .engine import build_method_from_run
+
+    method, cfg, record = build_method_from_run(args.run_dir)
+    plain = method.export_backbone()
+    state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
+    info = method.backbone_info
+    metadata = {
+        "format": "sdlora-merged-backbone/1",
+        "backbone": str(cfg.backbone.name),
+        "timm_kwargs": json.dumps({"img_size": cfg.data.image_size, **cfg.backbone.kwargs}),
+        "weights_tag": str(info.get("tag")),
+        "method": cfg.method.name,
+        "completed_tasks": str(record["task"] + 1),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+    print(f"wrote {out}: {len(state)} tensors of the merged backbone after task {record['task'] + 1}")
+    print(
+        "load with: timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs).load_state_dict("
+        "safetensors.torch.load_file(path))"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    print(report(args.run_dirs, args.out))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .backbones import BACKBONES
+    from .config import preset_names
+    from .data import DATASETS
+    from .methods import METHODS
+
+    print("methods:   " + ", ".join(sorted(METHODS)))
+    print("datasets:  " + ", ".join(sorted(DATASETS)))
+    print("backbones: " + ", ".join(sorted(BACKBONES)) + ", or any timm model name")
+    print("presets:   " + ", ".join(preset_names()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdlora", description=__doc__.splitlines()[0])
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final table")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def run_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--out", help="run directory (default: runs/<config name>)")
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set train.lr=0.01 (repeatable)",
+        )
+        sp.add_argument("--resume", action="store_true", help="continue after the last completed task")
+        sp.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+    sp = sub.add_parser("run", help="run an experiment from a YAML config or a preset name")
+    sp.add_argument("config", help="YAML file or preset name (sdlora list)")
+    run_opts(sp)
+    sp.set_defaults(fn=cmd_run)
+
+    sp = sub.add_parser("demo", help="the offline embedded default: SD-LoRA on split Fashion-MNIST, CPU, minutes")
+    sp.add_argument("--method", help="method to run (default sdlora)")
+    sp.add_argument("--full", action="store_true", help="more data per class (preset demo-full)")
+    run_opts(sp)
+    sp.set_defaults(fn=cmd_demo)
+
+    sp = sub.add_parser("compare", help="run several methods (and seeds) on one config and tabulate them")
+    sp.add_argument("config")
+    sp.add_argument("--methods", default="sdlora,sdlora_rr,sdlora_kd,seq_lora,simplecil,inflora")
+    sp.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    sp.add_argument("--out", default="runs/compare")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.set_defaults(fn=cmd_compare)
+
+    sp = sub.add_parser("export", help="write the merged backbone of a run as safetensors")
+    sp.add_argument("run_dir")
+    sp.add_argument("--out", required=True, help="FILE.safetensors")
+    sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser("report", help="table and plots for one or several run directories")
+    sp.add_argument("run_dirs", nargs="+")
+    sp.add_argument("--out", help="also write report.md and plots/curves.png here")
+    sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser("list", help="registered methods, datasets, backbones and presets")
+    sp.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .configtools import ConfigError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        from .engine import RunError
+    except Exception as e:  # a broken installation: say so instead of a traceback
+        print(f"sdlora: error: cannot import sdlora ({e})", file=sys.stderr)
+        return 1
+    try:
+        return int(args.fn(args))
+    except (ConfigError, RunError, KeyError, FileNotFoundError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"sdlora: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdlora: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("SDLORA_DEBUG"):
+            raise
+        print(f"sdlora: error: {type(e).__name__}: {e} (set SDLORA_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

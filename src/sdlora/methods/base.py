@@ -1,0 +1,162 @@
+"""The method interface the engine sees, and the method registry.
+
+A method owns a model (backbone + growing head) and implements hooks; the engine owns every loop, the
+optimiser, the device, evaluation and checkpoints (style: avalanche/mammoth hooks, timm registry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..backbones import Backbone
+from ..config import MethodConfig
+from ..heads import IncrementalLinear
+
+__all__ = ["METHODS", "Method", "TaskContext", "create_method", "register_method"]
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a method available as ``method.name: <name>``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def create_method(cfg: MethodConfig, backbone: Backbone) -> Method:
+    """Build the method named by ``cfg.name``.
+
+    Raises:
+        KeyError: unknown name; the message lists the registered ones.
+    """
+    if cfg.name not in METHODS:
+        raise KeyError(f"unknown method {cfg.name!r}; known methods: {', '.join(sorted(METHODS))}")
+    return METHODS[cfg.name](cfg, backbone)
+
+
+@dataclass
+class TaskContext:
+    """What a method may know about the task being learned.
+
+    Attributes:
+        task: 0-based index.
+        num_tasks: tasks in the scenario.
+        class_start, class_end: this task's classes are label positions ``[class_start, class_end)``; after it
+            ``class_end`` classes have been seen.
+        device: where the engine keeps the model and batches.
+        epochs: epochs the engine will train this task.
+        statistics_batches: yields ``(x, y)`` batches of the current task's training data with evaluation
+            transforms, on ``device`` (for prototypes, covariances); under torchrun each process gets its shard.
+        all_reduce: sums a tensor over processes (identity in a single process).
+    """
+
+    task: int
+    num_tasks: int
+    class_start: int
+    class_end: int
+    device: torch.device
+    epochs: int
+    statistics_batches: Callable[[], Iterator[tuple[Tensor, Tensor]]] = field(repr=False)
+    all_reduce: Callable[[Tensor], Tensor] = field(repr=False, default=lambda t: t)
+
+    @property
+    def num_new(self) -> int:
+        return self.class_end - self.class_start
+
+
+class Method(nn.Module):
+    """Base class: ``self.model`` (backbone features) followed by an ``IncrementalLinear`` head.
+
+    Subclasses set ``self.model`` and override the hooks they change. Prediction is the argmax over all seen
+    classes of ``forward(x)`` (class-incremental, no task id).
+    """
+
+    name: ClassVar[str] = "base"
+    #: False for training-free methods: the engine then runs no optimisation epochs.
+    trains: ClassVar[bool] = True
+
+    def __init__(self, cfg: MethodConfig, backbone: Backbone) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone_info = backbone.info()
+        self.num_features = backbone.num_features
+        self.model: nn.Module = backbone.model
+        self.head = IncrementalLinear(backbone.num_features)
+
+    @property
+    def protocol(self) -> str:
+        """The adapter protocol label recorded in results (``n/a`` for methods without one)."""
+        return "n/a"
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def features(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits over all seen classes."""
+        return self.head(self.features(x))
+
+    def begin_task(self, ctx: TaskContext) -> None:
+        """Grow the head by the task's classes; only the new block trains unless the loss covers all classes."""
+        self.head.grow(ctx.num_new, device=ctx.device)
+        self.head.set_trainable(train_old=self.cfg.loss_scope == "all")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def training_loss(self, logits: Tensor, y: Tensor, ctx: TaskContext) -> Tensor:
+        """Cross-entropy; after the first task over the current task's logits only (``loss_scope: current``,
+        the official code's ``F.cross_entropy(logits[:, known:], y - known)``), so old rows get no gradient."""
+        if self.cfg.loss_scope == "current" and ctx.class_start > 0:
+            return F.cross_entropy(logits[:, ctx.class_start : ctx.class_end], y - ctx.class_start)
+        return F.cross_entropy(logits, y)
+
+    def end_task(self, ctx: TaskContext) -> dict[str, Any]:
+        """Called after training, before evaluation. Returns facts for the log (JSON-able)."""
+        return {}
+
+    def export_backbone(self) -> nn.Module:
+        """A plain backbone (same class as the original) with everything learned folded in."""
+        return self.model
+
+    # ---------------------------------------------------------------------------------------- accounting
+    def parameter_counts(self) -> dict[str, int]:
+        """``trainable``: scalars that learn in the current task (head included); ``stored``: scalars kept
+        beyond the frozen pretrained backbone (adapters, magnitudes, head, prototypes...)."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        head = sum(p.numel() for p in self.head.parameters())
+        return {"trainable": trainable, "stored": head}
+
+    # -------------------------------------------------------------------------------------------- state
+    def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Tensors and JSON meta that restore this method after a task (checkpoints, export)."""
+        tensors: dict[str, Tensor] = {}
+        for i, (w, b) in enumerate(zip(self.head.weights, self.head.biases)):
+            tensors[f"head.weight.{i}"] = w.detach().cpu().contiguous()
+            tensors[f"head.bias.{i}"] = b.detach().cpu().contiguous()
+        return tensors, {"method": self.name, "head_blocks": self.head.block_sizes()}
+
+    @torch.no_grad()
+    def load_state(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        if meta.get("method") != self.name:
+            raise ValueError(f"checkpoint is for method {meta.get('method')!r}, not {self.name!r}")
+        device = next(self.parameters()).device
+        self.head = IncrementalLinear(self.num_features).to(device)
+        for i, n in enumerate(meta["head_blocks"]):
+            self.head.grow(n, device=device)
+            self.head.weights[i].copy_(tensors[f"head.weight.{i}"])
+            self.head.biases[i].copy_(tensors[f"head.bias.{i}"])
+        self.head.set_trainable(train_old=False)

