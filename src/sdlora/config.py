@@ -63,12 +63,16 @@ class MethodConfig:
         adapter: SD-LoRA adapter options (also the LoRA shape of LoRA baselines).
         loss_scope: after the first task, cross-entropy over the current task's logits only (``current``,
             paper protocol, §3.1 of the method notes) or over all seen classes (``all``).
+        head_init: initialisation of each new head block: ``kaiming`` (official ``SimpleLinear``) or ``zeros``
+            (every task block starts with the same common offset, which the current-task loss never changes;
+            see ``heads.IncrementalLinear.grow``).
         inflora: options of the InfLoRA baseline.
     """
 
     name: str = "sdlora"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     loss_scope: Literal["current", "all"] = "current"
+    head_init: Literal["kaiming", "zeros"] = "kaiming"
     inflora: InfLoRAConfig = field(default_factory=InfLoRAConfig)
 
 

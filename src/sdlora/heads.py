@@ -21,9 +21,12 @@ class IncrementalLinear(nn.Module):
         in_features: feature size of the backbone.
     """
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, init: str = "kaiming") -> None:
         super().__init__()
+        if init not in ("kaiming", "zeros"):
+            raise ValueError(f"head init must be 'kaiming' or 'zeros', got {init!r}")
         self.in_features = in_features
+        self.init = init
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
 
@@ -38,15 +41,20 @@ class IncrementalLinear(nn.Module):
     def grow(self, n_new: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         """Add ``n_new`` output rows for a new task.
 
-        Init as the official ``SimpleLinear``: ``kaiming_uniform_(nonlinearity="linear")`` weights, zero bias.
-        New rows follow the device/dtype of existing rows (or the arguments for the first block).
+        ``kaiming``: as the official ``SimpleLinear``, ``kaiming_uniform_(nonlinearity="linear")`` weights, zero
+        bias. ``zeros``: zero weights. Why it matters: with the current-task loss (softmax over the task's own
+        logits) the gradient of the sum of a block's rows is zero, so each block keeps its initial common
+        offset ``sum_c w_c . mean_feature`` forever; with random init that offset differs between blocks and
+        decides which task wins at prediction when features share a large mean component. Zero init makes the
+        offsets equal. New rows follow the device/dtype of existing rows (or the arguments for the first block).
         """
         if n_new <= 0:
             raise ValueError(f"a task must add at least one class, got {n_new}")
         if self.num_blocks:
             device, dtype = self.weights[0].device, self.weights[0].dtype
-        w = torch.empty(n_new, self.in_features, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(w, nonlinearity="linear")
+        w = torch.zeros(n_new, self.in_features, device=device, dtype=dtype)
+        if self.init == "kaiming":
+            nn.init.kaiming_uniform_(w, nonlinearity="linear")
         self.weights.append(nn.Parameter(w))
         self.biases.append(nn.Parameter(torch.zeros(n_new, device=device, dtype=dtype)))
 

@@ -94,7 +94,7 @@ class Method(nn.Module):
         self.backbone_info = backbone.info()
         self.num_features = backbone.num_features
         self.model: nn.Module = backbone.model
-        self.head = IncrementalLinear(backbone.num_features)
+        self.head = IncrementalLinear(backbone.num_features, init=cfg.head_init)
 
     @property
     def protocol(self) -> str:
@@ -154,7 +154,7 @@ class Method(nn.Module):
         if meta.get("method") != self.name:
             raise ValueError(f"checkpoint is for method {meta.get('method')!r}, not {self.name!r}")
         device = next(self.parameters()).device
-        self.head = IncrementalLinear(self.num_features).to(device)
+        self.head = IncrementalLinear(self.num_features, init=self.cfg.head_init).to(device)
         for i, n in enumerate(meta["head_blocks"]):
             self.head.grow(n, device=device)
             self.head.weights[i].copy_(tensors[f"head.weight.{i}"])
