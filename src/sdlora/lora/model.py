@@ -257,6 +257,9 @@ class SDLoRAModel(nn.Module):
         gram_m = proj @ ((b_f.t() @ b_f) * (a_f @ a_f.t())) @ proj.t()
         gram = gram_m / (norms[:, None] * norms[None, :])
         rhs = (proj @ ((b_f.t() @ b_t) * (a_f @ a_t.t())).sum(1)) / (norms * m_norm)
+        # The system is C x C (C = earlier components): solve it on the CPU, where the rank-revealing "gelsd"
+        # driver exists (CUDA offers only "gels", which assumes full rank).
+        gram, rhs = gram.cpu(), rhs.cpu()
         coef = torch.linalg.lstsq(gram, rhs[:, None], driver="gelsd").solution[:, 0]
         res_sq = float((1.0 - 2.0 * coef @ rhs + coef @ gram @ coef).clamp_min(0.0))
         residual = res_sq if cfg.kd_squared_residual else res_sq**0.5
@@ -268,7 +271,7 @@ class SDLoRAModel(nn.Module):
             kappa = alpha_t * m_norm / (n_cur * n_cur + cfg.norm_eps**2) ** 0.5
         else:
             kappa = alpha_t * m_norm
-        unit.extra += (kappa * coef).to(unit.extra)
+        unit.extra += (kappa * coef).to(unit.extra.device, unit.extra.dtype)
         unit.drop_current()
         return True
 
