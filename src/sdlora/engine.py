@@ -12,6 +12,8 @@ state is also saved in every checkpoint and restored on resume (it drives parame
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
 import logging
 import math
 import os
@@ -60,6 +62,8 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    #: this run created the process group (so it destroys it at the end); False when a caller set one up
+    owns_group: bool = False
 
     @property
     def main(self) -> bool:
@@ -78,9 +82,14 @@ def init_distributed(device_spec: str) -> DistInfo:
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_spec != "cpu" and torch.cuda.is_available()
-    if not dist.is_initialized():
+    if use_cuda:
+        # Before the group exists: NCCL collectives (barrier, object broadcasts) run on the current device,
+        # which would otherwise be GPU 0 in every process.
+        torch.cuda.set_device(local_rank)
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world=world, local_rank=local_rank)
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, owns_group=owns)
 
 
 def select_device(spec: str, info: DistInfo) -> torch.device:
@@ -101,6 +110,58 @@ def _all_reduce_sum(t: Tensor, info: DistInfo) -> Tensor:
     if info.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where small tensors for collectives live: NCCL needs CUDA tensors, gloo takes CPU ones."""
+    return device if device.type == "cuda" else torch.device("cpu")
+
+
+def _ddp_kwargs() -> dict[str, Any]:
+    """No buffer broadcast on every forward: SD-LoRA keeps frozen factors and magnitudes as buffers, identical
+    on every process and never changed by a training step. (torch >= 2.14 renames the switch.)"""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
+def state_fingerprint(method: Method) -> str:
+    """sha256 over ``method.state()`` tensors (names, dtypes, shapes, bytes): the trainable head and adapter
+    state that a checkpoint holds, not the frozen backbone."""
+    tensors, _ = method.state()
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_ranks_agree(method: Method, info: DistInfo, device: torch.device, task: int) -> None:
+    """Raise on every process if the processes hold different method states after a task.
+
+    The processes are meant to agree bit for bit without any broadcast: the same seed gives the same
+    initialisation, DDP gives every process the same averaged gradients, and what ``end_task`` does (SD-LoRA
+    freezing/normalising directions, the SD-LoRA-KD least-squares fit and absorption) is a deterministic
+    function of those weights, run by every process on its own copy. This check (one small all_reduce per
+    task) makes a silent divergence -- e.g. a nondeterministic step in a future method's ``end_task`` -- a
+    loud error instead of a checkpoint that only describes rank 0.
+    """
+    if not info.enabled:
+        return
+    digest = bytes.fromhex(state_fingerprint(method))
+    # 4 non-negative 62-bit chunks of the digest; equal everywhere iff max(h) == -max(-h) == min(h).
+    h = torch.tensor(
+        [int.from_bytes(digest[i : i + 8], "big") >> 2 for i in range(0, 32, 8)],
+        dtype=torch.int64,
+        device=_comm_device(device),
+    )
+    both = torch.cat([h, -h])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if not torch.equal(both[:4], -both[4:]):
+        raise RunError(
+            f"after task {task + 1} the {info.world} processes hold different model states (rank {info.rank}: "
+            f"{digest.hex()[:16]}); something in training or end_task is not deterministic across processes"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -378,10 +439,14 @@ def _train_task(
     loader = _loader(train_set, sampler, tcfg.batch_size, workers, device.type == "cuda")
     # DDP is built per task: the trainable set (current A_t, B_t, magnitudes, new head block) changes at each
     # task boundary, and DDP registers its gradient hooks for the parameters that require grad when it is built.
+    # (A DDP built once would keep hooks on the previous task's A_t/B_t and on magnitude Parameters that
+    # begin_task/end_task have since replaced: SD-LoRA re-creates alpha_prev/alpha_cur each task and turns them
+    # into buffers in between, and the head grows a new block.) Building it also broadcasts rank 0's
+    # parameters and buffers, which are identical anyway (same seed, same updates; checked after each task).
     model: nn.Module = method
     if info.enabled:
         model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+            method, device_ids=[device.index] if device.type == "cuda" else None, **_ddp_kwargs()
         )
     steps, last_loss = 0, float("nan")
     method.train()
@@ -394,6 +459,7 @@ def _train_task(
             with _autocast(tcfg, device):
                 logits = model(x)
             loss = method.training_loss(logits.float(), y, ctx)
+            shard_loss = loss  # mean over this process's shard, for the log
             # Under torchrun each process holds a shard of the global batch; DDP averages gradients over
             # processes, so scaling by shard/global*world makes the step equal to the single-process one.
             if info.enabled:
@@ -404,10 +470,16 @@ def _train_task(
                 torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
             opt.step()
             steps += 1
-            running += float(loss.detach()) * len(y)
+            running += float(shard_loss.detach()) * len(y)
             count += len(y)
         if sched is not None:
             sched.step()
+        if info.enabled:
+            # Sum over processes: the logged loss is the epoch mean over all samples, as with one process, and
+            # every process takes the same decision on divergence below (one raising alone would hang the rest).
+            sums = torch.tensor([running, count], dtype=torch.float64, device=_comm_device(device))
+            _all_reduce_sum(sums, info)
+            running, count = float(sums[0]), int(sums[1])
         last_loss = running / max(count, 1)
         if not math.isfinite(last_loss):
             raise RunError(
@@ -418,7 +490,7 @@ def _train_task(
 
 
 def _global_len(n_local: int, info: DistInfo, device: torch.device) -> float:
-    t = torch.tensor([n_local], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    t = torch.tensor([n_local], dtype=torch.float64, device=_comm_device(device))
     _all_reduce_sum(t, info)
     return float(t.item())
 
@@ -490,22 +562,54 @@ def run_experiment(
     t_start = time.time()
     info = init_distributed(cfg.train.device)
     out = Path(out_dir)
-    if info.main:
+    if not info.enabled:
         out.mkdir(parents=True, exist_ok=True)
         prepare_run_dir(out, cfg_dict, resume, overwrite)
-    if info.enabled:
-        dist.barrier()
+    else:
+        _prepare_run_dir_distributed(out, cfg_dict, resume, overwrite, info)
     file_handler = None
     if info.main:
         file_handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(file_handler)
+    level = log.level
+    if not info.main:  # progress lines come from rank 0 only; other processes still report warnings
+        log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     try:
-        return _run(cfg, cfg_dict, out, resume, info, t_start)
+        results = _run(cfg, cfg_dict, out, resume, info, t_start)
     finally:
+        log.setLevel(level)
         if file_handler is not None:
             log.removeHandler(file_handler)
             file_handler.close()
+    if info.owns_group:
+        # Every process got here through the same collectives, so none has a pending operation. (On an
+        # error the process exits without this; torchrun then stops the others.)
+        dist.destroy_process_group()
+    return results
+
+
+def _prepare_run_dir_distributed(
+    out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite: bool, info: DistInfo
+) -> None:
+    """Rank 0 checks and prepares the run directory; every process learns the outcome, so a refused run
+    (existing results, changed config on resume) stops all of them with the same message instead of leaving
+    the others waiting in a collective."""
+    error: BaseException | None = None
+    if info.main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            prepare_run_dir(out, cfg_dict, resume, overwrite)
+        except Exception as e:
+            error = e
+    box: list[Any] = [None if error is None else str(error)]
+    dist.broadcast_object_list(box, src=0)  # also the barrier: nobody reads the directory before it is ready
+    if box[0] is not None:
+        if info.owns_group:
+            dist.destroy_process_group()
+        if error is not None:
+            raise error
+        raise RunError(box[0])
 
 
 def _run(
@@ -522,7 +626,11 @@ def _run(
     device = select_device(tcfg.device, info)
     if tcfg.amp and device.type != "cuda":
         log.warning("train.amp is set but the device is %s: training in float32 (autocast is CUDA-only here)", device)
+    if info.enabled and not info.main:
+        dist.barrier()  # rank 0 builds first: a dataset download or weight cache is written by one process
     backbone, data, scenario, method = _build(cfg, device)
+    if info.enabled and info.main:
+        dist.barrier()
     if info.main:
         atomic_write_text(out / "config.yaml", dump_yaml(cfg_dict))
         if data.split_record is not None:
@@ -609,6 +717,7 @@ def _run(
         train_set = SeededAugment(train_sub, base_seed=cfg.seed * 1000 + t)
         train_stats = _train_task(method, ctx, train_set, cfg, info, device, workers)
         end_report = method.end_task(ctx)
+        check_ranks_agree(method, info, device, t)
         t_train = time.time() - t0
         test_sub = scenario.subset(data.test, data.test_targets, list(range(t + 1)))
         test_loader = _loader(
