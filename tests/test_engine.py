@@ -15,6 +15,7 @@ from sdlora.config import RunConfig, load_config
 from sdlora.configtools import from_dict, to_dict
 from sdlora.engine import GlobalBatchSampler, RunError, latest_checkpoint, run_experiment
 from sdlora.metrics import compute_metrics
+from sdlora.report import REQUIRED_KEYS
 
 
 def _run(tmp_path, cfg_dict, out_name="run", **kw):
@@ -37,27 +38,7 @@ def test_run_writes_every_artifact_consistently(tmp_path):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     assert saved["status"] == "finished" and saved["completed_tasks"] == saved["num_tasks"] == 3
-    for key in [
-        "method",
-        "protocol",
-        "backbone",
-        "dataset",
-        "seed",
-        "class_order",
-        "tasks",
-        "accuracy_matrix",
-        "acc_after_task",
-        "acc",
-        "aaa",
-        "mean_task_acc",
-        "forgetting",
-        "bwt",
-        "test_samples_per_task",
-        "trainable_params_per_task",
-        "stored_params_total",
-        "wall_time_s",
-        "sdlora_version",
-    ]:
+    for key in REQUIRED_KEYS:
         assert key in saved, key
     # Metrics recomputed from the matrix and per-task counts match results.json.
     mat = saved["accuracy_matrix"]
