@@ -239,7 +239,7 @@ def _progress(iterable: Any, total: int, desc: str, info: DistInfo) -> Any:
 
 
 # ----------------------------------------------------------------------------------------- run dir
-def _run_state(out: Path) -> str:
+def run_state(out: Path) -> str:
     """``empty``, ``finished`` or ``unfinished`` (something of an earlier run is there)."""
     results = out / "results.json"
     if results.exists():
@@ -253,6 +253,14 @@ def _run_state(out: Path) -> str:
     return "empty"
 
 
+def config_changes(out: Path, cfg_dict: dict[str, Any]) -> list[str]:
+    """Keys whose value saved in ``out/config.yaml`` differs from ``cfg_dict`` (``RESUME_FREE_KEYS`` excepted)."""
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        return [f"{saved_path} is missing"]
+    return [d for d in diff(load_yaml(saved_path), cfg_dict) if not d.split(":")[0].startswith(RESUME_FREE_KEYS)]
+
+
 _RUN_ARTIFACTS = ("results.json", "metrics.csv", "accuracy_matrix.csv", "config.yaml", "log.txt", "split.json")
 
 
@@ -263,7 +271,7 @@ def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite
         RunError: the directory holds a run and neither ``--resume`` nor ``--overwrite`` was given, or the
             resumed config differs (the message lists the keys).
     """
-    state = _run_state(out) if out.exists() else "empty"
+    state = run_state(out) if out.exists() else "empty"
     if resume and overwrite:
         raise RunError("--resume and --overwrite exclude each other")
     if state != "empty" and not resume and not overwrite:
@@ -272,15 +280,11 @@ def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite
             "pass --resume to continue it or --overwrite to replace it, or choose another --out"
         )
     if resume and state != "empty":
-        saved_path = out / "config.yaml"
-        if not saved_path.exists():
-            raise RunError(f"cannot resume: {saved_path} is missing")
-        saved = load_yaml(saved_path)
-        changes = [d for d in diff(saved, cfg_dict) if not d.split(":")[0].startswith(RESUME_FREE_KEYS)]
+        changes = config_changes(out, cfg_dict)
         if changes:
             raise RunError(
-                "cannot resume with a different config; these keys differ from "
-                f"{saved_path}:\n  " + "\n  ".join(changes)
+                f"cannot resume with a different config; these keys differ from {out / 'config.yaml'}:\n  "
+                + "\n  ".join(changes)
             )
     if overwrite and state != "empty":
         for name in _RUN_ARTIFACTS:

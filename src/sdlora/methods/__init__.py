@@ -1,6 +1,10 @@
 """Continual-learning methods behind one registry (``METHODS``); importing this package registers them."""
 
-from . import sdlora  # noqa: F401  (registers sdlora, sdlora_rr, sdlora_kd)
+from . import (
+    baselines,  # noqa: F401  (registers seq_lora, full_ft, simplecil, sdlora_ablation_*)
+    inflora,  # noqa: F401  (registers inflora)
+    sdlora,  # noqa: F401  (registers sdlora, sdlora_rr, sdlora_kd)
+)
 from .base import METHODS, Method, TaskContext, create_method, register_method
 
 __all__ = ["METHODS", "Method", "TaskContext", "create_method", "register_method"]

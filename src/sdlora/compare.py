@@ -1,0 +1,120 @@
+"""``sdlora compare``: run several methods (and seeds) on one config, each into its own run directory, then tabulate.
+
+Layout of ``--out DIR``::
+
+    DIR/<method>/seed<seed>/      one ordinary run directory per (method, seed)
+    DIR/compare.csv, compare.md   one row per method (``report.write_compare``)
+    DIR/plots/compare_curves.png
+
+Resumable: a finished run whose saved config equals the requested one is reused, an unfinished one is resumed
+from its last checkpoint, and a failing run does not stop the others (the failures are reported together at the
+end, after the table of the runs that finished).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+__all__ = ["run_compare", "run_dir_for"]
+
+log = logging.getLogger("sdlora")
+
+
+def run_dir_for(out: str | os.PathLike, method: str, seed: int) -> Path:
+    """The run directory of one (method, seed) pair inside a compare directory."""
+    return Path(out) / method / f"seed{seed}"
+
+
+def _one_run(config: str, overrides: list[str], method: str, seed: int | None, out: str | os.PathLike) -> Path:
+    """Run, resume or reuse one (method, seed); returns its run directory."""
+    from .config import load_config
+    from .engine import RunError, config_changes, run_experiment, run_state
+
+    extra = [f"method.name={method}"] + ([f"seed={seed}"] if seed is not None else [])
+    cfg, cfg_dict = load_config(config, list(overrides) + extra)
+    run_dir = run_dir_for(out, method, cfg.seed)
+    state = run_state(run_dir)
+    if state == "finished":
+        changes = config_changes(run_dir, cfg_dict)
+        if changes:
+            raise RunError(
+                f"{run_dir} holds a finished run with another config (" + "; ".join(changes) + "); "
+                "delete it or choose another --out"
+            )
+        log.info("compare: reusing finished run %s", run_dir)
+        return run_dir
+    if state == "unfinished":
+        log.info("compare: resuming %s", run_dir)
+    else:
+        log.info("compare: running %s (seed %d) into %s", method, cfg.seed, run_dir)
+    run_experiment(cfg, cfg_dict, run_dir, resume=state == "unfinished")
+    return run_dir
+
+
+def run_compare(
+    config: str,
+    methods: list[str],
+    seeds: list[int] | None,
+    out: str | os.PathLike,
+    overrides: list[str] | None = None,
+) -> str:
+    """Run every method with every seed on ``config`` and write the comparison.
+
+    Args:
+        config: a config file or preset name (``demo``).
+        methods: registered method names, in table order.
+        seeds: seeds to run (each also sets the class order unless the config fixes ``scenario.seed``); ``None``:
+            the config's own seed.
+        out: compare directory (see the module docstring).
+        overrides: ``--set KEY=VALUE`` overrides applied to every run (before ``method.name`` and ``seed``).
+
+    Returns:
+        The markdown table (also in ``compare.md``).
+
+    Raises:
+        ValueError: no methods, a method named twice, or an unknown method (checked before anything runs).
+        RunError: some runs failed; the others' results and the table of the methods whose runs all finished
+            are written first, and the message names each failure.
+    """
+    from . import report
+    from .engine import RunError
+    from .methods import METHODS
+
+    if not methods:
+        raise ValueError("compare needs at least one method")
+    dupes = sorted({m for m in methods if methods.count(m) > 1})
+    if dupes:
+        raise ValueError(f"methods named more than once: {', '.join(dupes)}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; known methods: {', '.join(sorted(METHODS))}")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds named more than once: {seeds}")
+    overrides = list(overrides or [])
+    out_path = Path(out)
+    runs: dict[str, list[Path]] = {}
+    failures: list[str] = []
+    for method in methods:
+        dirs: list[Path] = []
+        for seed in seeds if seeds is not None else [None]:
+            try:
+                dirs.append(_one_run(config, overrides, method, seed, out_path))
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                label = f"{method} (seed {seed if seed is not None else 'from config'})"
+                log.error("compare: %s failed: %s: %s", label, type(e).__name__, e)
+                failures.append(f"{label}: {type(e).__name__}: {e}")
+        if dirs and len(dirs) == (len(seeds) if seeds is not None else 1):
+            runs[method] = dirs
+    table = ""
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if runs and is_main:
+        table = report.write_compare({m: [str(d) for d in ds] for m, ds in runs.items()}, out_path)
+        log.info("compare: wrote %s and %s", out_path / "compare.md", out_path / "compare.csv")
+    if failures:
+        written = f"; the table of the other methods is in {out_path / 'compare.md'}" if runs else ""
+        raise RunError(f"{len(failures)} compare run(s) failed{written}:\n  " + "\n  ".join(failures))
+    return table
