@@ -98,9 +98,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     plain = method.export_backbone()
     state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
     info = method.backbone_info
+    arch = (getattr(plain, "pretrained_cfg", None) or {}).get("architecture")
     metadata = {
         "format": "sdlora-merged-backbone/1",
         "backbone": str(cfg.backbone.name),
+        # The timm architecture to build before load_state_dict (the sdlora backbone name may be an alias).
+        "timm_architecture": str(arch or type(plain).__name__),
         "timm_kwargs": json.dumps({"img_size": cfg.data.image_size, **cfg.backbone.kwargs}),
         "weights_tag": str(info.get("tag")),
         "method": cfg.method.name,
