@@ -116,8 +116,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     os.replace(tmp, out)
     print(f"wrote {out}: {len(state)} tensors of the merged backbone after task {record['task'] + 1}")
     print(
-        "load with: timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs).load_state_dict("
-        "safetensors.torch.load_file(path))"
+        f"load with: timm.create_model({metadata['timm_architecture']!r}, pretrained=False, num_classes=0, "
+        f"**{metadata['timm_kwargs']}).load_state_dict(safetensors.torch.load_file({str(out)!r}))"
     )
     return 0
 
