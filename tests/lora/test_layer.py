@@ -177,3 +177,12 @@ def test_layer_outside_model_forward_raises(x):
     layer = model.layers()[0]
     with pytest.raises(RuntimeError, match="SDLoRAModel.forward"):
         layer(torch.randn(2, 16))
+
+
+def test_no_grad_path_equals_autograd_path(x):
+    model = make(AdapterConfig(rank=2, protocol="paper"))
+    run_tasks(model, 3, end_last=False)
+    with_grad = model(x).detach()  # factored low-rank path
+    with torch.no_grad():  # evaluation folds the components into the weight
+        folded = model(x)
+    assert torch.allclose(with_grad, folded, atol=1e-5)

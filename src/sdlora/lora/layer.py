@@ -267,7 +267,9 @@ class SDLoRALinear(nn.Module):
             raise RuntimeError(
                 "SDLoRALinear has no magnitudes: call the model through SDLoRAModel.forward (or merge it first)"
             )
-        if self.compute == "fold":
+        # Without autograd (evaluation) folding is cheapest: one d_out x d_in x R product per call, after which
+        # the layer costs what the bare layer costs; with autograd the factored path saves the weight gradient.
+        if self.compute == "fold" or (self.compute == "factored" and not torch.is_grad_enabled()):
             return self._forward_fold(x, alphas)
         y = self.base(x)
         if self.compute == "loop":
