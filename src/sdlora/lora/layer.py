@@ -304,11 +304,11 @@ class SDLoRALinear(nn.Module):
                     a = u.A_frozen[offset : offset + r]
                     b = u.B_frozen[:, offset : offset + r]
                     offset += r
-                    term = F.linear(F.linear(x, a), b) * scales[c].to(x.dtype)
+                    term = F.linear(F.linear(x, a) * scales[c].to(x.dtype), b)
                     delta = term if delta is None else delta + term
             if u.A_cur is not None and u.B_cur is not None:
                 s = u.current_scale(alphas, *self._scale_args())
-                term = F.linear(F.linear(x, u.A_cur), u.B_cur) * s.to(x.dtype)
+                term = F.linear(F.linear(x, u.A_cur) * s.to(x.dtype), u.B_cur)
                 delta = term if delta is None else delta + term
             if delta is not None:
                 y[..., u.start : u.stop] += delta
@@ -338,7 +338,8 @@ class SDLoRALinear(nn.Module):
         for u in self.units:
             if u.A_cur is not None and u.B_cur is not None:
                 s = u.current_scale(alphas, *self._scale_args())
-                y[..., u.start : u.stop] += F.linear(F.linear(x, u.A_cur), u.B_cur) * s.to(x.dtype)
+                # Scale the rank-r activation, not the d_out-wide output: autograd then saves r columns, not d_out.
+                y[..., u.start : u.stop] += F.linear(F.linear(x, u.A_cur) * s.to(x.dtype), u.B_cur)
         return y
 
     # ------------------------------------------------------------------------------------------- merge
