@@ -440,16 +440,6 @@ class SDLoRAModel(nn.Module):
         self.task_ranks = list(meta["task_ranks"])
         self.kd_log = list(meta["kd_log"])
         self.in_task = bool(meta["in_task"])
-        ref = self.alpha_prev
-        values = torch.cat([tensors["alpha_prev"], tensors["alpha_cur"]], -1).to(ref.device, torch.float32)
-        if self.num_slots == 0:
-            values = values.reshape(*ref.shape[:-1], 0)
-            self._set_magnitudes_empty(values)
-        else:
-            self._set_magnitudes(values, training=self.in_task)
-
-    def _set_magnitudes_empty(self, values: Tensor) -> None:
-        for name in ("alpha_prev", "alpha_cur"):
-            self._parameters.pop(name, None)
-            self._buffers.pop(name, None)
-            self.register_buffer(name, values.clone())
+        values = torch.cat([tensors["alpha_prev"], tensors["alpha_cur"]], -1)
+        # With no task yet both halves are empty and stay buffers, as _set_magnitudes registers them.
+        self._set_magnitudes(values.to(self.alpha_prev.device, torch.float32), training=self.in_task)

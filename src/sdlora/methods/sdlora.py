@@ -28,7 +28,12 @@ class SDLoRA(Method):
         super().__init__(cfg, backbone)
         self.adapter_config = self.make_adapter_config(cfg.adapter)
         self.model = SDLoRAModel(backbone.model, self.adapter_config, default_targets=backbone.lora_targets)
-        self.adapter: SDLoRAModel = self.model
+
+    @property
+    def adapter(self) -> SDLoRAModel:
+        """``self.model``, typed as the adapter (an alias, not a second registered submodule)."""
+        assert isinstance(self.model, SDLoRAModel)
+        return self.model
 
     def make_adapter_config(self, cfg: AdapterConfig) -> AdapterConfig:
         """Variants adjust the adapter configuration here (a variant is configuration, not a copy)."""
