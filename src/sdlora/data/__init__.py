@@ -4,7 +4,7 @@ Public API: :class:`DataConfig`, :func:`build_dataset` -> :class:`DatasetBundle`
 extend with :func:`register_dataset`), :class:`Scenario` and :func:`make_scenario`.
 """
 
-from sdlora.data import loaders as _loaders  # noqa: F401  (fills DATASETS)
+from sdlora.data import readers as _readers  # noqa: F401  (fills DATASETS)
 from sdlora.data.base import (
     DATASETS,
     DataConfig,
@@ -17,7 +17,7 @@ from sdlora.data.base import (
     register_dataset,
 )
 from sdlora.data.datasets import ArrayImageDataset, FileImageDataset, read_image_file
-from sdlora.data.loaders import read_idx, scan_image_folder
+from sdlora.data.readers import read_idx, scan_image_folder
 from sdlora.data.scenario import Scenario, TaskSubset, make_scenario, peer_class_order
 from sdlora.data.transforms import ImageTransform
 

@@ -33,7 +33,7 @@ _DOCS = "see docs/datasets.md"
 
 
 def _data_cache_dir() -> Path:
-    from sdlora.imgfocus import default_cache_dir
+    from sdlora.backbones.imgfocus import default_cache_dir
 
     return default_cache_dir() / "data"
 

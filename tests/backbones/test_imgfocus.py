@@ -11,8 +11,8 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from sdlora import imgfocus  # noqa: E402
-from sdlora.imgfocus import (  # noqa: E402
+from sdlora.backbones import imgfocus  # noqa: E402
+from sdlora.backbones.imgfocus import (  # noqa: E402
     convert_onnx_to_timm,
     default_cache_dir,
     find_imgfocus_onnx,

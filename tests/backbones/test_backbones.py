@@ -8,7 +8,6 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from sdlora import backbones
 from sdlora.backbones import (
     BACKBONES,
     IMAGENET_MEAN,
@@ -18,6 +17,7 @@ from sdlora.backbones import (
     load_weights_file,
     resample_pos_embed,
 )
+from sdlora.backbones import base as backbones
 
 
 def _tiny(img_size=32, **kw):
@@ -181,7 +181,7 @@ def test_imgfocus_uses_converted_weights(monkeypatch):
     # Stand-in for the real conversion: a state dict at a 3x3 grid, resampled to the 2x2 grid of 28 px.
     ref = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=42, depth=1)
     sd = {k: v.clone() for k, v in ref.state_dict().items()}
-    import sdlora.imgfocus as imgfocus
+    import sdlora.backbones.imgfocus as imgfocus
 
     monkeypatch.setattr(imgfocus, "load_imgfocus_state_dict", lambda cache_dir=None: (sd, "ab" * 32))
     b = create_backbone(BackboneConfig(name="dinov2_vits14_imgfocus", kwargs={"depth": 1}), 28)

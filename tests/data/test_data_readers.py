@@ -9,7 +9,7 @@ import yaml
 
 from sdlora.data import DATASETS, DataConfig, build_dataset, read_idx, scan_image_folder
 from sdlora.data.datasets import FileImageDataset
-from sdlora.data.loaders import FASHION_MNIST_SYSTEM_DIR
+from sdlora.data.readers import FASHION_MNIST_SYSTEM_DIR
 from sdlora.data.transforms import ImageTransform
 
 ID = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}

