@@ -22,36 +22,12 @@ __all__ = [
     "RunConfig",
     "ScenarioConfig",
     "TrainConfig",
-    "InfLoRAConfig",
     "load_config",
+    "resolve_method_config",
     "preset_dir",
     "preset_names",
     "resolve_config_path",
 ]
-
-
-@dataclass
-class InfLoRAConfig:
-    """InfLoRA (Liang & Li, CVPR 2024) options; used only by ``method.name: inflora``.
-
-    Attributes:
-        lamb: DualGPM energy threshold for the first task's input subspace (0.98 on ImageNet-R in the
-            InfLoRA configs).
-        lame: threshold reached at the last task; it grows linearly from ``lamb``.
-        rank: rank of each task's component (10 on ImageNet-R).
-        max_batches: batches of the current task used to estimate the input covariance (None: all).
-    """
-
-    lamb: float = 0.98
-    lame: float = 1.0
-    rank: int = 10
-    max_batches: int | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.lamb <= 1.0 or not 0.0 < self.lame <= 1.0:
-            raise ValueError(f"lamb and lame must be in (0, 1], got {self.lamb}, {self.lame}")
-        if self.rank <= 0:
-            raise ValueError(f"rank must be positive, got {self.rank}")
 
 
 @dataclass
@@ -62,18 +38,20 @@ class MethodConfig:
         name: a registered method (``sdlora list`` shows them): ``sdlora``, ``sdlora_rr``, ``sdlora_kd``, ...
         adapter: SD-LoRA adapter options (also the LoRA shape of LoRA baselines).
         loss_scope: after the first task, cross-entropy over the current task's logits only (``current``,
-            paper protocol, §3.1 of the method notes) or over all seen classes (``all``).
+            the official code and the paper's protocol, see docs/method.md) or over all seen classes (``all``).
         head_init: initialisation of each new head block: ``kaiming`` (official ``SimpleLinear``) or ``zeros``
             (every task block starts with the same common offset, which the current-task loss never changes;
             see ``heads.IncrementalLinear.grow``).
-        inflora: options of the InfLoRA baseline.
+        options: the method's own options, checked against the options dataclass the method declares next to
+            its code (``Method.options_class``; e.g. ``InfLoRAOptions`` in ``methods/inflora.py``) when the config
+            is loaded. Methods without options take none.
     """
 
     name: str = "sdlora"
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     loss_scope: Literal["current", "all"] = "current"
     head_init: Literal["kaiming", "zeros"] = "kaiming"
-    inflora: InfLoRAConfig = field(default_factory=InfLoRAConfig)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -196,6 +174,22 @@ class RunConfig:
     reference: dict[str, float] = field(default_factory=dict)
 
 
+def resolve_method_config(cfg: RunConfig) -> RunConfig:
+    """Check ``method.name`` against the registry and ``method.options`` against the method's options dataclass,
+    filling the options' defaults in place (so the saved config lists every option). Returns ``cfg``.
+
+    Raises:
+        ConfigError: unknown method (the message lists the registered ones) or bad options (with the key path).
+    """
+    from .methods import METHODS, parse_options
+
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}", "method.name")
+    cfg.method.options = to_dict(parse_options(METHODS[name], cfg.method.options))
+    return cfg
+
+
 def preset_dir() -> Path:
     """Directory of the presets shipped with the package (``configs/`` in the repository links to it)."""
     return Path(__file__).resolve().parent / "configs"
@@ -227,6 +221,7 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[
     data = apply_overrides(data, overrides or [], RunConfig)
     try:
         cfg = from_dict(RunConfig, data)
+        resolve_method_config(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}", e.path) from None
     if cfg.name is None:

@@ -94,7 +94,7 @@ def test_layer_forward_equals_dense_delta():
 
 
 def test_inflora_trains_only_b_and_new_a_is_orthogonal_to_memory():
-    method = tiny_method("inflora", inflora={"rank": 4, "lamb": 0.9, "lame": 1.0})
+    method = tiny_method("inflora", options={"rank": 4, "lamb": 0.9, "lame": 1.0})
     b0, b1 = random_batches(0, 2, seed=1), random_batches(2, 4, seed=2)
     ctx0 = make_ctx(0, 0, 2, b0)
     method.begin_task(ctx0)
@@ -123,7 +123,7 @@ def test_inflora_trains_only_b_and_new_a_is_orthogonal_to_memory():
     assert method.threshold(1, 2) == pytest.approx(0.95)
     # Checkpoint round trip, mid-task included (same random-init backbone: seed 0).
     tensors, meta = method.state()
-    other = tiny_method("inflora", seed=0, inflora={"rank": 4, "lamb": 0.9, "lame": 1.0})
+    other = tiny_method("inflora", seed=0, options={"rank": 4, "lamb": 0.9, "lame": 1.0})
     other.load_state(tensors, meta)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(other(x), method(x))

@@ -16,9 +16,10 @@ from torch import Tensor, nn
 
 from ..backbones import Backbone
 from ..config import MethodConfig
+from ..configtools import ConfigError, from_dict
 from ..heads import IncrementalLinear
 
-__all__ = ["METHODS", "Method", "TaskContext", "create_method", "register_method"]
+__all__ = ["METHODS", "Method", "NoOptions", "TaskContext", "create_method", "parse_options", "register_method"]
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -34,6 +35,27 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
         return cls
 
     return deco
+
+
+@dataclass
+class NoOptions:
+    """The options of a method that has none (``method.options`` must be empty)."""
+
+
+def parse_options(cls: type[Method], options: dict[str, Any] | None) -> Any:
+    """``method.options`` checked and typed by the options dataclass ``cls.options_class`` (defaults filled in).
+
+    Raises:
+        ConfigError: an unknown key, a wrong type or an invalid value, with its key path (``method.options.rank``).
+    """
+    try:
+        return from_dict(cls.options_class, dict(options or {}), "method.options")
+    except ConfigError:
+        if cls.options_class is NoOptions and options:
+            raise ConfigError(
+                f"method {cls.name!r} takes no options, got {sorted(options)}", "method.options"
+            ) from None
+        raise
 
 
 def create_method(cfg: MethodConfig, backbone: Backbone) -> Method:
@@ -85,12 +107,15 @@ class Method(nn.Module):
     """
 
     name: ClassVar[str] = "base"
+    #: the dataclass of this method's own options (``method.options``), declared next to its code
+    options_class: ClassVar[type] = NoOptions
     #: False for training-free methods: the engine then runs no optimisation epochs.
     trains: ClassVar[bool] = True
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone) -> None:
         super().__init__()
         self.cfg = cfg
+        self.options = parse_options(type(self), cfg.options)
         self.backbone_info = backbone.info()
         self.num_features = backbone.num_features
         self.model: nn.Module = backbone.model

@@ -30,7 +30,7 @@ Approximations and choices here (documented, not hidden):
   rows exactly orthogonal to ``M`` when ``R`` has fewer than r directions left there. If the complement is
   smaller than r, the task gets that smaller rank (0: no update on that layer).
 * The covariance uses evaluation transforms (``TaskContext.statistics_batches``), capped at
-  ``method.inflora.max_batches`` batches; the official code uses the training loader (with augmentation).
+  ``method.options.max_batches`` batches; the official code uses the training loader (with augmentation).
 * The loss and head are the engine's (current-task logits after the first task, as InfLoRA's masked loss); the
   official code's per-task classifier pool and its evaluation-time task-identification path are not used
   (argmax over all seen classes, as for every method here).
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,9 +51,35 @@ from ..backbones import Backbone
 from ..config import MethodConfig
 from .base import Method, TaskContext, register_method
 
-__all__ = ["InfLoRA", "InfLoRALinear", "down_projection", "gpm_update", "project_out"]
+__all__ = ["InfLoRA", "InfLoRALinear", "InfLoRAOptions", "down_projection", "gpm_update", "project_out"]
 
 _FUSED = {"k": 1, "v": 2}
+
+
+@dataclass
+class InfLoRAOptions:
+    """InfLoRA's options (``method.options`` when ``method.name: inflora``).
+
+    Attributes:
+        lamb: DualGPM energy threshold for the first task's input subspace (0.98 on ImageNet-R in the
+            InfLoRA configs).
+        lame: threshold reached at the last task; it grows linearly from ``lamb``.
+        rank: rank of each task's component (10 on ImageNet-R).
+        max_batches: batches of the current task used to estimate the input covariance (None: all).
+    """
+
+    lamb: float = 0.98
+    lame: float = 1.0
+    rank: int = 10
+    max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.lamb <= 1.0 or not 0.0 < self.lame <= 1.0:
+            raise ValueError(f"lamb and lame must be in (0, 1], got {self.lamb}, {self.lame}")
+        if self.rank <= 0:
+            raise ValueError(f"rank must be positive, got {self.rank}")
+        if self.max_batches is not None and self.max_batches <= 0:
+            raise ValueError(f"max_batches must be positive or null, got {self.max_batches}")
 
 
 # --------------------------------------------------------------------------------------------- subspace math
@@ -224,13 +251,16 @@ class InfLoRALinear(nn.Module):
 class InfLoRA(Method):
     """InfLoRA on the key and value projections of every block (see the module docstring).
 
-    Options: ``method.inflora`` (``lamb``, ``lame``, ``rank``, ``max_batches``); ``method.adapter`` is not used.
+    Options: ``method.options`` (:class:`InfLoRAOptions`: ``lamb``, ``lame``, ``rank``, ``max_batches``);
+    ``method.adapter`` is not used.
     """
+
+    options_class = InfLoRAOptions
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
         self.model.requires_grad_(False)
-        self.icfg = cfg.inflora
+        self.icfg: InfLoRAOptions = self.options
         self._layer_names: list[str] = []
         modules = dict(self.model.named_modules())
         if backbone.qkv_layout == "fused":
