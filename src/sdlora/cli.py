@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = ["main"]
 
-log = logging.getLogger("sdlora")
+log = logging.getLogger(__name__)
 
 DEMO_PRESETS = {"demo": "demo", "full": "demo-full"}
 

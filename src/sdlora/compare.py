@@ -19,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["run_compare", "run_dir_for"]
 
-log = logging.getLogger("sdlora")
+log = logging.getLogger(__name__)
 
 
 def run_dir_for(out: str | os.PathLike, method: str, seed: int) -> Path:

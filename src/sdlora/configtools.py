@@ -28,7 +28,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
-from sdlora.fileio import atomic_write_text
+from .fileio import atomic_write_text
 
 __all__ = [
     "ConfigError",

@@ -44,7 +44,9 @@ from .metrics import compute_metrics
 
 __all__ = ["RunError", "DistInfo", "run_experiment", "build_method_from_run", "load_checkpoint"]
 
-log = logging.getLogger("sdlora")
+log = logging.getLogger(__name__)
+#: the package logger: the run's log.txt handler goes here, so every sdlora module's messages reach it
+_pkg_log = logging.getLogger("sdlora")
 
 #: Config keys that may change on ``--resume`` without changing results.
 RESUME_FREE_KEYS = ("data.num_workers", "train.device", "train.threads", "train.checkpoint")
@@ -575,16 +577,16 @@ def run_experiment(
     if info.main:
         file_handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(file_handler)
-    level = log.level
+        _pkg_log.addHandler(file_handler)
+    level = _pkg_log.level
     if not info.main:  # progress lines come from rank 0 only; other processes still report warnings
-        log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+        _pkg_log.setLevel(max(logging.WARNING, _pkg_log.getEffectiveLevel()))
     try:
         results = _run(cfg, cfg_dict, out, resume, info, t_start)
     finally:
-        log.setLevel(level)
+        _pkg_log.setLevel(level)
         if file_handler is not None:
-            log.removeHandler(file_handler)
+            _pkg_log.removeHandler(file_handler)
             file_handler.close()
     if info.owns_group:
         # Every process got here through the same collectives, so none has a pending operation. (On an

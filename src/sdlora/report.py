@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sdlora.fileio import atomic_write_bytes, atomic_write_text, read_json
+from .fileio import atomic_write_bytes, atomic_write_text, read_json
 
 __all__ = [
     "REQUIRED_KEYS",
@@ -36,7 +36,7 @@ __all__ = [
     "write_run_tables",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
 
@@ -445,7 +445,7 @@ def report(
                 write_run_tables(d, r)
                 plot_run(d, r)
             except OSError as e:
-                logger.warning("could not regenerate tables/plots in %s: %s", os.fspath(d), e)
+                log.warning("could not regenerate tables/plots in %s: %s", os.fspath(d), e)
 
     if out_dir is not None:
         from matplotlib.figure import Figure

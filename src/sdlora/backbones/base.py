@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlora.fileio import sha256_file
+from ..fileio import sha256_file
 
 __all__ = [
     "BACKBONES",

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdlora.fileio import atomic_write_bytes, sha256_file
+from ..fileio import atomic_write_bytes, sha256_file
 
 __all__ = [
     "CONVERTER_VERSION",

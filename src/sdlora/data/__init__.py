@@ -4,8 +4,8 @@ Public API: :class:`DataConfig`, :func:`build_dataset` -> :class:`DatasetBundle`
 extend with :func:`register_dataset`), :class:`Scenario` and :func:`make_scenario`.
 """
 
-from sdlora.data import readers as _readers  # noqa: F401  (fills DATASETS)
-from sdlora.data.base import (
+from . import readers as _readers  # noqa: F401  (fills DATASETS)
+from .base import (
     DATASETS,
     DataConfig,
     DatasetBundle,
@@ -16,10 +16,10 @@ from sdlora.data.base import (
     per_class_subset,
     register_dataset,
 )
-from sdlora.data.datasets import ArrayImageDataset, FileImageDataset, read_image_file
-from sdlora.data.readers import read_idx, scan_image_folder
-from sdlora.data.scenario import Scenario, TaskSubset, make_scenario, peer_class_order
-from sdlora.data.transforms import ImageTransform
+from .datasets import ArrayImageDataset, FileImageDataset, read_image_file
+from .readers import read_idx, scan_image_folder
+from .scenario import Scenario, TaskSubset, make_scenario, peer_class_order
+from .transforms import ImageTransform
 
 __all__ = [
     "DATASETS",

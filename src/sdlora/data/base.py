@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from sdlora.data.datasets import ArrayImageDataset, FileImageDataset
-from sdlora.data.transforms import ImageTransform
+from .datasets import ArrayImageDataset, FileImageDataset
+from .transforms import ImageTransform
 
 __all__ = [
     "DATASETS",

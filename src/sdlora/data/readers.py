@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdlora.data.base import DataConfig, RawDataset, SplitData, register_dataset
+from .base import DataConfig, RawDataset, SplitData, register_dataset
 
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_SYSTEM_DIR", "IMG_EXTENSIONS", "read_idx", "scan_image_folder"]
 
@@ -33,7 +33,7 @@ _DOCS = "see docs/datasets.md"
 
 
 def _data_cache_dir() -> Path:
-    from sdlora.backbones.imgfocus import default_cache_dir
+    from ..backbones.imgfocus import default_cache_dir
 
     return default_cache_dir() / "data"
 
