@@ -97,3 +97,49 @@ def test_demo_ci_sized(tmp_path, capsys):
     assert results["dataset"]["name"] == "fashion_mnist"
     # Chance on the first task's 2 classes is 50%.
     assert results["accuracy_matrix"][0][0] > 60.0
+
+
+def _imagefolder_config(tmp_path, **data):
+    """The tiny run on the pre-split image folder ``tmp_path/data`` (3 classes: tasks of 2 + 1)."""
+    cfg = tiny_config(scenario={"init_cls": 2, "increment": 1}, train={"epochs": 1})
+    cfg["data"] = {"name": "imagefolder", "root": str(tmp_path / "data"), "image_size": 32, "augment": False, **data}
+    return write_config(tmp_path / "folder.yaml", cfg)
+
+
+def _write_folder(root, counts):
+    """``root/{train,test}/<class>/<i>.png``: ``counts`` training images per class, 2 test images each."""
+    import numpy as np
+    from PIL import Image
+
+    for split, per in (("train", counts), ("test", {c: 2 for c in counts})):
+        for ci, (cls, n) in enumerate(per.items()):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.full((32, 32, 3), 30 * ci + i, dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def test_check_data_names_bad_files_and_exits_2(tmp_path, capsys):
+    _write_folder(tmp_path / "data", {"a": 3, "b": 3, "c": 3})
+    bad = tmp_path / "data" / "train" / "c" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    cfg = _imagefolder_config(tmp_path)
+    assert main(["check-data", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert str(bad) in out and "1 unreadable" in out
+    bad.unlink()
+    assert main(["check-data", str(cfg)]) == 0
+    assert "ok" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_worker_errors_stay_one_line(tmp_path, capsys):
+    """With data.num_workers > 0 a bad image used to be reported as a multi-line worker traceback."""
+    _write_folder(tmp_path / "data", {"a": 4, "b": 4, "c": 4})
+    bad = tmp_path / "data" / "train" / "b" / "2.png"
+    bad.write_text("not an image")
+    cfg = _imagefolder_config(tmp_path, num_workers=2)
+    assert main(["-q", "run", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("sdlora: error: cannot decode image ") and str(bad) in err
+    assert "Traceback" not in err and "DataLoader" not in err

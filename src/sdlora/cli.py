@@ -1,7 +1,7 @@
-"""Command-line interface: ``sdlora run | demo | compare | export | report | list``.
+"""Command-line interface: ``sdlora run | demo | compare | check-data | export | report | list``.
 
-Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, run directory). The reason goes to
-stderr in one line (``sdlora: error: ...``).
+Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, data, run directory). The reason goes to
+stderr in one line (``sdlora: error: ...``), also when it happened in a DataLoader worker process.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = run_compare(args.config, methods, seeds, args.out, args.set)
     print(table)
     return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data.check import check_dataset
+
+    cfg, _ = load_config(args.config, args.set)
+    check = check_dataset(
+        cfg.data,
+        cfg.seed,
+        lambda n: cfg.scenario.make(n, cfg.seed).tasks,
+        workers=args.workers,
+        all_files=args.all,
+    )
+    print(check.format())
+    return 0 if check.ok else 2
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -178,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(fn=cmd_compare)
 
+    sp = sub.add_parser(
+        "check-data",
+        help="decode every image file a config would read and check that every class has training and test images",
+    )
+    sp.add_argument("config", help="YAML file or preset name")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--workers", type=int, help="decoding processes (default: data.num_workers)")
+    sp.add_argument("--all", action="store_true", help="every file of the dataset, not only the per-class subsets")
+    sp.set_defaults(fn=cmd_check_data)
+
     sp = sub.add_parser("export", help="write the merged backbone of a run as safetensors")
     sp.add_argument("run_dir")
     sp.add_argument("--out", required=True, help="FILE.safetensors")
@@ -193,6 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_WORKER_WRAPPER = re.compile(
+    r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback \(most recent call last\):\n"
+)
+
+
+def error_text(e: BaseException) -> str:
+    """The message of ``e`` for the one-line error, without the traceback text that torch puts into exceptions
+    re-raised from DataLoader worker processes (``Caught ValueError in DataLoader worker process 0. Original
+    Traceback ...``): with ``data.num_workers > 0`` a bad image must be reported as without workers."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if not _WORKER_WRAPPER.match(msg):
+        return msg
+    # The last traceback block belongs to the exception that was raised (earlier ones are its causes); its frames
+    # are indented and the "Type: message" text follows them.
+    block = msg.rsplit("Traceback (most recent call last):\n", 1)[1].splitlines()
+    first = next((i for i, line in enumerate(block) if line and not line.startswith(" ")), None)
+    if first is None:
+        return msg
+    text = "\n".join(block[first:]).strip()
+    return text.split(": ", 1)[1] if re.match(r"^[\w.]+: ", text) else text
+
+
 def main(argv: list[str] | None = None) -> int:
     from .configtools import ConfigError
 
@@ -206,8 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except (ConfigError, RunError, KeyError, FileNotFoundError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"sdlora: error: {msg}", file=sys.stderr)
+        print(f"sdlora: error: {error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdlora: interrupted; continue with --resume", file=sys.stderr)
@@ -215,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("SDLORA_DEBUG"):
             raise
-        print(f"sdlora: error: {type(e).__name__}: {e} (set SDLORA_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(
+            f"sdlora: error: {type(e).__name__}: {error_text(e)} (set SDLORA_DEBUG=1 for a traceback)", file=sys.stderr
+        )
         return 1
 
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from .backbones import BackboneConfig
 from .configtools import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from .data import DataConfig
+from .data import DataConfig, Scenario, make_scenario
 from .lora import AdapterConfig
 
 __all__ = [
@@ -79,6 +79,18 @@ class ScenarioConfig:
             raise ValueError(f"init_cls and increment must be positive, got {self.init_cls}, {self.increment}")
         if self.num_tasks is not None and self.num_tasks <= 0:
             raise ValueError(f"num_tasks must be positive, got {self.num_tasks}")
+
+    def make(self, num_classes: int, run_seed: int) -> Scenario:
+        """The scenario over ``num_classes`` classes (``seed`` falls back to the run's seed)."""
+        return make_scenario(
+            num_classes,
+            self.init_cls,
+            self.increment,
+            seed=run_seed if self.seed is None else self.seed,
+            shuffle=self.shuffle,
+            class_order=self.class_order,
+            num_tasks=self.num_tasks,
+        )
 
 
 @dataclass
