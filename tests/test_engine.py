@@ -12,15 +12,16 @@ import torch
 
 from engine_helpers import tiny_config, write_config
 from sdlora.config import RunConfig, load_config
-from sdlora.configtools import from_dict, to_dict
-from sdlora.engine import GlobalBatchSampler, RunError, latest_checkpoint, run_experiment
+from sdlora.configtools import from_dict
+from sdlora.engine import GlobalBatchSampler, RunError, run_experiment
 from sdlora.metrics import compute_metrics
-from sdlora.report import REQUIRED_KEYS
+from sdlora.results import REQUIRED_KEYS
+from sdlora.rundir import latest_checkpoint
 
 
 def _run(tmp_path, cfg_dict, out_name="run", **kw):
     cfg = from_dict(RunConfig, cfg_dict)
-    return run_experiment(cfg, to_dict(cfg), tmp_path / out_name, **kw)
+    return run_experiment(cfg, tmp_path / out_name, **kw)
 
 
 def test_run_writes_every_artifact_consistently(tmp_path):
