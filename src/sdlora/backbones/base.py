@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fileio import sha256_file
+from ..lora.surgery import is_fused_qkv
 
 __all__ = [
     "BACKBONES",
@@ -269,7 +270,7 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
 
 def _lora_targets(model: nn.Module) -> tuple[list[str], Literal["fused", "separate"]]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if any(fnmatch.fnmatchcase(n, "blocks.*.attn.qkv") for n in names):
+    if any(fnmatch.fnmatchcase(n, "blocks.*.attn.qkv") and is_fused_qkv(n, model.get_submodule(n)) for n in names):
         return ["blocks.*.attn.qkv"], "fused"
     if any(fnmatch.fnmatchcase(n, "blocks.*.attn.q_proj") for n in names) and any(
         fnmatch.fnmatchcase(n, "blocks.*.attn.v_proj") for n in names
