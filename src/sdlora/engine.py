@@ -70,6 +70,8 @@ __all__ = [
     "Runtime",
     "TaskData",
     "build_method_from_run",
+    "build_results",
+    "build_run",
     "load_checkpoint",
     "run_experiment",
     "run_task",
@@ -411,8 +413,8 @@ class RunState:
     task_log: list[dict[str, Any]] = field(default_factory=list)
     wall_time_s: float = 0.0
     next_task: int = 0
-    elapsed_before: float = field(default=0.0, repr=False)
-    session_start: float = field(default_factory=time.time, repr=False)
+    elapsed_before: float = field(default=0.0, repr=False, compare=False)
+    session_start: float = field(default_factory=time.time, repr=False, compare=False)
 
     def metrics(self) -> dict[str, Any]:
         """:func:`sdlora.metrics.compute_metrics` of the counts so far (needs a finished task)."""
@@ -620,7 +622,10 @@ def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, nu
 
 
 # ------------------------------------------------------------------------------------------ the run
-def _build(cfg: RunConfig, device: torch.device) -> tuple[Backbone, DatasetBundle, Scenario, Method]:
+def build_run(cfg: RunConfig, device: torch.device) -> tuple[Backbone, DatasetBundle, Scenario, Method]:
+    """The pieces of a run, built from its config as :func:`run_experiment` builds them: the global RNG seeded
+    with ``cfg.seed``, then the backbone, the dataset (subsets drawn with the seed), the scenario and the fresh
+    method on ``device``."""
     seed_everything(cfg.seed)
     backbone = create_backbone(cfg.backbone, cfg.data.image_size)
     data = build_dataset(cfg.data, mean=backbone.mean, std=backbone.std, seed=cfg.seed)
@@ -744,7 +749,7 @@ def _run(
         log.warning("train.amp is set but the device is %s: training in float32 (autocast is CUDA-only here)", device)
     if info.enabled and not info.main:
         dist.barrier()  # rank 0 builds first: a dataset download or weight cache is written by one process
-    backbone, data, scenario, method = _build(cfg, device)
+    backbone, data, scenario, method = build_run(cfg, device)
     if info.enabled and info.main:
         dist.barrier()
     if info.main:
