@@ -24,7 +24,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _is_num(x: Any) -> bool:
+def _is_num(x: Any) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -165,7 +165,7 @@ def write_run_tables(run_dir: str | os.PathLike, results: Mapping[str, Any] | No
     header = ["task", "new_classes", "classes_seen", "acc_after_task", "mean_task_acc_so_far", "trainable_params"]
     header += [f"acc_task_{j + 1}" for j in range(n)]
     rows = []
-    seen = 0
+    seen: int | None = 0
     for i in range(n):
         new = len(tasks[i]) if i < len(tasks) else None
         seen = seen + new if new is not None and seen is not None else None

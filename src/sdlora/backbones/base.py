@@ -237,7 +237,7 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
     sd = dict(sd)
     if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape:
         prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-        grid = tuple(model.patch_embed.grid_size)  # type: ignore[union-attr]
+        grid = tuple(model.patch_embed.grid_size)  # type: ignore[union-attr, arg-type]
         try:
             sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], grid, prefix)
         except ValueError as e:
@@ -288,7 +288,7 @@ def _mean_std(cfg: BackboneConfig, model: nn.Module, default: tuple[tuple, tuple
     pcfg = getattr(model, "pretrained_cfg", None) or {}
     mean = tuple(float(v) for v in pcfg.get("mean", default[0]))
     std = tuple(float(v) for v in pcfg.get("std", default[1]))
-    return mean, std  # type: ignore[return-value]
+    return mean, std
 
 
 def _resolved_tag(model: nn.Module) -> str | None:

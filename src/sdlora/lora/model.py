@@ -47,6 +47,10 @@ class SDLoRAModel(nn.Module):
         ValueError: a target pattern matches no ``nn.Linear`` (the message lists candidates).
     """
 
+    # A buffer or a Parameter depending on the phase (see _set_magnitudes); declared for the type checker.
+    alpha_prev: Tensor
+    alpha_cur: Tensor
+
     def __init__(self, backbone: nn.Module, config: AdapterConfig, default_targets: list[str] | None = None) -> None:
         super().__init__()
         self.config = config.resolved()
@@ -79,7 +83,7 @@ class SDLoRAModel(nn.Module):
             fused = is_fused_qkv(name, base)
             units = qkv_slices(base, cfg.projections) if fused else [("out", 0, base.out_features)]
             layer = SDLoRALinear(
-                base, units, index, cfg.compute, cfg.normaliser, bool(cfg.normalise_current), cfg.norm_eps
+                base, units, index, cfg.compute, str(cfg.normaliser), bool(cfg.normalise_current), cfg.norm_eps
             )
             index += len(units)
             replace_submodule(self.backbone, name, layer)
@@ -143,7 +147,10 @@ class SDLoRAModel(nn.Module):
         # Magnitudes: new slots start at alpha_init; old ones keep their values only with alpha_carry_over
         # (the official code re-creates all of them at 0.8 every task, lora.py L326-328).
         values = torch.full(
-            (*old.shape[:-1], self.num_slots), float(cfg.alpha_init), device=old.device, dtype=torch.float32
+            (*old.shape[:-1], self.num_slots),
+            float(cfg.alpha_init),  # type: ignore[arg-type]  # resolved(): the protocol preset fills it
+            device=old.device,
+            dtype=torch.float32,
         )
         if cfg.alpha_carry_over:
             values[..., : old.shape[-1]] = old

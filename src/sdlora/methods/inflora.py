@@ -170,13 +170,18 @@ class InfLoRALinear(nn.Module):
     subspace. Parameters: ``B_cur[<slice>]`` (d_s, r), zero-initialised, the only trained adapter part.
     """
 
+    # Registered buffers, declared for the type checker (nn.Module.__getattr__ would type them Tensor | Module).
+    A_frozen: Tensor
+    A_cur: Tensor
+    memory: Tensor
+
     def __init__(self, base: nn.Linear, slices: list[tuple[str, int, int]]) -> None:
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
         self.in_features = base.in_features
         self.slices = list(slices)
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        kw: dict[str, Any] = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.register_buffer("A_frozen", torch.zeros(0, self.in_features, **kw))
         for name, start, stop in self.slices:
             self.register_buffer(f"B_frozen_{name}", torch.zeros(stop - start, 0, **kw))
