@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from engine_helpers import tiny_config, write_config
+from engine_helpers import folder_config, tiny_config, write_config, write_image_folder
 from sdlora.cli import main
 from sdlora.engine import build_method_from_run
 
@@ -104,22 +107,12 @@ def test_demo_ci_sized(tmp_path, capsys):
 
 def _imagefolder_config(tmp_path, **data):
     """The tiny run on the pre-split image folder ``tmp_path/data`` (3 classes: tasks of 2 + 1)."""
-    cfg = tiny_config(scenario={"init_cls": 2, "increment": 1}, train={"epochs": 1})
-    cfg["data"] = {"name": "imagefolder", "root": str(tmp_path / "data"), "image_size": 32, "augment": False, **data}
-    return write_config(tmp_path / "folder.yaml", cfg)
+    return write_config(tmp_path / "folder.yaml", folder_config(tmp_path / "data", data=data))
 
 
 def _write_folder(root, counts):
-    """``root/{train,test}/<class>/<i>.png``: ``counts`` training images per class, 2 test images each."""
-    import numpy as np
-    from PIL import Image
-
-    for split, per in (("train", counts), ("test", {c: 2 for c in counts})):
-        for ci, (cls, n) in enumerate(per.items()):
-            (root / split / cls).mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                pixels = np.full((32, 32, 3), 30 * ci + i, dtype=np.uint8)
-                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    """``counts`` training images per class, 2 test images each."""
+    write_image_folder(root, counts, {c: 2 for c in counts})
 
 
 def test_check_data_names_bad_files_and_exits_2(tmp_path, capsys):
@@ -200,3 +193,72 @@ def test_demo_unknown_method_creates_nothing(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("sdlora: error: --set method.name=nope: method.name: unknown method 'nope'")
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------ one writer per run
+def _sdlora(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdlora", "-q", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_second_process_on_a_run_directory_exits_2_naming_the_holder(tmp_path):
+    """Two processes on one --out used to both exit 0, one run's results lost; --overwrite mixed the two."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(scenario={"num_tasks": 1}, train={"epochs": 1}))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            proc = _sdlora("run", str(cfg), "--out", str(out), *extra, cwd=tmp_path)
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 2, err
+            assert f"is in use by process {holder.pid} on host" in err and err.count("\n") == 1
+        assert sorted(p.name for p in out.iterdir()) == [".sdlora.lock"]  # nothing written, nothing deleted
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing its lock file: the next run takes it over, says so, and runs.
+    proc = _sdlora("run", str(cfg), "--out", str(out), cwd=tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"taking over the lock of process {holder.pid}" in err
+    assert not (out / ".sdlora.lock").exists() and (out / "results.json").is_file()
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from sdlora.rundir import run_dir_lock
+with run_dir_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_two_runs_started_together_one_wins(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(train={"epochs": 20}))
+    procs = [_sdlora("run", str(cfg), "--out", str(tmp_path / "run"), cwd=tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    loser = next(i for i, p in enumerate(procs) if p.returncode == 2)
+    winner = procs[1 - loser]
+    err = outs[loser][1]
+    assert f"is in use by process {winner.pid}" in err or "already holds a finished run" in err, err
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "finished"
+
+
+def test_bad_run_directory_exits_2(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(scenario={"num_tasks": 1}))
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert main(["run", str(cfg), "--out", str(out)]) == 2
+        assert "cannot use" in capsys.readouterr().err
