@@ -125,6 +125,22 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     assert f"taking over the lock of process {dead}" in caplog.text and "no longer runs" in caplog.text
 
 
+def test_lock_file_of_a_live_process_is_not_taken_over(tmp_path):
+    """A lock file naming a live process of this host that holds no flock (say, a filesystem without flock) is
+    refused: the process may be writing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        (out / LOCK_FILE).write_text(json.dumps({"pid": live.pid, "host": host, "command": "sdlora run x"}))
+        with pytest.raises(RunError, match=rf"locked by process {live.pid} on host"), run_dir_lock(out):
+            pass
+    finally:
+        live.kill()
+        live.wait()
+
+
 def test_lock_of_another_host_is_refused_with_advice(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -384,6 +384,15 @@ def test_split_folders_are_not_read_as_classes(tmp_path, helpers, splits):
         scan_image_folder(tmp_path)
 
 
+def test_split_folders_next_to_another_folder_are_refused(tmp_path, helpers):
+    """ImageNet's layout often has a third folder (devkit/) beside train/ and val/: still splits, not classes."""
+    for s in ("train", "val"):
+        helpers.write_tree(tmp_path / s, {"n01": 2})
+    helpers.write_tree(tmp_path, {"devkit": 1})
+    with pytest.raises(ValueError, match=r"split folders \(train/, val/\)"):
+        scan_image_folder(tmp_path)
+
+
 def test_val_folder_layout_names_the_fix(tmp_path, helpers):
     helpers.write_tree(tmp_path / "train", {"n01": 2})
     helpers.write_tree(tmp_path / "val", {"n01": 1})
