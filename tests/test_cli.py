@@ -191,7 +191,7 @@ def test_demo_unknown_method_creates_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--method", "nope"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("sdlora: error: --set method.name=nope: method.name: unknown method 'nope'")
+    assert err.startswith("sdlora: error: --method nope: method.name: unknown method 'nope'")
     assert not (tmp_path / "runs").exists()
 
 

@@ -59,12 +59,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .configtools import ConfigError
 
     preset = "demo-full" if args.full else "demo"
     overrides = list(args.set)
     if args.method:
         overrides.append(f"method.name={args.method}")
-    cfg, _ = load_config(preset, overrides)
+    try:
+        cfg, _ = load_config(preset, overrides)
+    except ConfigError as e:
+        if args.method and e.source == f"--set method.name={args.method}":
+            raise e.with_source(f"--method {args.method}") from None  # what the user typed
+        raise
     if _is_main_process():
         d = cfg.data
         print(

@@ -112,7 +112,14 @@ def run_compare(
     for method in methods:
         for seed in seeds if seeds is not None else [None]:
             extra = [f"method.name={method}"] + ([f"seed={seed}"] if seed is not None else [])
-            configs[method, seed] = load_config(config, overrides + extra)
+            try:
+                configs[method, seed] = load_config(config, overrides + extra)
+            except ConfigError as e:  # name the compare argument, not the override it becomes
+                if e.source == f"--set method.name={method}":
+                    raise e.with_source(f"--methods {method}") from None
+                if e.source == f"--set seed={seed}":
+                    raise e.with_source(f"--seeds {seed}") from None
+                raise
     is_main = int(os.environ.get("RANK", "0")) == 0
     with run_dir_lock(out_path) if is_main else contextlib.nullcontext():
         return _compare(configs, methods, seeds, out_path)
