@@ -827,7 +827,8 @@ def _run(
                 save_checkpoint(out, t, method, state.to_checkpoint(), keep=None, data_identity=data.identity)
         if info.enabled:
             dist.barrier()
-    assert results is not None  # at least one task ran, or the state came from a checkpoint
+    if results is None:  # unreachable: a scenario has at least one task, or the state came from a checkpoint
+        raise RunError(f"{out}: no task ran and no checkpoint was restored")
     if info.main:
         _emit(listeners, RunEvent("run_end", out, n_tasks - 1, results))
     return results
