@@ -218,10 +218,15 @@ def run_dir_lock(out: Path) -> Iterator[None]:
     try:
         holder = _read_holder(fd)
         if holder:  # left by a process that did not release it (killed), or one this host cannot see
-            if holder.get("host") != host or _alive(holder):
+            if holder.get("host") != host:
                 raise RunError(
                     f"{out} is locked by {_describe(holder)}, which sdlora cannot check from here; if no run is "
                     f"going there, delete {path}"
+                )
+            if _alive(holder):  # alive without holding the flock: a filesystem without flock, another namespace
+                raise RunError(
+                    f"{out} is locked by {_describe(holder)}, which still runs; wait for it or stop it (if it does "
+                    f"not write this run, delete {path})"
                 )
             log.warning("%s: taking over the lock of %s, which no longer runs", out, _describe(holder))
         me = {
