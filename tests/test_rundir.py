@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import random
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +16,8 @@ import torch
 
 from sdlora.fileio import atomic_write_json
 from sdlora.rundir import (
+    CONFIG_HEADER,
+    LOCK_FILE,
     RunError,
     config_changes,
     latest_checkpoint,
@@ -17,6 +25,7 @@ from sdlora.rundir import (
     prepare_run_dir,
     restore_rng_state,
     rng_state,
+    run_dir_lock,
     run_state,
     save_checkpoint,
 )
@@ -36,7 +45,7 @@ def test_status_and_prepare(tmp_path):
     out = tmp_path / "run"
     assert run_state(out) == "empty"
     out.mkdir()
-    (out / "config.yaml").write_text("seed: 1\ntrain: {device: cpu, lr: 0.1}\n")
+    (out / "config.yaml").write_text(CONFIG_HEADER + "seed: 1\ntrain: {device: cpu, lr: 0.1}\n")  # as sdlora writes it
     assert run_state(out) == "unfinished"
     atomic_write_json(out / "results.json", {"status": "finished"})
     assert run_state(out) == "finished"
@@ -85,3 +94,162 @@ def test_rng_state_roundtrip():
     restore_rng_state(tensors, meta)
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+# ------------------------------------------------------------------------------------------------ the lock
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_lock_is_exclusive_names_the_holder_and_is_released(tmp_path):
+    out = tmp_path / "run"
+    with run_dir_lock(out):
+        holder = json.loads((out / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+        # A second taker (another open file description: what another process does) is refused.
+        with pytest.raises(RunError, match=rf"{out} is in use by process {os.getpid()} on host"), run_dir_lock(out):
+            pass
+    assert not (out / LOCK_FILE).exists()
+    with run_dir_lock(out):  # released: it can be taken again
+        pass
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = _dead_pid()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "command": "sdlora run x"}))
+    with caplog.at_level(logging.WARNING, logger="sdlora"), run_dir_lock(out):
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert f"taking over the lock of process {dead}" in caplog.text and "no longer runs" in caplog.text
+
+
+def test_lock_file_of_a_live_process_is_not_taken_over(tmp_path):
+    """A lock file naming a live process of this host that holds no flock (say, a filesystem without flock) is
+    refused: the process may be writing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        (out / LOCK_FILE).write_text(json.dumps({"pid": live.pid, "host": host, "command": "sdlora run x"}))
+        with pytest.raises(RunError, match=rf"locked by process {live.pid} on host"), run_dir_lock(out):
+            pass
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_lock_of_another_host_is_refused_with_advice(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 1234, "host": "elsewhere", "command": "sdlora run x"}))
+    with (
+        pytest.raises(
+            RunError, match=rf"process 1234 on host elsewhere.*if no run is going there, delete .*{LOCK_FILE}"
+        ),
+        run_dir_lock(out),
+    ):
+        pass
+    assert json.loads((out / LOCK_FILE).read_text())["host"] == "elsewhere"  # left as it was
+
+
+def test_lock_on_a_path_that_cannot_be_a_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        with pytest.raises(RunError, match="cannot use .* as a run directory"), run_dir_lock(out):
+            pass
+
+
+# ----------------------------------------------------------------------------------------- hygiene
+def _sdlora_run_dir(out):
+    """A run directory holding every file sdlora writes, as sdlora writes it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(CONFIG_HEADER + "seed: 1\n")
+    atomic_write_json(out / "results.json", {"status": "finished", "sdlora_version": "0"})
+    (out / "metrics.csv").write_text("task,new_classes,classes_seen,acc_after_task\n1,2,2,50.0\n")
+    (out / "accuracy_matrix.csv").write_text("after_task,task_1\n1,50.0\n")
+    (out / "log.txt").write_text("2026-01-01 10:00:00,123 INFO sdlora 0.1.0 | method sdlora\n")
+    atomic_write_json(out / "split.json", {"dataset": "imagefolder", "seed": 1, "train": [], "test": []})
+    save_checkpoint(out, 0, _Tiny(1.0), {"next": 1}, keep=None)
+    (out / "plots").mkdir()
+    for name in ("accuracy_matrix.png", "accuracy_curve.png"):
+        (out / "plots" / name).write_bytes(b"\x89PNG")
+
+
+def test_overwrite_deletes_only_what_sdlora_wrote(tmp_path):
+    """--overwrite used to delete the whole plots/ and checkpoints/ trees, whatever they held."""
+    out = tmp_path / "run"
+    _sdlora_run_dir(out)
+    (out / "notes.md").write_text("my notes")
+    (out / "plots" / "my_figure.png").write_bytes(b"mine")
+    (out / "checkpoints" / "best_model.pt").write_bytes(b"mine")
+    prepare_run_dir(out, {"seed": 1}, resume=False, overwrite=True)
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["checkpoints/best_model.pt", "notes.md", "plots/my_figure.png"]
+    assert run_state(out) != "finished"
+
+
+def test_overwrite_refuses_to_replace_a_file_sdlora_did_not_write(tmp_path):
+    out = tmp_path / "run"
+    _sdlora_run_dir(out)
+    (out / "config.yaml").write_text("# my own experiment notes\nseed: 1\n")
+    before = sorted(p.name for p in out.rglob("*"))
+    with pytest.raises(RunError, match=r"would replace files that sdlora did not write: .*config\.yaml"):
+        prepare_run_dir(out, {"seed": 1}, resume=False, overwrite=True)
+    assert sorted(p.name for p in out.rglob("*")) == before  # nothing deleted
+
+
+def test_temporary_files_of_killed_writes_are_swept_on_resume(tmp_path):
+    out = tmp_path / "run"
+    _sdlora_run_dir(out)
+    temps = [
+        out / ".results.json.0123456789ab.tmp",
+        out / "checkpoints" / ".task_001.safetensors.abcdef012345.tmp",
+        out / "plots" / ".accuracy_curve.png.00000000ffff.tmp",
+    ]
+    for p in temps:
+        p.write_bytes(b"half a file")
+    (out / ".my.hidden.tmp").write_text("not one of ours (no 12-hex id)")
+    prepare_run_dir(out, {"seed": 1}, resume=True, overwrite=False)
+    assert not any(p.exists() for p in temps)
+    assert (out / ".my.hidden.tmp").exists() and (out / "results.json").exists()
+
+
+# ---------------------------------------------------------------------------------- checkpoint records
+def _rewrite(ck, edit):
+    record = json.loads(ck.read_text())
+    edit(record)
+    ck.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda r: r["engine"].update(next=7),  # valid JSON, plausible value: used to resume with it
+        lambda r: r.update(task=5),
+        lambda r: r["rng"].update(numpy=[1, 2]),
+    ],
+)
+def test_edited_checkpoint_record_is_refused_with_advice(tmp_path, edit):
+    save_checkpoint(tmp_path, 0, _Tiny(1.0), {"next": 1}, keep=None)
+    ck = tmp_path / "checkpoints" / "task_000.json"
+    _rewrite(ck, edit)
+    with pytest.raises(
+        RunError, match=r"corrupt checkpoint .*task_000\.json.*delete .* to resume from the previous task"
+    ):
+        load_checkpoint(ck)
+
+
+@pytest.mark.parametrize(
+    "record",
+    [[1, 2], {"task": "0"}, {"task": 0, "method": [], "engine": {}, "rng": {}, "tensors_sha256": "x"}],
+)
+def test_malformed_checkpoint_record_gives_advice_not_a_traceback(tmp_path, record):
+    """A record of the wrong shape used to leak AttributeError / IndexError / TypeError."""
+    save_checkpoint(tmp_path, 0, _Tiny(1.0), {"next": 1}, keep=None)
+    ck = tmp_path / "checkpoints" / "task_000.json"
+    ck.write_text(json.dumps(record))
+    with pytest.raises(RunError, match="corrupt checkpoint.*to resume from the previous task"):
+        load_checkpoint(ck)

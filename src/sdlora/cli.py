@@ -1,7 +1,7 @@
-"""Command-line interface: ``sdlora run | demo | compare | export | report | list``.
+"""Command-line interface: ``sdlora run | demo | compare | check-data | export | report | list``.
 
-Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, run directory). The reason goes to
-stderr in one line (``sdlora: error: ...``).
+Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, data, run directory). The reason goes to
+stderr in one line (``sdlora: error: ...``), also when it happened in a DataLoader worker process.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .configtools import ConfigError
 
     preset = "demo-full" if args.full else "demo"
     overrides = list(args.set)
     if args.method:
         overrides.append(f"method.name={args.method}")
-    cfg, _ = load_config(preset, overrides)
+    try:
+        cfg, _ = load_config(preset, overrides)
+    except ConfigError as e:
+        if args.method and e.source == f"--set method.name={args.method}":
+            raise e.with_source(f"--method {args.method}") from None  # what the user typed
+        raise
     if _is_main_process():
         d = cfg.data
         print(
@@ -77,14 +84,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str) -> list[int]:
+    """``--seeds 1993,1994``: comma-separated non-negative integers (argparse reports a bad value with usage)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items or not all(t.isdigit() for t in items):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated non-negative integers such as 1993,1994, got {text!r}"
+        )
+    return [int(t) for t in items]
+
+
+def _non_negative_int(text: str) -> int:
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return int(text)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
-    table = run_compare(args.config, methods, seeds, args.out, args.set)
+    table = run_compare(args.config, methods, args.seeds, args.out, args.set)
     print(table)
     return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data.check import check_dataset
+
+    cfg, _ = load_config(args.config, args.set)
+    check = check_dataset(
+        cfg.data,
+        cfg.seed,
+        lambda n: cfg.scenario.make(n, cfg.seed).tasks,
+        workers=args.workers,
+        all_files=args.all,
+    )
+    print(check.format())
+    return 0 if check.ok else 2
+
+
+def load_hint(rebuild: dict[str, Any], weights: str) -> str:
+    """One line of Python (after ``import timm, safetensors.torch``) that builds the bare architecture described by
+    ``rebuild`` (``Backbone.rebuild``) and loads the exported weights into it."""
+    args = ", ".join(f"{k}={v!r}" for k, v in rebuild["kwargs"].items())  # Python literals (JSON's true is not)
+    if "timm_class" in rebuild:
+        build = f"{rebuild['timm_class']}({args})"
+    else:
+        build = f"timm.create_model({rebuild['timm_model']!r}, pretrained=False{', ' + args if args else ''})"
+    return f"{build}.load_state_dict(safetensors.torch.load_file({weights!r}))"
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -99,13 +148,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     plain = method.export_backbone()
     state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
     info = method.backbone_info
-    arch = (getattr(plain, "pretrained_cfg", None) or {}).get("architecture")
+    rebuild = info.get("rebuild")
+    if rebuild is None:  # a backbone that does not say how to rebuild it: its timm architecture, as timm names it
+        arch = (getattr(plain, "pretrained_cfg", None) or {}).get("architecture") or type(plain).__name__
+        rebuild = {
+            "timm_model": arch,
+            "kwargs": {"num_classes": 0, "img_size": cfg.data.image_size, **cfg.backbone.kwargs},
+        }
+    mean, std = info.get("mean", [0.0, 0.0, 0.0]), info.get("std", [1.0, 1.0, 1.0])
     metadata = {
         "format": "sdlora-merged-backbone/1",
         "backbone": str(cfg.backbone.name),
-        # The timm architecture to build before load_state_dict (the sdlora backbone name may be an alias).
-        "timm_architecture": str(arch or type(plain).__name__),
-        "timm_kwargs": json.dumps({"img_size": cfg.data.image_size, **cfg.backbone.kwargs}),
+        # How to build the architecture before load_state_dict (the sdlora backbone name may be an alias).
+        "timm_architecture": str(rebuild.get("timm_model") or rebuild.get("timm_class")),
+        "timm_kwargs": json.dumps(rebuild["kwargs"]),
+        "load_with": load_hint(rebuild, "<this file>"),
+        # The input the weights expect: the run's test-time preprocessing (data/transforms.py).
+        "image_size": str(cfg.data.image_size),
+        "input_normalize": str(info.get("normalize")),
+        "input_mean": json.dumps(mean),
+        "input_std": json.dumps(std),
+        "input": (
+            f"RGB, shorter side resized to floor({cfg.data.image_size} * 256 / 224) (bicubic), center crop "
+            f"{cfg.data.image_size}, scaled to [0, 1], then (x - mean) / std with input_mean and input_std"
+        ),
         "weights_tag": str(info.get("tag")),
         "method": cfg.method.name,
         "completed_tasks": str(record["task"] + 1),
@@ -114,10 +180,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, save(state, metadata=metadata))
     print(f"wrote {out}: {len(state)} tensors of the merged backbone after task {record['task'] + 1}")
-    print(
-        f"load with: timm.create_model({metadata['timm_architecture']!r}, pretrained=False, num_classes=0, "
-        f"**{metadata['timm_kwargs']}).load_state_dict(safetensors.torch.load_file({str(out)!r}))"
-    )
+    print(f"inputs: {cfg.data.image_size} px RGB in [0, 1], normalised with mean {mean} and std {std}")
+    print(f"load with: import timm, safetensors.torch; {load_hint(rebuild, str(out))}")
     return 0
 
 
@@ -172,10 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("compare", help="run several methods (and seeds) on one config and tabulate them")
     sp.add_argument("config")
     sp.add_argument("--methods", default="sdlora,sdlora_rr,sdlora_kd,seq_lora,simplecil,inflora")
-    sp.add_argument("--seeds", help="comma-separated seeds (default: the config's seed)")
+    sp.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (default: the config's seed)")
     sp.add_argument("--out", default="runs/compare")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(fn=cmd_compare)
+
+    sp = sub.add_parser(
+        "check-data",
+        help="decode every image file a config would read and check that every class has training and test images",
+    )
+    sp.add_argument("config", help="YAML file or preset name")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--workers", type=_non_negative_int, help="decoding processes (default: data.num_workers)")
+    sp.add_argument("--all", action="store_true", help="every file of the dataset, not only the per-class subsets")
+    sp.set_defaults(fn=cmd_check_data)
 
     sp = sub.add_parser("export", help="write the merged backbone of a run as safetensors")
     sp.add_argument("run_dir")
@@ -192,6 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_WORKER_WRAPPER = re.compile(
+    r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback \(most recent call last\):\n"
+)
+
+
+def error_text(e: BaseException) -> str:
+    """The message of ``e`` for the one-line error, without the traceback text that torch puts into exceptions
+    re-raised from DataLoader worker processes (``Caught ValueError in DataLoader worker process 0. Original
+    Traceback ...``): with ``data.num_workers > 0`` a bad image must be reported as without workers."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    if not _WORKER_WRAPPER.match(msg):
+        return msg
+    # The last traceback block belongs to the exception that was raised (earlier ones are its causes); its frames
+    # are indented and the "Type: message" text follows them.
+    block = msg.rsplit("Traceback (most recent call last):\n", 1)[1].splitlines()
+    first = next((i for i, line in enumerate(block) if line and not line.startswith(" ")), None)
+    if first is None:
+        return msg
+    text = "\n".join(block[first:]).strip()
+    return text.split(": ", 1)[1] if re.match(r"^[\w.]+: ", text) else text
+
+
 def main(argv: list[str] | None = None) -> int:
     from .configtools import ConfigError
 
@@ -205,8 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args))
     except (ConfigError, RunError, KeyError, FileNotFoundError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"sdlora: error: {msg}", file=sys.stderr)
+        print(f"sdlora: error: {error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdlora: interrupted; continue with --resume", file=sys.stderr)
@@ -214,7 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("SDLORA_DEBUG"):
             raise
-        print(f"sdlora: error: {type(e).__name__}: {e} (set SDLORA_DEBUG=1 for a traceback)", file=sys.stderr)
+        print(
+            f"sdlora: error: {type(e).__name__}: {error_text(e)} (set SDLORA_DEBUG=1 for a traceback)", file=sys.stderr
+        )
         return 1
 
 

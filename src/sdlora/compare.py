@@ -8,14 +8,26 @@ Layout of ``--out DIR``::
 
 Resumable: a finished run whose saved config equals the requested one is reused, an unfinished one is resumed
 from its last checkpoint, and a failing run does not stop the others (the failures are reported together at the
-end, after the table of the runs that finished).
+end, after the table of the runs that finished). Bad input is different: every (method, seed) config is loaded and
+checked before anything runs, and a config or data error found while building a run (a key-path ``ConfigError``,
+missing data files) stops the compare at once, reported once instead of once per method and seed.
+
+One compare at a time per ``--out``: the compare directory's lock (``rundir.run_dir_lock``) is held for the whole
+compare, and each run directory's own lock for each run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .configtools import ConfigError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 __all__ = ["run_compare", "run_dir_for"]
 
@@ -27,15 +39,12 @@ def run_dir_for(out: str | os.PathLike, method: str, seed: int) -> Path:
     return Path(out) / method / f"seed{seed}"
 
 
-def _one_run(config: str, overrides: list[str], method: str, seed: int | None, out: str | os.PathLike) -> Path:
-    """Run, resume or reuse one (method, seed); returns its run directory."""
-    from .config import load_config
+def _one_run(cfg: RunConfig, cfg_dict: dict[str, Any], out: str | os.PathLike) -> Path:
+    """Run, resume or reuse one (method, seed) whose config is already loaded; returns its run directory."""
     from .engine import run_experiment  # looked up per call, so a replaced engine.run_experiment is used
     from .rundir import RunError, config_changes, run_state
 
-    extra = [f"method.name={method}"] + ([f"seed={seed}"] if seed is not None else [])
-    cfg, cfg_dict = load_config(config, list(overrides) + extra)
-    run_dir = run_dir_for(out, method, cfg.seed)
+    run_dir = run_dir_for(out, cfg.method.name, cfg.seed)
     state = run_state(run_dir)
     if state == "finished":
         changes = config_changes(run_dir, cfg_dict)
@@ -49,7 +58,7 @@ def _one_run(config: str, overrides: list[str], method: str, seed: int | None, o
     if state == "unfinished":
         log.info("compare: resuming %s", run_dir)
     else:
-        log.info("compare: running %s (seed %d) into %s", method, cfg.seed, run_dir)
+        log.info("compare: running %s (seed %d) into %s", cfg.method.name, cfg.seed, run_dir)
     run_experiment(cfg, run_dir, resume=state == "unfinished")
     return run_dir
 
@@ -76,12 +85,15 @@ def run_compare(
 
     Raises:
         ValueError: no methods, a method named twice, or an unknown method (checked before anything runs).
-        RunError: some runs failed; the others' results and the table of the methods whose runs all finished
-            are written first, and the message names each failure.
+        ConfigError: a config of one (method, seed) is invalid (checked before anything runs), or a run found bad
+            input while it was built (raised at once; runs finished before it stay).
+        FileNotFoundError: data files are missing (raised at once, as above).
+        RunError: another process holds the compare directory, or some runs failed; the others' results and the
+            table of the methods whose runs all finished are written first, and the message names each failure.
     """
-    from . import report
+    from .config import load_config
     from .methods import METHODS
-    from .rundir import RunError
+    from .rundir import run_dir_lock
 
     if not methods:
         raise ValueError("compare needs at least one method")
@@ -95,15 +107,45 @@ def run_compare(
         raise ValueError(f"seeds named more than once: {seeds}")
     overrides = list(overrides or [])
     out_path = Path(out)
+    # Every config first: a bad key or value is reported once, before anything runs.
+    configs: dict[tuple[str, int | None], tuple[RunConfig, dict[str, Any]]] = {}
+    for method in methods:
+        for seed in seeds if seeds is not None else [None]:
+            extra = [f"method.name={method}"] + ([f"seed={seed}"] if seed is not None else [])
+            try:
+                configs[method, seed] = load_config(config, overrides + extra)
+            except ConfigError as e:  # name the compare argument, not the override it becomes
+                if e.source == f"--set method.name={method}":
+                    raise e.with_source(f"--methods {method}") from None
+                if e.source == f"--set seed={seed}":
+                    raise e.with_source(f"--seeds {seed}") from None
+                raise
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    with run_dir_lock(out_path) if is_main else contextlib.nullcontext():
+        return _compare(configs, methods, seeds, out_path)
+
+
+def _compare(
+    configs: dict[tuple[str, int | None], tuple[RunConfig, dict[str, Any]]],
+    methods: list[str],
+    seeds: list[int] | None,
+    out_path: Path,
+) -> str:
+    """The runs of :func:`run_compare` (configs loaded, compare directory locked), then the table."""
+    from . import report
+    from .rundir import RunError
+
     runs: dict[str, list[Path]] = {}
     failures: list[str] = []
     for method in methods:
         dirs: list[Path] = []
         for seed in seeds if seeds is not None else [None]:
             try:
-                dirs.append(_one_run(config, overrides, method, seed, out_path))
+                dirs.append(_one_run(*configs[method, seed], out_path))
             except KeyboardInterrupt:
                 raise
+            except (ConfigError, FileNotFoundError):
+                raise  # bad input (a key-path error found while building, missing data): the same for every run
             except Exception as e:
                 label = f"{method} (seed {seed if seed is not None else 'from config'})"
                 log.error("compare: %s failed: %s: %s", label, type(e).__name__, e)

@@ -7,14 +7,15 @@ write is read by the code; unknown keys and wrong types raise with their key pat
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from .backbones import BackboneConfig
-from .configtools import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
-from .data import DataConfig
+from .configtools import ConfigError, apply_overrides, from_dict, load_yaml, override_key, to_dict
+from .data import DataConfig, Scenario, make_scenario
 from .lora import AdapterConfig
 
 __all__ = [
@@ -75,10 +76,26 @@ class ScenarioConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.init_cls <= 0 or self.increment <= 0:
-            raise ValueError(f"init_cls and increment must be positive, got {self.init_cls}, {self.increment}")
+        # Messages start with the field name: configtools.from_dict turns that into the full key path.
+        for name in ("init_cls", "increment"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.num_tasks is not None and self.num_tasks <= 0:
-            raise ValueError(f"num_tasks must be positive, got {self.num_tasks}")
+            raise ValueError(f"num_tasks: must be positive, got {self.num_tasks}")
+        if self.seed is not None:
+            _check_seed("seed", self.seed)
+
+    def make(self, num_classes: int, run_seed: int) -> Scenario:
+        """The scenario over ``num_classes`` classes (``seed`` falls back to the run's seed)."""
+        return make_scenario(
+            num_classes,
+            self.init_cls,
+            self.increment,
+            seed=run_seed if self.seed is None else self.seed,
+            shuffle=self.shuffle,
+            class_order=self.class_order,
+            num_tasks=self.num_tasks,
+        )
 
 
 @dataclass
@@ -126,24 +143,54 @@ class TrainConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or (self.first_epochs is not None and self.first_epochs < 0):
-            raise ValueError("epochs must be >= 0")
-        if self.batch_size <= 0 or self.eval_batch_size <= 0:
-            raise ValueError("batch sizes must be positive")
-        if self.lr <= 0 or (self.first_lr is not None and self.first_lr <= 0):
-            raise ValueError("lr must be positive")
+        # Messages start with the field name: configtools.from_dict turns that into the full key path. Every float is
+        # checked for NaN/inf here, since `x <= 0` is False for NaN and the run would fail late or train on garbage.
+        for name in ("lr", "first_lr", "momentum", "weight_decay", "gamma", "min_lr", "grad_clip"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{name}: must be a finite number, got {v}")
+        if self.epochs < 0:
+            raise ValueError(f"epochs: must be >= 0, got {self.epochs}")
+        if self.first_epochs is not None and self.first_epochs < 0:
+            raise ValueError(f"first_epochs: must be >= 0 or null, got {self.first_epochs}")
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr: must be positive, got {self.lr}")
+        if self.first_lr is not None and self.first_lr <= 0:
+            raise ValueError(f"first_lr: must be positive or null, got {self.first_lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2:
-            raise ValueError(f"betas must have two values, got {self.betas}")
+            raise ValueError(f"betas: must have two values, got {self.betas}")
+        if not all(math.isfinite(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas: both must be in [0, 1), got {self.betas}")
         if self.scheduler == "multistep" and not self.milestones:
-            raise ValueError("scheduler 'multistep' needs milestones (epochs at which lr is multiplied by gamma)")
-        if sorted(self.milestones) != list(self.milestones):
-            raise ValueError(f"milestones must be increasing, got {self.milestones}")
+            raise ValueError(
+                "milestones: scheduler 'multistep' needs milestones (epochs at which lr is multiplied by gamma)"
+            )
+        if any(m <= 0 for m in self.milestones) or sorted(set(self.milestones)) != list(self.milestones):
+            raise ValueError(f"milestones: must be positive and increasing, got {self.milestones}")
+        if self.gamma <= 0:
+            raise ValueError(
+                f"gamma: must be positive (the lr is multiplied by it at each milestone), got {self.gamma}"
+            )
+        if self.min_lr < 0:
+            raise ValueError(f"min_lr: must be >= 0 (the cosine schedule ends there), got {self.min_lr}")
+        if self.scheduler == "cosine" and self.min_lr > min(self.lr, self.first_lr or self.lr):
+            raise ValueError(
+                f"min_lr: must be below lr ({min(self.lr, self.first_lr or self.lr)}) for the cosine schedule to "
+                f"decrease, got {self.min_lr}"
+            )
         if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError("grad_clip must be positive or null")
+            raise ValueError(f"grad_clip: must be positive or null, got {self.grad_clip}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.threads is not None and self.threads <= 0:
-            raise ValueError("threads must be positive or null")
+            raise ValueError(f"threads: must be positive or null, got {self.threads}")
 
     def epochs_for(self, task: int) -> int:
         return self.first_epochs if task == 0 and self.first_epochs is not None else self.epochs
@@ -172,6 +219,15 @@ class RunConfig:
     scenario: ScenarioConfig = field(default_factory=ScenarioConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reference: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_seed("seed", self.seed)
+
+
+def _check_seed(name: str, seed: int) -> None:
+    # numpy's legacy seeding (the peers' class order) takes 32-bit seeds; a negative one fails deep inside a run.
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"{name}: must be in [0, 2**32), got {seed}")
 
 
 def resolve_method_config(cfg: RunConfig) -> RunConfig:
@@ -210,20 +266,45 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"config {name_or_path!r} is neither a file nor a preset; presets: {', '.join(preset_names())}")
 
 
+def _error_source(e: ConfigError, path: Path, overrides: list[str]) -> str:
+    """Who set the value an error is about: the last ``--set`` of that key (or of a section holding it), else the
+    file; a section-level error (say ``train``) with an override below it names both, since either may be at fault.
+    """
+    for item in reversed(overrides):
+        key = override_key(item)
+        if key and (e.path == key or e.path.startswith(key + ".")):
+            return f"--set {item}"
+    below = [item for item in overrides if e.path and override_key(item).startswith(e.path + ".")]
+    if below:
+        return f"{path} with --set {', '.join(below)}"
+    return str(path)
+
+
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[RunConfig, dict[str, Any]]:
     """Load a YAML config (path or preset name), apply ``--set`` overrides, validate.
 
     Returns:
         The typed config and its plain-data form (what is written to the run directory).
+
+    Raises:
+        ConfigError: With the key path, attributed to the file or to the ``--set`` override that set the value
+            (``FILE: train.lr: reason`` or ``--set train.lr=-1: train.lr: reason``). An empty file is refused.
     """
     path = resolve_config_path(name_or_path)
+    overrides = list(overrides or [])
     data = load_yaml(path)
-    data = apply_overrides(data, overrides or [], RunConfig)
+    if not data:
+        raise ConfigError(
+            "the config sets no keys (an empty file would run every default: the offline ViT-S/14 at 224 px, 20 "
+            "epochs per task); start from a preset (sdlora list) or a file in configs/",
+            source=str(path),
+        )
+    data = apply_overrides(data, overrides, RunConfig)
     try:
         cfg = from_dict(RunConfig, data)
         resolve_method_config(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}", e.path) from None
+        raise e.with_source(_error_source(e, path, overrides)) from None
     if cfg.name is None:
         cfg.name = path.stem
     return cfg, to_dict(cfg)

@@ -33,6 +33,7 @@ from .fileio import atomic_write_text
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "override_key",
     "diff",
     "dump_yaml",
     "from_dict",
@@ -52,12 +53,20 @@ class ConfigError(ValueError):
     Attributes:
         path: Dotted key path of the offending entry (``"method.adapter.rank"``); ``""`` for the top level or
             when the error is not tied to one key (a file that cannot be parsed).
+        message: The reason, without path or source.
+        source: Where the value came from (a config file, or ``--set key=value``), when known.
     """
 
-    def __init__(self, message: str, path: str = "") -> None:
+    def __init__(self, message: str, path: str = "", source: str | None = None) -> None:
         self.path = path
         self.message = message
-        super().__init__(f"{path}: {message}" if path else message)
+        self.source = source
+        where = ": ".join(p for p in (source, path) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+    def with_source(self, source: str) -> ConfigError:
+        """The same error attributed to ``source`` (the message reads ``source: key.path: reason``)."""
+        return ConfigError(self.message, self.path, source)
 
 
 class _TypeMismatch(ConfigError):
@@ -260,7 +269,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     except ConfigError:
         raise
     except ValueError as e:
-        # __post_init__ validation: it knows the field name, only we know where the section sits in the config.
+        # __post_init__ validation: it knows the field name, only we know where the section sits in the config. A
+        # message of the form "field: reason" names the field, so the key path can name it too.
+        field_name, sep, reason = str(e).partition(": ")
+        if sep and field_name in names:
+            raise ConfigError(reason, _join(path, field_name)) from e
         raise ConfigError(str(e), path or cls.__name__) from e
 
 
@@ -413,7 +426,7 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _schema_type(cls: type, keys: list[str], item: str) -> Any:
+def _schema_type(cls: type, keys: list[str]) -> Any:
     """Walk ``keys`` through the dataclass schema and return the annotation of the last key."""
     tp: Any = cls
     for depth, key in enumerate(keys):
@@ -422,7 +435,7 @@ def _schema_type(cls: type, keys: list[str], item: str) -> Any:
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             names = [f.name for f in _init_fields(tp)]
             if key not in names:
-                raise ConfigError(f"unknown key in override '{item}'; {_suggest(key, names)}", here)
+                raise ConfigError(f"unknown key '{key}'; {_suggest(key, names)}", here)
             tp = _hints(tp)[key]
         elif tp is dict or typing.get_origin(tp) is dict:
             args = typing.get_args(tp)
@@ -468,29 +481,43 @@ def apply_overrides(data: Mapping[str, Any], overrides: list[str], cls: type | N
 
     Raises:
         ConfigError: For an item without ``=``, an empty key, a value that is not valid YAML, a key path that is not
-            in the schema, a wrongly typed value, or a path that runs through a non-mapping value.
+            in the schema, a wrongly typed value, or a path that runs through a non-mapping value. Its ``source`` is
+            ``--set <item>``.
     """
     out: dict[str, Any] = _deepcopy_plain(data)
     for item in overrides:
-        keys, value = _parse_override(item)
-        dotted = ".".join(keys)
-        if cls is not None:
-            tp = _schema_type(cls, keys, item)
-            inner = _unwrap_optional(tp)
-            # Sections given as a whole mapping are checked later by from_dict, which fills their defaults.
-            if not (isinstance(inner, type) and dataclasses.is_dataclass(inner)):
-                _convert(tp, value, dotted)
-        node = out
-        for depth, key in enumerate(keys[:-1]):
-            child = node.get(key)
-            if child is None:
-                child = node[key] = {}
-            elif not isinstance(child, dict):
-                here = ".".join(keys[: depth + 1])
-                raise ConfigError(f"cannot set '{dotted}': '{here}' holds {_show(child)}, not a mapping", here)
-            node = child
-        node[keys[-1]] = value
+        try:
+            _apply_override(out, item, cls)
+        except ConfigError as e:
+            raise e.with_source(f"--set {item}") from None
     return out
+
+
+def override_key(item: str) -> str:
+    """The dotted key path an override ``a.b=value`` sets (``""`` if the item is malformed)."""
+    key, sep, _ = item.partition("=")
+    return ".".join(k.strip() for k in key.strip().split(".")) if sep else ""
+
+
+def _apply_override(out: dict[str, Any], item: str, cls: type | None) -> None:
+    keys, value = _parse_override(item)
+    dotted = ".".join(keys)
+    if cls is not None:
+        tp = _schema_type(cls, keys)
+        inner = _unwrap_optional(tp)
+        # Sections given as a whole mapping are checked later by from_dict, which fills their defaults.
+        if not (isinstance(inner, type) and dataclasses.is_dataclass(inner)):
+            _convert(tp, value, dotted)
+    node = out
+    for depth, key in enumerate(keys[:-1]):
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        elif not isinstance(child, dict):
+            here = ".".join(keys[: depth + 1])
+            raise ConfigError(f"cannot set '{dotted}': '{here}' holds {_show(child)}, not a mapping", here)
+        node = child
+    node[keys[-1]] = value
 
 
 def _deepcopy_plain(data: Any) -> Any:

@@ -22,6 +22,7 @@ state is also saved in every checkpoint and restored on resume (it drives parame
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -45,20 +46,24 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from . import __version__
 from .backbones import Backbone, create_backbone
 from .config import RunConfig, TrainConfig, resolve_method_config
-from .configtools import dump_yaml, to_dict
-from .data import DatasetBundle, Scenario, build_dataset, make_scenario
+from .configtools import ConfigError, dump_yaml, to_dict
+from .data import DatasetBundle, Scenario, build_dataset, load_raw_dataset
+from .data.check import coverage_problems
+from .data.identity import identity_changes
 from .fileio import atomic_write_json, atomic_write_text, read_json
 from .methods import Method, TaskContext, create_method
 from .metrics import compute_metrics
 from .report import on_run_event
 from .results import RESULTS_FILE, RunEvent, RunResults
 from .rundir import (
+    CONFIG_HEADER,
     RunError,
     build_method_from_run,
     latest_checkpoint,
     load_checkpoint,
     prepare_run_dir,
     restore_rng_state,
+    run_dir_lock,
     save_checkpoint,
     seed_everything,
 )
@@ -623,22 +628,28 @@ def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, nu
 
 # ------------------------------------------------------------------------------------------ the run
 def build_run(cfg: RunConfig, device: torch.device) -> tuple[Backbone, DatasetBundle, Scenario, Method]:
-    """The pieces of a run, built from its config as :func:`run_experiment` builds them: the global RNG seeded
-    with ``cfg.seed``, then the backbone, the dataset (subsets drawn with the seed), the scenario and the fresh
-    method on ``device``."""
+    """The pieces of a run, built from its config as :func:`run_experiment` builds them: the dataset's files and
+    labels first (a wrong ``data.root`` fails before any backbone download), then the global RNG seeded with
+    ``cfg.seed``, the backbone, the dataset (subsets drawn with the seed), the scenario and the fresh method on
+    ``device``.
+
+    Raises:
+        ConfigError: a class of the scenario has no training or no test images (``data``), or a backbone setting
+            does not fit (``backbone.kwargs``, ``data.image_size``); all before anything is trained.
+    """
+    raw = load_raw_dataset(cfg.data, cfg.seed)
     seed_everything(cfg.seed)
     backbone = create_backbone(cfg.backbone, cfg.data.image_size)
-    data = build_dataset(cfg.data, mean=backbone.mean, std=backbone.std, seed=cfg.seed)
-    sc = cfg.scenario
-    scenario = make_scenario(
-        data.num_classes,
-        sc.init_cls,
-        sc.increment,
-        seed=cfg.seed if sc.seed is None else sc.seed,
-        shuffle=sc.shuffle,
-        class_order=sc.class_order,
-        num_tasks=sc.num_tasks,
-    )
+    data = build_dataset(cfg.data, mean=backbone.mean, std=backbone.std, seed=cfg.seed, raw=raw)
+    scenario = cfg.scenario.make(data.num_classes, cfg.seed)
+    problems = coverage_problems(data.class_names, data.train_targets, data.test_targets, scenario.tasks)
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise ConfigError(
+            f"{len(problems)} class(es) of the scenario cannot be trained or evaluated: {'; '.join(problems[:5])}"
+            f"{more}. Every class needs training and test images; `sdlora check-data CONFIG` lists every problem",
+            "data",
+        )
     method = create_method(cfg.method, backbone).to(device)
     return backbone, data, scenario, method
 
@@ -678,11 +689,31 @@ def run_experiment(
     cfg_dict = to_dict(cfg)
     info = init_distributed(cfg.train.device)
     out = Path(out_dir)
-    if not info.enabled:
-        out.mkdir(parents=True, exist_ok=True)
-        prepare_run_dir(out, cfg_dict, resume, overwrite)
-    else:
-        _prepare_run_dir_distributed(out, cfg_dict, resume, overwrite, info)
+    # One writer per run directory, for the whole run (under torchrun: rank 0 holds it for every process).
+    with contextlib.ExitStack() as lock:
+        if not info.enabled:
+            lock.enter_context(run_dir_lock(out))
+            prepare_run_dir(out, cfg_dict, resume, overwrite)
+        else:
+            _prepare_run_dir_distributed(out, cfg_dict, resume, overwrite, info, lock)
+        results = _logged_run(cfg, cfg_dict, out, resume, info, t_start, on_event)
+    if info.owns_group:
+        # Every process got here through the same collectives, so none has a pending operation. (On an
+        # error the process exits without this; torchrun then stops the others.)
+        dist.destroy_process_group()
+    return results
+
+
+def _logged_run(
+    cfg: RunConfig,
+    cfg_dict: dict[str, Any],
+    out: Path,
+    resume: bool,
+    info: DistInfo,
+    t_start: float,
+    on_event: EventHandler | None,
+) -> dict[str, Any]:
+    """:func:`_run` with the run's ``log.txt`` attached to the package logger (rank 0)."""
     file_handler = None
     if info.main:
         file_handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
@@ -693,29 +724,25 @@ def run_experiment(
         _pkg_log.setLevel(max(logging.WARNING, _pkg_log.getEffectiveLevel()))
     listeners: list[EventHandler] = [on_run_event] + ([on_event] if on_event is not None else [])
     try:
-        results = _run(cfg, cfg_dict, out, resume, info, t_start, listeners)
+        return _run(cfg, cfg_dict, out, resume, info, t_start, listeners)
     finally:
         _pkg_log.setLevel(level)
         if file_handler is not None:
             _pkg_log.removeHandler(file_handler)
             file_handler.close()
-    if info.owns_group:
-        # Every process got here through the same collectives, so none has a pending operation. (On an
-        # error the process exits without this; torchrun then stops the others.)
-        dist.destroy_process_group()
-    return results
 
 
 def _prepare_run_dir_distributed(
-    out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite: bool, info: DistInfo
+    out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite: bool, info: DistInfo, lock: contextlib.ExitStack
 ) -> None:
-    """Rank 0 checks and prepares the run directory; every process learns the outcome, so a refused run
-    (existing results, changed config on resume) stops all of them with the same message instead of leaving
-    the others waiting in a collective."""
+    """Rank 0 takes the run directory's lock (into ``lock``, held until the run ends), checks and prepares the
+    directory; every process learns the outcome, so a refused run (another writer, existing results, changed
+    config on resume) stops all of them with the same message instead of leaving the others waiting in a
+    collective."""
     error: BaseException | None = None
     if info.main:
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            lock.enter_context(run_dir_lock(out))
             prepare_run_dir(out, cfg_dict, resume, overwrite)
         except Exception as e:
             error = e
@@ -753,20 +780,23 @@ def _run(
     if info.enabled and info.main:
         dist.barrier()
     if info.main:
-        atomic_write_text(out / "config.yaml", dump_yaml(cfg_dict))
+        atomic_write_text(out / "config.yaml", CONFIG_HEADER + dump_yaml(cfg_dict))
         if data.split_record is not None:
             atomic_write_json(out / "split.json", data.split_record)
     n_tasks = scenario.num_tasks
     state = RunState(session_start=t_start)
+    results: dict[str, Any] | None = None
     if resume:
         ck = latest_checkpoint(out)
         if ck is not None:
-            tensors, record = load_checkpoint(ck)
-            method.load_state(tensors, record["method"])
-            method.to(device)
-            state = RunState.from_checkpoint(record, session_start=t_start)
-            restore_rng_state(tensors, record["rng"])
+            state = _restore(ck, out, method, data, device, t_start)
             log.info("resuming after task %d of %d from %s", state.next_task, n_tasks, ck)
+            # The record, tables and plots are rewritten from the checkpoint: a run killed while writing them (or
+            # one whose results.json was lost) gets them back, even when no task remains.
+            results = build_results(cfg, method, backbone, data, scenario, state).to_dict()
+            if info.main:
+                atomic_write_json(out / RESULTS_FILE, results)
+                _emit(listeners, RunEvent("resumed", out, state.next_task - 1, results))
         else:
             log.info("nothing to resume in %s: starting from the first task", out)
     if info.main:
@@ -787,7 +817,6 @@ def _run(
         )
 
     rt = Runtime(train=tcfg, seed=cfg.seed, device=device, info=info, workers=cfg.data.num_workers)
-    results: dict[str, Any] | None = None
     for t in range(state.next_task, n_tasks):
         run_task(method, state, task_data(scenario, data, t), rt, num_tasks=n_tasks)
         results = build_results(cfg, method, backbone, data, scenario, state).to_dict()
@@ -795,14 +824,56 @@ def _run(
             atomic_write_json(out / RESULTS_FILE, results)
             _emit(listeners, RunEvent("task_end", out, t, results))
             if tcfg.checkpoint:
-                save_checkpoint(out, t, method, state.to_checkpoint(), keep=None)
+                save_checkpoint(out, t, method, state.to_checkpoint(), keep=None, data_identity=data.identity)
         if info.enabled:
             dist.barrier()
-    if results is None:  # resumed a finished run
-        return read_json(out / RESULTS_FILE)
+    if results is None:  # unreachable: a scenario has at least one task, or the state came from a checkpoint
+        raise RunError(f"{out}: no task ran and no checkpoint was restored")
     if info.main:
         _emit(listeners, RunEvent("run_end", out, n_tasks - 1, results))
     return results
+
+
+def _restore(
+    ck: Path, out: Path, method: Method, data: DatasetBundle, device: torch.device, t_start: float
+) -> RunState:
+    """Load checkpoint ``ck`` into ``method`` and the global RNG after checking that the data is the run's data;
+    returns the run state it holds.
+
+    Raises:
+        RunError: the checkpoint is damaged or does not fit (with the advice to delete it), or the dataset differs
+            from the one the run started with (the message says what changed).
+    """
+    tensors, record = load_checkpoint(ck)
+    recorded = record.get("data_identity")
+    if not recorded and (out / RESULTS_FILE).is_file():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            recorded = read_json(out / RESULTS_FILE).get("data_identity")
+    if recorded:
+        changes = identity_changes(recorded, data.identity)
+        if changes:
+            raise RunError(
+                f"cannot resume {out}: the data is not the data this run started with:\n  "
+                + "\n  ".join(changes)
+                + "\nrestore that data, or start a new run (--overwrite, or another --out)"
+            )
+    else:
+        log.warning("%s records no data identity (an older sdlora wrote it): the data cannot be checked", out)
+    try:
+        method.load_state(tensors, record["method"])
+        method.to(device)
+        state = RunState.from_checkpoint(record, session_start=t_start)
+        restore_rng_state(tensors, record["rng"])
+    except RunError as e:
+        raise RunError(
+            f"checkpoint {ck} does not fit this run ({e}); delete it to resume from the previous task"
+        ) from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise RunError(
+            f"checkpoint {ck} does not fit this run ({type(e).__name__}: {e}); delete it (and its .safetensors) to "
+            "resume from the previous task"
+        ) from None
+    return state
 
 
 def _emit(listeners: Sequence[EventHandler], event: RunEvent) -> None:

@@ -270,10 +270,10 @@ def plot_run(run_dir: str | os.PathLike, results: Mapping[str, Any] | None = Non
 def on_run_event(event: RunEvent) -> None:
     """The engine's default listener: keep a run directory's derived files current while it runs.
 
-    ``task_end``: write ``metrics.csv`` and ``accuracy_matrix.csv`` (:func:`write_run_tables`); ``run_end``: write
-    the plots (:func:`plot_run`).
+    ``task_end`` and ``resumed``: write ``metrics.csv`` and ``accuracy_matrix.csv`` (:func:`write_run_tables`);
+    ``run_end``: write the plots (:func:`plot_run`).
     """
-    if event.kind == "task_end":
+    if event.kind in ("task_end", "resumed"):
         write_run_tables(event.run_dir, event.results)
     elif event.kind == "run_end":
         plot_run(event.run_dir, event.results)

@@ -138,14 +138,16 @@ class RunEvent:
     """Progress of a run, passed to the engine's listeners (on the main process only).
 
     Attributes:
-        kind: ``task_end`` after each task (``results.json`` has just been written), ``run_end`` after the last
-            task of this call (not sent when a finished run is resumed: nothing ran).
+        kind: ``task_end`` after each task (``results.json`` has just been written); ``resumed`` once when a run
+            continues from a checkpoint (``results.json`` has just been rewritten from it); ``run_end`` at the
+            end of every call, also when a finished run was resumed and no task ran.
         run_dir: the run directory.
-        task: the 0-based task just finished (``task_end``), or the last one (``run_end``).
+        task: the 0-based task just finished (``task_end``), the checkpoint's task (``resumed``), or the last one
+            (``run_end``).
         results: the record as written to ``results.json``.
     """
 
-    kind: Literal["task_end", "run_end"]
+    kind: Literal["task_end", "resumed", "run_end"]
     run_dir: Path
     task: int
     results: dict[str, Any]

@@ -8,17 +8,27 @@ A run directory (``sdlora run --out DIR``) holds::
     metrics.csv, accuracy_matrix.csv, plots/   derived tables and plots (:mod:`sdlora.report`)
     log.txt              the run's log (engine)
     checkpoints/task_NNN.{safetensors,json}    method state + engine state + RNG after each task (this module)
+    .sdlora.lock         held while a process writes the run (:func:`run_dir_lock`)
 
+One writer at a time: ``run``, ``--resume``, ``--overwrite`` and ``compare`` hold :func:`run_dir_lock` for the
+whole run (under torchrun, rank 0 holds it for all processes), and a second process is refused naming the holder.
 Everything here runs on one process (under torchrun: rank 0); the engine decides who calls it. Used by
 ``engine``, ``compare`` and ``cli export``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import random
-import shutil
+import re
+import socket
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -28,7 +38,7 @@ from torch import Tensor
 
 from . import __version__
 from .configtools import diff, load_yaml
-from .fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from .fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file, to_jsonable
 from .results import RESULTS_FILE
 
 if TYPE_CHECKING:
@@ -36,18 +46,23 @@ if TYPE_CHECKING:
     from .methods import Method
 
 __all__ = [
+    "CONFIG_HEADER",
+    "LOCK_FILE",
     "RESUME_FREE_KEYS",
     "RunError",
     "build_method_from_run",
     "config_changes",
+    "ensure_run_dir",
     "latest_checkpoint",
     "load_checkpoint",
     "prepare_run_dir",
     "restore_rng_state",
     "rng_state",
+    "run_dir_lock",
     "run_state",
     "save_checkpoint",
     "seed_everything",
+    "sweep_temp_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,12 +70,188 @@ log = logging.getLogger(__name__)
 #: Config keys that may change on ``--resume`` without changing results.
 RESUME_FREE_KEYS = ("data.num_workers", "train.device", "train.threads", "train.checkpoint")
 
-#: Files of a run that ``--overwrite`` removes (with ``checkpoints/`` and ``plots/``).
-_RUN_ARTIFACTS = (RESULTS_FILE, "metrics.csv", "accuracy_matrix.csv", "config.yaml", "log.txt", "split.json")
+#: The lock file of a run directory (:func:`run_dir_lock`).
+LOCK_FILE = ".sdlora.lock"
+
+#: First line of the ``config.yaml`` sdlora writes (how ``--overwrite`` tells it from a user's file).
+CONFIG_HEADER = "# the resolved config of this sdlora run (written by sdlora; --overwrite replaces it)\n"
+
+#: Names of the temporary files of ``fileio``'s atomic writes (``.<name>.<12 hex>.tmp``).
+_TEMP_FILE = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+_CHECKPOINT_FILE = re.compile(r"^task_\d{3,}\.(json|safetensors)$")
+_PLOT_FILES = ("accuracy_matrix.png", "accuracy_curve.png")
 
 
 class RunError(RuntimeError):
     """A run cannot start or continue (bad run directory, mismatched resume, corrupt checkpoint)."""
+
+
+def ensure_run_dir(out: Path) -> None:
+    """Create the run directory; a path that cannot be one (a file, a read-only place) is a :class:`RunError`."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot use {out} as a run directory: {e.strerror or e}") from None
+    if not out.is_dir():
+        raise RunError(f"cannot use {out} as a run directory: it is not a directory")
+
+
+# ------------------------------------------------------------------------------------------------ lock
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux ``/proc``), which tells a live holder from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict[str, Any]) -> bool:
+    """Whether the process that wrote ``holder`` still runs (only answerable on the same host)."""
+    try:
+        pid = int(holder["pid"])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    except (KeyError, TypeError, ValueError, OSError):
+        return False
+    start = holder.get("start")
+    return start is None or _proc_start(pid) in (None, start)
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    pid, host, command = holder.get("pid", "?"), holder.get("host", "?"), holder.get("command", "?")
+    return f"process {pid} on host {host} (since {when}: {command})"
+
+
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = b""
+    while chunk := os.read(fd, 65536):
+        data += chunk
+    if not data.strip():
+        return None
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        return {"pid": "?", "host": "?", "command": f"unreadable lock file ({len(data)} bytes)"}
+    return holder if isinstance(holder, dict) else None
+
+
+def _in_use(out: Path, holder: dict[str, Any]) -> RunError:
+    return RunError(
+        f"{out} is in use by {_describe(holder)}; wait for it to finish or stop it, or choose another --out"
+    )
+
+
+def _acquire(path: Path) -> int:
+    """Open and lock ``path``; returns the descriptor of the locked file (the one at ``path`` now)."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunError(f"cannot write to the run directory {path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd) or {}
+            os.close(fd)
+            raise _in_use(path.parent, holder) from None
+        # The previous holder may have removed the file between our open and our lock: lock the file that is at
+        # ``path`` now, not an unlinked one.
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _acquire_exclusive(path: Path, host: str) -> int:  # pragma: no cover - platforms without fcntl (Windows)
+    """Create ``path`` with ``O_EXCL``; a file left by a dead process of this host is removed first."""
+    while True:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text(encoding="utf-8") or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            if holder.get("host") == host and not _alive(holder):
+                log.warning("%s: taking over the lock of %s, which no longer runs", path.parent, _describe(holder))
+                path.unlink(missing_ok=True)
+                continue
+            raise _in_use(path.parent, holder) from None
+        except OSError as e:
+            raise RunError(f"cannot write to the run directory {path.parent}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def run_dir_lock(out: Path) -> Iterator[None]:
+    """Hold the exclusive lock of run directory ``out`` (created if needed) for the duration of the ``with`` block.
+
+    The lock is ``out/.sdlora.lock``, locked with ``fcntl.flock`` (the kernel releases it when the process dies,
+    even by ``kill -9``) and holding the holder's pid, host, process start time and command line, so a refused
+    process can name the holder. A lock file left behind by a process that no longer runs on this host is taken
+    over with a warning; one written on another host is refused, since that process cannot be checked from here
+    (the message says to delete the file if no run is going there). Without ``fcntl`` (Windows) the file is
+    created with ``O_EXCL`` and the pid check alone decides.
+
+    Raises:
+        RunError: another process holds the lock, or the directory cannot be written.
+    """
+    ensure_run_dir(out)
+    path = out / LOCK_FILE
+    host = socket.gethostname()
+    try:
+        import fcntl  # noqa: F401
+    except ImportError:  # pragma: no cover - Windows
+        fd = _acquire_exclusive(path, host)
+    else:
+        fd = _acquire(path)
+    try:
+        holder = _read_holder(fd)
+        if holder:  # left by a process that did not release it (killed), or one this host cannot see
+            if holder.get("host") != host:
+                raise RunError(
+                    f"{out} is locked by {_describe(holder)}, which sdlora cannot check from here; if no run is "
+                    f"going there, delete {path}"
+                )
+            if _alive(holder):  # alive without holding the flock: a filesystem without flock, another namespace
+                raise RunError(
+                    f"{out} is locked by {_describe(holder)}, which still runs; wait for it or stop it (if it does "
+                    f"not write this run, delete {path})"
+                )
+            log.warning("%s: taking over the lock of %s, which no longer runs", out, _describe(holder))
+        me = {
+            "pid": os.getpid(),
+            "host": host,
+            "start": _proc_start(os.getpid()),
+            "started": round(time.time(), 3),
+            "command": " ".join(sys.argv),
+        }
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(me).encode())
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        yield
+    finally:
+        # Remove the file while still holding it (a process waiting on the old file then sees a new inode and
+        # retries), then release.
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                path.unlink()
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------- status
@@ -86,12 +277,91 @@ def config_changes(out: Path, cfg_dict: dict[str, Any]) -> list[str]:
     return [d for d in diff(load_yaml(saved_path), cfg_dict) if not d.split(":")[0].startswith(RESUME_FREE_KEYS)]
 
 
+def _first_line(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.readline()
+
+
+def _json_dict(path: Path) -> dict[str, Any]:
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _is_sdlora_config(path: Path) -> bool:
+    if _first_line(path) == CONFIG_HEADER:
+        return True
+    # Written before the header existed: sdlora writes the whole resolved config, every top-level section.
+    from dataclasses import fields
+
+    from .config import RunConfig
+
+    try:
+        data = load_yaml(path)
+    except Exception:
+        return False
+    return set(data) == {f.name for f in fields(RunConfig)}
+
+
+#: How ``--overwrite`` recognises each file sdlora writes at the top of a run directory.
+_OWN_FILES = {
+    RESULTS_FILE: lambda p: bool({"status", "sdlora_version"} & set(_json_dict(p))),
+    "split.json": lambda p: {"dataset", "seed", "train", "test"} <= set(_json_dict(p)),
+    "metrics.csv": lambda p: _first_line(p).startswith("task,new_classes,classes_seen,"),
+    "accuracy_matrix.csv": lambda p: _first_line(p).startswith("after_task"),
+    "log.txt": lambda p: re.match(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ", _first_line(p)) is not None,
+    "config.yaml": _is_sdlora_config,
+}
+
+
+def _own_files(out: Path) -> tuple[list[Path], list[Path]]:
+    """(files sdlora wrote into ``out``, files under sdlora's names that it did not write)."""
+    own: list[Path] = []
+    foreign: list[Path] = []
+    for name, is_own in _OWN_FILES.items():
+        p = out / name
+        if p.is_file():
+            # An empty file loses nothing (a run's log.txt stays empty when nothing was logged at INFO).
+            (own if p.stat().st_size == 0 or is_own(p) else foreign).append(p)
+        elif p.exists():
+            foreign.append(p)
+    ckdir = out / "checkpoints"
+    if ckdir.is_dir():
+        own += [p for p in ckdir.iterdir() if p.is_file() and _CHECKPOINT_FILE.match(p.name)]
+    own += [out / "plots" / n for n in _PLOT_FILES if (out / "plots" / n).is_file()]
+    return own, foreign
+
+
+def sweep_temp_files(out: Path) -> list[Path]:
+    """Remove the temporary files of atomic writes that a killed process left in ``out``, ``out/checkpoints`` and
+    ``out/plots`` (``.<name>.<12 hex>.tmp``: never read, since the rename that publishes a file never happened).
+    Call it only while holding :func:`run_dir_lock`. Returns the removed paths."""
+    removed = []
+    for d in (out, out / "checkpoints", out / "plots"):
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                if p.is_file() and _TEMP_FILE.match(p.name):
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+    if removed:
+        log.info("removed %d temporary file(s) of interrupted writes in %s", len(removed), out)
+    return removed
+
+
 def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Refuse to write over earlier results unless asked; on resume, refuse a changed config.
+    """Refuse to write over earlier results unless asked; on resume, refuse a changed config. Call it while holding
+    :func:`run_dir_lock`.
+
+    ``--overwrite`` removes only what sdlora wrote (recognised by name and content: ``results.json``,
+    ``config.yaml``, the CSV tables, ``log.txt``, ``split.json``, ``checkpoints/task_NNN.*``, the two run plots)
+    and leaves every other file; a file under one of sdlora's names that sdlora did not write stops it (it would be
+    overwritten). Resume and overwrite also sweep the temporary files of interrupted writes.
 
     Raises:
-        RunError: the directory holds a run and neither ``--resume`` nor ``--overwrite`` was given, or the
-            resumed config differs (the message lists the keys).
+        RunError: the directory holds a run and neither ``--resume`` nor ``--overwrite`` was given, the resumed
+            config differs (the message lists the keys), or ``--overwrite`` would replace a file sdlora did not write.
     """
     state = run_state(out) if out.exists() else "empty"
     if resume and overwrite:
@@ -108,11 +378,23 @@ def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite
                 f"cannot resume with a different config; these keys differ from {out / 'config.yaml'}:\n  "
                 + "\n  ".join(changes)
             )
+    if (resume or overwrite) and out.is_dir():
+        sweep_temp_files(out)
     if overwrite and state != "empty":
-        for name in _RUN_ARTIFACTS:
-            (out / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "plots"):
-            shutil.rmtree(out / name, ignore_errors=True)
+        own, foreign = _own_files(out)
+        if foreign:
+            raise RunError(
+                f"--overwrite would replace files that sdlora did not write: {', '.join(map(str, foreign))}; move "
+                "them away (sdlora writes its own files under these names) or choose another --out"
+            )
+        for p in own:
+            p.unlink(missing_ok=True)
+        for d in (out / "checkpoints", out / "plots"):
+            with contextlib.suppress(OSError):  # kept when it holds files sdlora did not write
+                d.rmdir()
+        kept = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+        if kept:
+            log.info("--overwrite kept what sdlora did not write in %s: %s", out, ", ".join(kept))
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -149,9 +431,26 @@ def restore_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, task: int, method: Method, engine_state: dict[str, Any], keep: int | None) -> None:
+def _record_digest(record: dict[str, Any]) -> str:
+    """sha256 of a checkpoint record without its own ``record_sha256`` (canonical JSON: sorted keys, no spaces)."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    text = json.dumps(to_jsonable(body), sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_checkpoint(
+    out: Path,
+    task: int,
+    method: Method,
+    engine_state: dict[str, Any],
+    keep: int | None,
+    data_identity: dict[str, Any] | None = None,
+) -> None:
     """Write ``checkpoints/task_NNN.{safetensors,json}`` atomically; the JSON (written last, with the
     tensors' sha256) is the commit marker, so a run killed while writing leaves the previous one valid.
+
+    The JSON also holds its own sha256 (``record_sha256``, over the rest of the record), so an edited or damaged
+    record is refused on load rather than resumed with a wrong accuracy matrix.
 
     Args:
         out: run directory.
@@ -159,6 +458,7 @@ def save_checkpoint(out: Path, task: int, method: Method, engine_state: dict[str
         method: its ``state()`` is saved.
         engine_state: the engine's JSON-able state (``RunState.to_checkpoint()``), stored under ``engine``.
         keep: keep only the newest ``keep`` checkpoints (None: all).
+        data_identity: the run's ``data_identity`` (what ``--resume`` compares the data with).
     """
     from safetensors.torch import save
 
@@ -170,7 +470,7 @@ def save_checkpoint(out: Path, task: int, method: Method, engine_state: dict[str
     ckdir.mkdir(parents=True, exist_ok=True)
     stem = ckdir / f"task_{task:03d}"
     atomic_write_bytes(stem.with_suffix(".safetensors"), blob)
-    record = {
+    record: dict[str, Any] = {
         "task": task,
         "method": meta,
         "engine": engine_state,
@@ -178,6 +478,10 @@ def save_checkpoint(out: Path, task: int, method: Method, engine_state: dict[str
         "tensors_sha256": sha256_file(stem.with_suffix(".safetensors")),
         "sdlora_version": __version__,
     }
+    if data_identity is not None:
+        record["data_identity"] = data_identity
+    record = to_jsonable(record)
+    record["record_sha256"] = _record_digest(record)
     atomic_write_json(stem.with_suffix(".json"), record)
     if keep is not None:
         done = sorted(ckdir.glob("task_*.json"))
@@ -192,23 +496,48 @@ def latest_checkpoint(out: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _schema_problem(record: Any, path: Path) -> str | None:
+    """What is wrong with the shape of a checkpoint record (None: nothing)."""
+    if not isinstance(record, dict):
+        return f"the record is a {type(record).__name__}, not a mapping"
+    expect = {"task": int, "method": dict, "engine": dict, "rng": dict, "tensors_sha256": str}
+    for key, kind in expect.items():
+        if not isinstance(record.get(key), kind) or (kind is int and isinstance(record.get(key), bool)):
+            return f"'{key}' is missing or not a {kind.__name__}"
+    m = re.match(r"^task_(\d+)$", path.stem)
+    if m and int(m.group(1)) != record["task"]:
+        return f"it says task {record['task'] + 1} but its name is {path.name}"
+    rng = record["rng"]
+    if not (isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 5 and isinstance(rng.get("python"), list)):
+        return "'rng' does not hold the numpy and Python generator states"
+    return None
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read and verify a checkpoint: ``(tensors, record)`` with the record as :func:`save_checkpoint` wrote it.
 
     Raises:
-        RunError: missing tensors file, corrupt JSON, or a sha256 mismatch (the file was damaged).
+        RunError: missing tensors file, corrupt or edited JSON (not JSON, a wrong shape, or content that does not
+            match its recorded sha256), or tensors that do not match theirs. The message says to delete the
+            checkpoint to resume from the previous one.
     """
     from safetensors.torch import load_file
 
+    advice = f"delete {path} (and its .safetensors) to resume from the previous task"
     try:
         record = read_json(path)
     except Exception as e:
-        raise RunError(f"corrupt checkpoint {path}: {e}; delete it to resume from the previous task") from None
+        raise RunError(f"corrupt checkpoint {path}: {e}; {advice}") from None
+    problem = _schema_problem(record, path)
+    if problem is None and "record_sha256" in record and record["record_sha256"] != _record_digest(record):
+        problem = "its content does not match its recorded sha256 (edited or damaged after it was written)"
+    if problem is not None:
+        raise RunError(f"corrupt checkpoint {path}: {problem}; {advice}")
     tpath = path.with_suffix(".safetensors")
     if not tpath.exists():
         raise RunError(f"checkpoint {path} has no tensors file {tpath}; delete {path} to use the previous one")
     if sha256_file(tpath) != record.get("tensors_sha256"):
-        raise RunError(f"checkpoint {tpath} does not match its recorded sha256 (damaged); delete {path} and retry")
+        raise RunError(f"checkpoint {tpath} does not match its recorded sha256 (damaged); {advice}")
     return load_file(str(tpath)), record
 
 

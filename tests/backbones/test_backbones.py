@@ -200,3 +200,38 @@ def test_download_error_classifier():
     except RuntimeError as e:
         assert backbones._is_download_error(e)
     assert not backbones._is_download_error(TypeError("bad kwarg"))
+
+
+@pytest.mark.parametrize(
+    "name,extra",
+    [("vit_test_tiny", {}), ("vit_tiny_patch16_224", {"depth": 1}), ("dinov2_vits14_imgfocus", {"depth": 1})],
+)
+def test_unknown_kwargs_argument_is_a_key_path_error(name, extra):
+    """An argument the model does not take used to leak a bare TypeError from the model's constructor."""
+    from sdlora.configtools import ConfigError
+
+    size = 28 if "14" in name else 32
+    with pytest.raises(ConfigError) as exc:
+        create_backbone(BackboneConfig(name=name, pretrained=False, kwargs={**extra, "dept": 1}), size)
+    assert exc.value.path == "backbone.kwargs.dept"
+    assert "dept" in exc.value.message
+
+
+def test_tiny_kwargs_lists_valid_arguments():
+    from sdlora.configtools import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'depth'"):
+        _tiny(kwargs={"dept": 1})
+
+
+@pytest.mark.parametrize("name,size,patch", [("vit_test_tiny", 36, 8), ("vit_tiny_patch16_224", 40, 16)])
+def test_image_size_must_be_a_multiple_of_the_patch_size(name, size, patch):
+    """A 40 px input to a patch-16 ViT used to be accepted, its 8 px border silently cut off by the patch stride."""
+    from sdlora.configtools import ConfigError
+
+    kwargs = {"depth": 1} if name != "vit_test_tiny" else {}
+    with pytest.raises(ConfigError) as exc:
+        create_backbone(BackboneConfig(name=name, pretrained=False, kwargs=kwargs), size)
+    assert exc.value.path == "data.image_size"
+    assert f"not a multiple of the patch size {patch}" in exc.value.message
+    create_backbone(BackboneConfig(name=name, pretrained=False, kwargs=kwargs), size - size % patch)

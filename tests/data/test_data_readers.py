@@ -368,3 +368,70 @@ def test_dataloader_batches_with_normalisation(fmnist_dir):
     x, y = next(iter(DataLoader(b.train, batch_size=8, shuffle=True)))
     assert x.shape == (8, 3, 32, 32) and y.dtype == torch.int64
     assert x.min().item() >= -1.0 and x.max().item() <= 1.0 and x.min().item() < 0
+
+
+# --------------------------------------------------------------------------------------- layouts that are not classes
+
+
+@pytest.mark.parametrize("splits", [("train", "val"), ("train", "validation"), ("training", "testing"), ("val",)])
+def test_split_folders_are_not_read_as_classes(tmp_path, helpers, splits):
+    """An ImageNet-style root (train/ + val/) used to become a 2-class dataset with classes 'train' and 'val'."""
+    for s in splits:
+        helpers.write_tree(tmp_path / s, {"n01": 2, "n02": 2})
+    with pytest.raises(ValueError, match=r"split folders.*not classes.*<root>/train/<class>.*<root>/test/<class>"):
+        _build(name="imagefolder", root=str(tmp_path))
+    with pytest.raises(ValueError, match="split folders"):
+        scan_image_folder(tmp_path)
+
+
+def test_split_folders_next_to_another_folder_are_refused(tmp_path, helpers):
+    """ImageNet's layout often has a third folder (devkit/) beside train/ and val/: still splits, not classes."""
+    for s in ("train", "val"):
+        helpers.write_tree(tmp_path / s, {"n01": 2})
+    helpers.write_tree(tmp_path, {"devkit": 1})
+    with pytest.raises(ValueError, match=r"split folders \(train/, val/\)"):
+        scan_image_folder(tmp_path)
+
+
+def test_val_folder_layout_names_the_fix(tmp_path, helpers):
+    helpers.write_tree(tmp_path / "train", {"n01": 2})
+    helpers.write_tree(tmp_path / "val", {"n01": 1})
+    with pytest.raises(ValueError, match=r"rename .*val.* to .*test"):
+        _build(name="imagefolder", root=str(tmp_path))
+
+
+def test_a_class_named_like_a_split_among_real_classes_is_kept(tmp_path, helpers):
+    """CIFAR-100 has a class called 'train': one split-like name among ordinary class names is a class."""
+    helpers.write_tree(tmp_path, {"bus": 2, "train": 2, "tram": 2})
+    classes, _, _ = scan_image_folder(tmp_path)
+    assert classes == ["bus", "train", "tram"]
+
+
+def test_symlink_loop_in_class_folder_is_not_followed(tmp_path, helpers):
+    """A link back to an ancestor made one class grow from 16 images to hundreds."""
+    helpers.write_tree(tmp_path, {"a": 3, "b": 2})
+    os.symlink(tmp_path / "a", tmp_path / "a" / "loop")
+    os.symlink(tmp_path, tmp_path / "b" / "up")
+    classes, paths, targets = scan_image_folder(tmp_path)
+    assert classes == ["a", "b"]
+    assert np.bincount(targets).tolist() == [3, 2]
+    assert len(set(paths)) == len(paths)
+
+
+def test_linked_class_folders_and_subfolders_are_read_once(tmp_path, helpers):
+    """Links to directories elsewhere (a common way to assemble a dataset) are followed, each directory once."""
+    helpers.write_tree(tmp_path / "store", {"x": 2, "y": 3})
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    os.symlink(tmp_path / "store" / "x", root / "a" / "more")
+    os.symlink(tmp_path / "store" / "x", root / "a" / "again")  # the same directory twice: read once
+    os.symlink(tmp_path / "store" / "y", root / "b")
+    classes, paths, targets = scan_image_folder(root)
+    assert classes == ["a", "b"] and np.bincount(targets).tolist() == [2, 3]
+
+
+def test_a_directory_linked_into_two_classes_is_refused(tmp_path, helpers):
+    helpers.write_tree(tmp_path, {"a": 2, "b": 2})
+    os.symlink(tmp_path / "b", tmp_path / "a" / "b_too")
+    with pytest.raises(ValueError, match=r"read both for class 'a' and for class 'b'.*remove the link"):
+        scan_image_folder(tmp_path)

@@ -12,6 +12,7 @@ from method_helpers import two_task_config
 import sdlora.engine as engine
 from engine_helpers import write_config
 from sdlora.compare import run_compare, run_dir_for
+from sdlora.configtools import ConfigError
 from sdlora.engine import RunError
 
 
@@ -100,3 +101,28 @@ def test_compare_rejects_unknown_or_repeated_methods(tmp_path, config_file):
     with pytest.raises(ValueError, match="more than once"):
         run_compare(config_file, ["sdlora", "sdlora"], None, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_compare_reports_a_config_error_once_before_running(tmp_path, config_file, monkeypatch):
+    """A bad config used to be reported once per method and seed, after the runs before it had trained."""
+    calls = _spy(monkeypatch)
+    with pytest.raises(ConfigError) as exc:
+        run_compare(config_file, ["simplecil", "seq_lora"], [1, 2], tmp_path / "cmp", ["train.gamma=-1"])
+    assert str(exc.value).startswith("--set train.gamma=-1: train.gamma: ")
+    assert calls == [] and not (tmp_path / "cmp").exists()
+
+
+def test_compare_stops_at_bad_data_instead_of_failing_every_run(tmp_path, monkeypatch):
+    calls = _spy(monkeypatch)
+    cfg = two_task_config("sdlora", train={"epochs": 1})
+    cfg["data"] = {"name": "imagefolder", "root": str(tmp_path / "nowhere"), "image_size": 32}
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        run_compare(str(write_config(tmp_path / "c.yaml", cfg)), ["simplecil", "seq_lora"], [1, 2], tmp_path / "cmp")
+    assert len(calls) == 1
+
+
+def test_compare_directory_has_one_writer(tmp_path, config_file):
+    from sdlora.rundir import run_dir_lock
+
+    with run_dir_lock(tmp_path / "cmp"), pytest.raises(RunError, match="is in use by process"):
+        run_compare(config_file, ["simplecil"], None, tmp_path / "cmp")

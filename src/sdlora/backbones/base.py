@@ -14,10 +14,14 @@ feature difference 0.39 measured), so it is not used.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+import inspect
 import logging
 import math
 import os
+import re
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configtools import ConfigError
 from ..fileio import sha256_file
 from ..lora.surgery import is_fused_qkv
 
@@ -37,6 +42,8 @@ __all__ = [
     "IMAGENET_STD",
     "Backbone",
     "BackboneConfig",
+    "build_model",
+    "check_patch_size",
     "create_backbone",
     "load_weights_file",
     "register_backbone",
@@ -104,6 +111,9 @@ class Backbone:
         qkv_layout: ``"fused"`` when q, k, v share one Linear (timm ``attn.qkv``), else ``"separate"``.
         normalize: The configured normalisation mode.
         img_size: Input size the model (and its position embedding) was built for.
+        rebuild: How to build the bare architecture again with timm alone (what ``sdlora export`` tells users):
+            ``{"timm_model": name, "kwargs": {...}}`` for ``timm.create_model(name, pretrained=False, **kwargs)``,
+            or ``{"timm_class": "module.Class", "kwargs": {...}}`` for a timm class built directly; None if unknown.
     """
 
     model: nn.Module
@@ -117,6 +127,7 @@ class Backbone:
     qkv_layout: Literal["fused", "separate"]
     normalize: str = "none"
     img_size: int | None = None
+    rebuild: dict[str, Any] | None = None
 
     def info(self) -> dict[str, Any]:
         """JSON-able description for run records."""
@@ -132,6 +143,7 @@ class Backbone:
             "params": int(sum(p.numel() for p in self.model.parameters())),
             "lora_targets": list(self.lora_targets),
             "qkv_layout": self.qkv_layout,
+            "rebuild": self.rebuild,
         }
 
 
@@ -313,6 +325,66 @@ def _check_tag(cfg: BackboneConfig, tag: str | None, hub_id: str | None = None) 
         warnings.warn(msg, stacklevel=3)
 
 
+def _class_named(qualname: str) -> type | None:
+    """The timm class called ``qualname`` (from a TypeError message), if a loaded timm module defines it."""
+    for modname, mod in list(sys.modules.items()):
+        if modname.startswith("timm.") and isinstance(getattr(mod, qualname, None), type):
+            return getattr(mod, qualname)
+    return None
+
+
+def build_model(
+    fn: Callable[..., nn.Module], cfg: BackboneConfig, what: str, model_class: type | None = None, **fixed: Any
+) -> nn.Module:
+    """``fn(**fixed, **cfg.kwargs)``; an argument in ``backbone.kwargs`` that the model does not take becomes a
+    :class:`ConfigError` at ``backbone.kwargs.<name>`` (listing the valid arguments when the class is known) instead
+    of a bare ``TypeError`` from deep inside the model's constructor.
+
+    Args:
+        fn: Model constructor (``timm.create_model`` with the name bound, or a class).
+        cfg: The backbone config whose ``kwargs`` are passed.
+        what: How the model is named in messages.
+        model_class: The class ``fn`` builds, when known (for the list of valid arguments).
+        fixed: Arguments set by sdlora (``img_size``, ``num_classes`` ...).
+    """
+    try:
+        return fn(**fixed, **cfg.kwargs)
+    except TypeError as e:
+        if not cfg.kwargs:
+            raise
+        m = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(e))
+        if m is None or m.group(2) not in cfg.kwargs:
+            raise ConfigError(f"{what} rejected backbone.kwargs {cfg.kwargs}: {e}", "backbone.kwargs") from e
+        arg = m.group(2)
+        cls = model_class or _class_named(m.group(1))
+        hint = ""
+        if cls is not None:
+            params = inspect.signature(cls).parameters  # the constructor's, without self
+            valid = [p for p in params if p not in ("self", "args", "kwargs", "img_size", "num_classes", "pretrained")]
+            close = difflib.get_close_matches(arg, valid, n=1, cutoff=0.6)
+            hint = f"; valid: {', '.join(valid)}" + (f"; did you mean '{close[0]}'?" if close else "")
+        raise ConfigError(f"{what} ({m.group(1)}) takes no argument '{arg}'{hint}", f"backbone.kwargs.{arg}") from e
+
+
+def check_patch_size(model: nn.Module, img_size: int, name: str) -> None:
+    """Refuse an input size that is not a multiple of the model's patch size: a strided patch embedding would
+    silently drop the border (timm pads only with ``dynamic_img_pad``)."""
+    pe = getattr(model, "patch_embed", None)
+    patch = getattr(pe, "patch_size", None)
+    if patch is None or getattr(pe, "dynamic_img_pad", False):
+        return
+    ph, pw = (int(patch[0]), int(patch[1])) if isinstance(patch, (tuple, list)) else (int(patch), int(patch))
+    if img_size % ph or img_size % pw:
+        p = max(ph, pw)
+        lower, upper = (img_size // p) * p, (img_size // p + 1) * p
+        raise ConfigError(
+            f"{img_size} is not a multiple of the patch size {p} of backbone {name!r}: the last {img_size % p} pixel "
+            f"rows and columns would be silently ignored; use {lower if lower else upper}"
+            + (f" or {upper}" if lower else ""),
+            "data.image_size",
+        )
+
+
 def _finish(
     cfg: BackboneConfig,
     model: nn.Module,
@@ -320,7 +392,9 @@ def _finish(
     tag: str | None,
     sha: str | None,
     default_norm: tuple[tuple, tuple] = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    rebuild: dict[str, Any] | None = None,
 ) -> Backbone:
+    check_patch_size(model, img_size, cfg.name)
     targets, layout = _lora_targets(model)
     mean, std = _mean_std(cfg, model, default_norm)
     num_features = int(getattr(model, "num_features", 0) or getattr(model, "embed_dim", 0))
@@ -336,6 +410,7 @@ def _finish(
         qkv_layout=layout,
         normalize=cfg.normalize,
         img_size=img_size,
+        rebuild=rebuild,
     )
 
 

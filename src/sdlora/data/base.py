@@ -27,6 +27,7 @@ __all__ = [
     "RawDataset",
     "SplitData",
     "build_dataset",
+    "load_raw_dataset",
     "per_class_subset",
     "register_dataset",
 ]
@@ -212,7 +213,18 @@ def _wrap(split: SplitData, transform: ImageTransform) -> Dataset:
     return FileImageDataset(split.paths, split.targets, transform)
 
 
-def build_dataset(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[float], seed: int) -> DatasetBundle:
+def load_raw_dataset(cfg: DataConfig, seed: int) -> RawDataset:
+    """Run the registered loader of ``cfg.name``: the file lists or arrays and labels, no transforms yet.
+
+    Cheap for folder datasets (paths only), so the engine calls it before building the backbone: a wrong
+    ``data.root`` is reported before any weights are downloaded or converted. Uses no global RNG.
+    """
+    return DATASETS[cfg.name].loader(cfg, seed)
+
+
+def build_dataset(
+    cfg: DataConfig, *, mean: Sequence[float], std: Sequence[float], seed: int, raw: RawDataset | None = None
+) -> DatasetBundle:
     """Load the dataset named by ``cfg`` and wrap its splits with the official transforms.
 
     Args:
@@ -220,6 +232,8 @@ def build_dataset(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[float
         mean: Per-channel normalisation mean (the backbone's :attr:`~sdlora.backbones.Backbone.mean`).
         std: Per-channel normalisation std.
         seed: Seeds the per-class subsets, the ``imagefolder`` single-tree split and ``synthetic`` generation.
+        raw: The result of :func:`load_raw_dataset` for the same ``cfg`` and ``seed``, when the caller loaded it
+            already.
 
     Returns:
         The :class:`DatasetBundle`.
@@ -228,8 +242,8 @@ def build_dataset(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[float
         FileNotFoundError: Dataset files are missing; the message names the path and how to get the data.
         ValueError: Inconsistent split files or labels.
     """
-    spec = DATASETS[cfg.name]
-    raw = spec.loader(cfg, seed)
+    if raw is None:
+        raw = load_raw_dataset(cfg, seed)
     train, test = raw.train, raw.test
     # Separate streams, so changing test_per_class never changes which training images are used.
     if cfg.train_per_class is not None:

@@ -9,17 +9,54 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["ArrayImageDataset", "FileImageDataset", "read_image_file"]
+__all__ = ["WIDE_MODES", "ArrayImageDataset", "FileImageDataset", "read_image_file", "wide_to_uint8"]
+
+
+#: PIL modes holding more than 8 bits per sample. ``convert("RGB")`` clips them (a 16-bit PNG becomes solid white,
+#: a float image in [0, 1] solid black), so :func:`wide_to_uint8` scales them instead.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def wide_to_uint8(arr: np.ndarray, mode: str, path: str) -> np.ndarray:
+    """Scale a 16-bit, 32-bit integer or float single-channel image ``[H, W]`` to uint8, or refuse it.
+
+    16-bit samples map linearly onto 0..255 (``round(v * 255 / 65535)``: full-scale white stays white and images
+    keep their relative brightness); 32-bit integer images (PIL mode ``I``, which is also how some readers give
+    16-bit files) are read as 16-bit when their values fit; float images when their values lie in [0, 1], the
+    usual convention. Anything else is refused by name, since any other scaling would be a guess.
+
+    Raises:
+        ValueError: Values outside the ranges above (the message names the file, the mode and the range).
+    """
+    if mode == "F":
+        lo, hi = (float(np.nanmin(arr)), float(np.nanmax(arr))) if arr.size else (0.0, 0.0)
+        if not (np.isfinite(arr).all() and lo >= 0.0 and hi <= 1.0):
+            raise ValueError(
+                f"cannot decode image {path}: a float (mode F) image with values in [{lo:g}, {hi:g}]; sdlora reads "
+                "float images only with values in [0, 1]; convert it to 8-bit"
+            )
+        return np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
+    wide = arr.astype(np.int64)
+    lo, hi = (int(wide.min()), int(wide.max())) if wide.size else (0, 0)
+    if lo < 0 or hi > 65535:
+        raise ValueError(
+            f"cannot decode image {path}: a 32-bit integer (mode {mode}) image with values in [{lo}, {hi}]; "
+            "sdlora reads 8-bit and 16-bit images; convert it to 8-bit"
+        )
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
 
 
 def read_image_file(path: str) -> torch.Tensor:
     """Decode an image file to ``uint8 [3, H, W]`` RGB with PIL (grayscale, palette and CMYK become RGB).
 
-    PIL rather than ``torchvision.io``: torchvision's decoders are deprecated since 0.29.
+    16-bit grayscale and float images are scaled to 8 bits or refused (see :func:`wide_to_uint8`); the whole file
+    is decoded here, so a truncated file fails on first read. PIL rather than ``torchvision.io``: torchvision's
+    decoders are deprecated since 0.29.
 
     Raises:
         FileNotFoundError: If the file does not exist (the message names it).
-        ValueError: If the file cannot be decoded as an image (the message names it).
+        ValueError: If the file cannot be decoded as an image, is truncated, or holds samples that cannot be read as
+            8-bit (the message names it).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -27,9 +64,14 @@ def read_image_file(path: str) -> torch.Tensor:
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im) if mode in WIDE_MODES else np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        # ValueError: a mode PIL cannot convert to RGB; SyntaxError: some PIL plugins' "not a valid file".
         raise ValueError(f"cannot decode image {path}: {e}") from e
+    if mode in WIDE_MODES:
+        arr = np.repeat(wide_to_uint8(arr, mode, path)[:, :, None], 3, axis=2)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # one copy: HWC -> CHW, writable
 
 

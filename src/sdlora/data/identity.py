@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["IDENTITY_VERSION", "data_identity", "split_digest"]
+__all__ = ["IDENTITY_VERSION", "data_identity", "identity_changes", "split_digest"]
 
 #: Bumped when the way digests are computed changes (so an old identity is never compared with a new one blindly).
 IDENTITY_VERSION = 1
@@ -123,3 +123,46 @@ def data_identity(
         "test_sha256": test_digest,
         "sha256": combined,
     }
+
+
+def _some(items: Sequence[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" ... (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two :func:`data_identity` records, one line per kind of change (empty: the same data).
+
+    The dataset root is not compared: moving a dataset keeps its identity (file paths are recorded relative to it).
+    Records of another :data:`IDENTITY_VERSION` cannot be compared and give one line saying so.
+    """
+    if old.get("version") != new.get("version"):
+        return [
+            f"the data identity was recorded by another sdlora (version {old.get('version')} vs {new.get('version')})"
+        ]
+    lines = []
+    for key in ("name", "format"):
+        if old.get(key) != new.get(key):
+            lines.append(f"dataset {key}: {old.get(key)!r} -> {new.get(key)!r}")
+    old_names, new_names = list(old.get("class_names", [])), list(new.get("class_names", []))
+    added = [c for c in new_names if c not in old_names]
+    removed = [c for c in old_names if c not in new_names]
+    if added:
+        lines.append(f"classes added: {_some(added)}")
+    if removed:
+        lines.append(f"classes removed: {_some(removed)}")
+    if not added and not removed and old_names != new_names:
+        lines.append("the same classes under other labels (their order changed)")
+    for split in ("train", "test"):
+        old_counts = dict(zip(old_names, old.get(f"{split}_counts", []), strict=False))
+        new_counts = dict(zip(new_names, new.get(f"{split}_counts", []), strict=False))
+        changed = [
+            f"{c} {old_counts[c]} -> {new_counts[c]}"
+            for c in old_names
+            if c in new_counts and old_counts.get(c) != new_counts[c]
+        ]
+        if changed:
+            lines.append(f"{split} images per class changed: {_some(changed)}")
+        if not added and not removed and not changed and old.get(f"{split}_sha256") != new.get(f"{split}_sha256"):
+            what = "training" if split == "train" else "test"
+            lines.append(f"{what} samples changed with the same counts per class (other files, labels or image bytes)")
+    return lines

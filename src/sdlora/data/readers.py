@@ -192,22 +192,78 @@ def _cifar100(cfg: DataConfig, seed: int) -> RawDataset:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _list_images(directory: Path) -> list[str]:
+#: Folder names that mark a split of a dataset rather than a class (compared in lower case).
+SPLIT_FOLDER_NAMES = {
+    "train": "train", "training": "train", "trn": "train",
+    "test": "test", "testing": "test", "tst": "test",
+    "val": "test", "valid": "test", "validation": "test", "eval": "test", "evaluation": "test", "dev": "test",
+}  # fmt: skip
+
+
+def _list_images(directory: Path, owner: dict[str, str], label: str) -> list[str]:
+    """Image files under ``directory`` (sorted walk). Directory links are followed, each real directory once.
+
+    A link that leads back to the folder itself or one of its ancestors (a loop) or to a directory already read for
+    this class is skipped with a warning, so no image is counted twice. ``owner`` maps every real directory read so
+    far to the class folder that read it: a directory reached from two class folders is an error, since an image
+    belongs to one class.
+    """
+    top = os.path.realpath(directory)
     out: list[str] = []
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        real = os.path.realpath(dirpath)
+        loop = dirpath != str(directory) and (real == top or top.startswith(real.rstrip(os.sep) + os.sep))
+        if loop or real in seen:
+            log.warning(
+                "image folder: skipped the directory link %s -> %s (%s)",
+                dirpath,
+                real,
+                "a loop back to an enclosing folder" if loop else "a directory already read for this class",
+            )
+            dirnames[:] = []
+            continue
+        if owner.setdefault(real, label) != label:
+            raise ValueError(
+                f"image folder: the directory {real} is read both for class {owner[real]!r} and for class {label!r} "
+                f"(through {dirpath}); an image can belong to one class only: remove the link"
+            )
+        seen.add(real)
         dirnames.sort()
         out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
     return out
 
 
+def _refuse_split_folders(d: Path, classes: list[str]) -> None:
+    """Refuse a root whose 'classes' are split folders (``train/`` + ``val/``, the ImageNet layout, ...).
+
+    One split-like name among ordinary class names is a class (CIFAR-100 has a class 'train'); two of them, or only
+    split-like folders, mean that ``data.root`` points at a split layout sdlora does not read as such.
+    """
+    splits = [c for c in classes if c.lower() in SPLIT_FOLDER_NAMES]
+    if not splits or (len(splits) < 2 and len(splits) < len(classes)):
+        return
+    renames = [f"{d / c} to {d / SPLIT_FOLDER_NAMES[c.lower()]}" for c in splits if SPLIT_FOLDER_NAMES[c.lower()] != c]
+    hint = f"; for the pre-split layout rename {', '.join(renames)}" if renames else ""
+    raise ValueError(
+        f"{d} holds split folders ({', '.join(c + '/' for c in splits)}), not classes. sdlora reads an image folder "
+        "as <root>/train/<class>/* and <root>/test/<class>/* (pre-split) or as <root>/<class>/* (one tree, split "
+        f"with data.test_fraction){hint} ({_DOCS})"
+    )
+
+
 def scan_image_folder(directory: str | os.PathLike) -> tuple[list[str], list[str], np.ndarray]:
     """List an ImageFolder tree ``directory/<class>/**/<image>`` (torchvision conventions: sorted class names).
+
+    Directory links are followed once each; loops are skipped (see :func:`_list_images`).
 
     Returns:
         ``(class_names, paths, targets)``.
 
     Raises:
         FileNotFoundError: If the directory is missing, has no class folders, or a class folder has no images.
+        ValueError: If the class folders are split folders (``train/``, ``val/``, ...), or two class folders lead
+            to the same directory.
     """
     d = Path(directory)
     if not d.is_dir():
@@ -215,10 +271,12 @@ def scan_image_folder(directory: str | os.PathLike) -> tuple[list[str], list[str
     classes = sorted(e.name for e in os.scandir(d) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"no class folders in {d} (expected {d}/<class>/<image files>)")
+    _refuse_split_folders(d, classes)
     paths: list[str] = []
     targets: list[int] = []
+    owner: dict[str, str] = {}
     for ci, c in enumerate(classes):
-        files = _list_images(d / c)
+        files = _list_images(d / c, owner, c)
         if not files:
             raise FileNotFoundError(f"class folder {d / c} holds no images ({', '.join(IMG_EXTENSIONS)})")
         paths.extend(files)
