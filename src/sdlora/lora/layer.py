@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +52,8 @@ def component_norm(b: Tensor, a: Tensor, normaliser: str) -> Tensor:
         sq = ((b.t() @ b) * (a @ a.t())).sum()
         return sq.clamp_min(0).sqrt()
     if normaliser == "product_of_frobenius":
-        return torch.linalg.vector_norm(b) * torch.linalg.vector_norm(a)
+        prod: Tensor = torch.linalg.vector_norm(b) * torch.linalg.vector_norm(a)
+        return prod
     raise ValueError(f"unknown normaliser {normaliser!r}")
 
 
@@ -67,6 +68,14 @@ class LowRankUnit(nn.Module):
     Parameters (the component being learned): ``A_cur`` (r, d_in), ``B_cur`` (d_out, r) or ``None``.
     """
 
+    # Registered buffers, declared for the type checker (nn.Module.__getattr__ would type them Tensor | Module).
+    A_frozen: Tensor
+    B_frozen: Tensor
+    norms: Tensor
+    extra: Tensor
+    slots: Tensor
+    rank_owner: Tensor
+
     def __init__(self, name: str, start: int, stop: int, in_features: int, index: int, weight: Tensor) -> None:
         super().__init__()
         self.name = name
@@ -76,9 +85,8 @@ class LowRankUnit(nn.Module):
         self.out_features = stop - start
         self.index = index  # row of the magnitude table when magnitudes are per layer
         self.cur_slot = -1
-        kw = {"device": weight.device, "dtype": weight.dtype}
-        self.register_buffer("A_frozen", torch.zeros(0, in_features, **kw))
-        self.register_buffer("B_frozen", torch.zeros(self.out_features, 0, **kw))
+        self.register_buffer("A_frozen", torch.zeros(0, in_features, device=weight.device, dtype=weight.dtype))
+        self.register_buffer("B_frozen", torch.zeros(self.out_features, 0, device=weight.device, dtype=weight.dtype))
         self.register_buffer("norms", torch.zeros(0, device=weight.device, dtype=torch.float32))
         self.register_buffer("extra", torch.zeros(0, device=weight.device, dtype=torch.float32))
         self.register_buffer("slots", torch.zeros(0, device=weight.device, dtype=torch.long))
@@ -393,6 +401,13 @@ class _AdaptedLinear(torch.autograd.Function):
         return (dx, None, None, None, *grads)
 
 
+class _Units(nn.ModuleList):
+    """An ``nn.ModuleList`` of :class:`LowRankUnit` that says so to the type checker."""
+
+    def __iter__(self) -> Iterator[LowRankUnit]:
+        return super().__iter__()  # type: ignore[return-value]
+
+
 class SDLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus SD-LoRA components on some output slices.
 
@@ -447,7 +462,7 @@ class SDLoRALinear(nn.Module):
         for name, start, stop in units:
             if not 0 <= start < stop <= base.out_features:
                 raise ValueError(f"unit {name}: rows [{start}, {stop}) outside 0..{base.out_features}")
-        self.units = nn.ModuleList(
+        self.units = _Units(
             LowRankUnit(name, start, stop, base.in_features, first_index + i, base.weight)
             for i, (name, start, stop) in enumerate(units)
         )
@@ -469,17 +484,17 @@ class SDLoRALinear(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return self.base(x)
+            return F.linear(x, self.base.weight, self.base.bias)
         alphas = self.alphas
         if alphas is None:
             raise RuntimeError(
                 "SDLoRALinear has no magnitudes: call the model through SDLoRAModel.forward (or merge it first)"
             )
         if self.compute == "loop":
-            return self._add_loop(x, self.base(x), alphas)
+            return self._add_loop(x, F.linear(x, self.base.weight, self.base.bias), alphas)
         base_trains = self.base.weight.requires_grad or (self.base.bias is not None and self.base.bias.requires_grad)
         if self.compute == "stacked" or base_trains:  # a trained base weight needs autograd's full weight gradient
-            return self._add_stacked(x, self.base(x), alphas)
+            return self._add_stacked(x, F.linear(x, self.base.weight, self.base.bias), alphas)
         if not (torch.is_grad_enabled() and self._adapter_requires_grad(alphas)):
             # Nothing of the adapter is differentiated: it is one constant weight (autograd still reaches x).
             return F.linear(x, self._cached_weight(alphas), self.base.bias)
@@ -510,7 +525,7 @@ class SDLoRALinear(nn.Module):
                 flat += [u.A_cur, u.B_cur, u.current_scale(alphas, *self._scale_args())]
             plan.append((u.start, u.stop, rf, rc))
         if not flat:
-            return self.base(x)
+            return F.linear(x, self.base.weight, self.base.bias)
         route = "none"
         if alpha_grad:
             route = self.compute
@@ -519,7 +534,9 @@ class SDLoRALinear(nn.Module):
                 route = "fold" if costs["fold"] < costs["factored"] else "factored"
         self.last_route = route
         w = self._fold(fold)
-        return _AdaptedLinear.apply(x, w, self.base.bias, _Plan(tuple(plan), route, _compute_dtype(x)), *flat)
+        plan_ = _Plan(tuple(plan), route, _compute_dtype(x))
+        y: Tensor = _AdaptedLinear.apply(x, w, self.base.bias, plan_, *flat)
+        return y
 
     def _frozen_alphas(self, u: LowRankUnit, alphas: Tensor) -> Tensor:
         """``alphas``, detached when none of the unit's frozen components uses a magnitude that trains.
@@ -586,11 +603,12 @@ class SDLoRALinear(nn.Module):
         cache = self._fold_cache
         if keyed is not None and cache is not None and cache[0] == keyed[0]:
             return cache[2]
-        parts = []
+        parts: list[tuple[LowRankUnit, Tensor, Tensor, Tensor]] = []
         for u in self.units:
             st = u.stacked(alphas, *self._scale_args())
             if st is not None:
-                parts.append((u, *(t.detach() for t in st)))
+                a, b, s = st
+                parts.append((u, a.detach(), b.detach(), s.detach()))
         w = self._fold(parts)
         self._fold_cache = None if keyed is None else (keyed[0], keyed[1], w)
         return w
@@ -613,8 +631,7 @@ class SDLoRALinear(nn.Module):
     # ------------------------------------------------------------------------------------- references
     def _add_stacked(self, x: Tensor, y: Tensor, alphas: Tensor) -> Tensor:
         """Reference: autograd through one low-rank product over the stacked factors of all components."""
-        stacks = [(u, u.stacked(alphas, *self._scale_args())) for u in self.units]
-        stacks = [(u, st) for u, st in stacks if st is not None]
+        stacks = [(u, st) for u in self.units if (st := u.stacked(alphas, *self._scale_args())) is not None]
         if not stacks:
             return y
         # One down-projection GEMM for all units of this layer (q and v share the input).
