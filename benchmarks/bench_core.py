@@ -67,6 +67,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from sdlora.lora import COMPUTE_MODES, AdapterConfig, SDLoRAModel, route_costs
+from sdlora.lora.layer import FACTORED_EFFICIENCY
 
 TARGETS = ["blocks.*.attn.qkv"]
 GOAL_PLAIN = 1.05  # step time / plain LoRA step, at every task count
@@ -770,12 +771,13 @@ def arithmetic(args: argparse.Namespace, res: Results, w: Callable[[str], None])
         "of the frozen magnitudes cost (in flops, 2 per multiply-add, summed over the adapted layers): the fold "
         "``W0 + B diag(s) A`` (d_out d_in R per projection) plus either the `fold` route (adapted rows' weight "
         "gradient: T d_in d_out + d_out d_in R) or the `factored` route (rank-R projections: T R (d_in + d_out)); "
-        "`auto` takes the cheaper. *predicted* adds the cheaper to the counted flops of `auto` at the first task "
-        "count; *counted* is what the step that ran did."
+        "`auto` takes the one it expects to be faster (*auto's route*; the factored route's skinny GEMMs are "
+        f"weighted as running at {FACTORED_EFFICIENCY}x the fold route's multiply-add rate). *predicted* adds that "
+        "route to the counted flops of `auto` at the first task count; *counted* is what the step that ran did."
     )
     w("")
     w(
-        "| task | R per projection | fold route x plain | factored route x plain | cheaper | predicted x plain | "
+        "| task | R per projection | fold route x plain | factored route x plain | auto's route | predicted x plain | "
         "counted x plain (auto) |"
     )
     w("|---:|---:|---:|---:|---|---:|---:|")
@@ -783,8 +785,8 @@ def arithmetic(args: argparse.Namespace, res: Results, w: Callable[[str], None])
     for t, m in sorted(macs.items()):
         fold = 2 * (m["fold"] + m["fold_weight"]) / plain_flops
         fact = 2 * (m["factored"] + m["fold_weight"]) / plain_flops
-        cheaper = "fold" if m["fold"] < m["factored"] else "factored"
-        pred = div((auto1 or 0) + 2 * (min(m["fold"], m["factored"]) + m["fold_weight"]), plain_flops)
+        cheaper = "fold" if m["fold"] < m["factored"] / FACTORED_EFFICIENCY else "factored"
+        pred = div((auto1 or 0) + 2 * (m[cheaper] + m["fold_weight"]), plain_flops)
         counted = div(res.get(("train", "auto", t), "flops"), plain_flops)
         w(
             f"| {t} | {args.rank * (t - 1)} | +{fold:.3f} | +{fact:.3f} | {cheaper} | {fmt(pred, '.3f')} | "

@@ -224,6 +224,12 @@ class LowRankUnit(nn.Module):
 #: Values of ``AdapterConfig.compute`` (see there and ``SDLoRALinear``).
 COMPUTE_MODES = ("auto", "fold", "factored", "stacked", "loop")
 
+#: Multiply-add rate of the ``factored`` route's GEMMs (one dimension is the stored rank R, a few hundred) relative
+#: to the ``fold`` route's square ``d x T x d`` one. Measured 0.66-0.75 on this project's CPU (1 thread, T = 1600,
+#: d = 384, R = 40-390; benchmarks/README.md); ``auto`` divides the factored cost by it. Skinny GEMMs run below
+#: the square rate on every BLAS; the exact factor of a GPU is not measured.
+FACTORED_EFFICIENCY = 0.7
+
 
 def route_costs(tokens: int, in_features: int, units: Sequence[tuple[int, int]]) -> dict[str, int]:
     """Multiply-adds each exact route spends on the frozen magnitudes' gradients in one layer's backward.
@@ -392,11 +398,13 @@ class _AdaptedLinear(torch.autograd.Function):
                         grads[i + 2] = (proj * flat[i].to(acc)).sum(1).to(flat[i + 2].dtype)
                 else:
                     a_all = torch.cat([flat[i] for *_, i in frozen], 0).to(dt)
-                    zf = F.linear(x2, a_all)  # (T, R_total)
+                    zf = F.linear(x2, a_all)  # (T, R_total): X A^T for every unit at once
                     off = 0
                     for start, stop, r, i in frozen:
-                        q = g[:, start:stop] @ flat[i + 1].to(dt)  # (T, R)
-                        grads[i + 2] = (zf[:, off : off + r].to(acc) * q.to(acc)).sum(0).to(flat[i + 2].dtype)
+                        # sum_t (X A_r^T)_t (dY_u B_r)_t as ((X A^T)^T dY_u) . B^T: a (R, d_out) product, no (T, R)
+                        # elementwise pass.
+                        proj = (zf[:, off : off + r].t() @ g[:, start:stop]).to(acc)
+                        grads[i + 2] = (proj * flat[i + 1].t().to(acc)).sum(1).to(flat[i + 2].dtype)
                         off += r
         return (dx, None, None, None, *grads)
 
@@ -531,7 +539,7 @@ class SDLoRALinear(nn.Module):
             route = self.compute
             if route == "auto":
                 costs = route_costs(x.numel() // self.in_features, self.in_features, shapes)
-                route = "fold" if costs["fold"] < costs["factored"] else "factored"
+                route = "fold" if costs["fold"] < costs["factored"] / FACTORED_EFFICIENCY else "factored"
         self.last_route = route
         w = self._fold(fold)
         plan_ = _Plan(tuple(plan), route, _compute_dtype(x))
