@@ -701,7 +701,7 @@ def report(args: argparse.Namespace, res: Results, header: dict[str, str]) -> st
         w("|---|---:|---:|---:|---:|---|---:|")
         for bsz in args.infer_batch:
             rows = [("bare backbone", ("infer", "bare", bsz)), ("merge_and_unload()", ("infer", "merged", bsz))]
-            rows += [(f"unmerged, compute={m}", ("infer", "unmerged", m, bsz)) for m in args.modes]
+            rows += [(f"unmerged, compute={m}", ("infer", "unmerged", m, bsz)) for m in args.infer_modes]
             for label, key in rows:
                 if key not in res.runs:
                     continue
@@ -824,7 +824,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="timed training rounds, each one step of the configuration and one of its reference\n"
-        "(default 7 on CPU, 20 on GPU)",
+        "(default 7 on CPU, 15 on GPU)",
     )
     p.add_argument(
         "--warmup", type=int, default=None, help="untimed steps (forwards) first, of each model (default 2; GPU 5)"
@@ -834,10 +834,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="timed inference rounds, each one forward of the model and one of the bare backbone\n"
-        "(default 11 on CPU, 30 on GPU)",
+        "(default 11 on CPU, 20 on GPU)",
     )
     p.add_argument(
         "--infer-batch", default=None, help="comma-separated inference batch sizes (default: 1 and --batch)"
+    )
+    p.add_argument(
+        "--infer-modes",
+        default=None,
+        help="compute modes of the unmerged inference rows (default: --modes; GPU: auto)",
     )
     p.add_argument("--infer-task", type=int, default=None, help="tasks before inference (default: last of --tasks)")
     p.add_argument("--skip-inference", action="store_true", help="time training only")
@@ -881,7 +886,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "img_size": 32,
             "batch": 4,
             "tasks": "1,3",
-            "modes": ",".join(COMPUTE_MODES),
+            "modes": "auto,stacked",
             "reps": 1,
             "warmup": 1,
             "infer_reps": 1,
@@ -894,9 +899,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "batch": 128,
             "tasks": "1,10,20",
             "modes": "auto,stacked",
-            "reps": 20,
+            "reps": 15,
             "warmup": 5,
-            "infer_reps": 30,
+            "infer_reps": 20,
             "amp": "bf16",
         }
     else:
@@ -925,9 +930,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.infer_batch or args.infer_batch[0] < 1:
         p.error("--infer-batch must be positive integers")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in args.modes if m not in COMPUTE_MODES]
-    if bad or not args.modes:
-        p.error(f"--modes must be a subset of {','.join(COMPUTE_MODES)}")
+    if args.infer_modes is None:
+        args.infer_modes = "auto" if gpu and not args.quick else ",".join(args.modes)
+    args.infer_modes = [m.strip() for m in args.infer_modes.split(",") if m.strip()]
+    for flag, modes in (("--modes", args.modes), ("--infer-modes", args.infer_modes)):
+        if not modes or any(m not in COMPUTE_MODES for m in modes):
+            p.error(f"{flag} must be a non-empty subset of {','.join(COMPUTE_MODES)}")
     if args.infer_task is None:
         args.infer_task = args.tasks[-1]
     if args.wait_idle is None:
@@ -959,7 +967,7 @@ def make_jobs(args: argparse.Namespace) -> list[tuple[tuple, dict[str, Any]]]:
             jobs.append((("infer", "bare", b), {"kind": "infer", "variant": "bare", "infer_batch": b}))
             merged = {"kind": "infer", "variant": "merged", "mode": "auto", "tasks": it, "infer_batch": b}
             jobs.append((("infer", "merged", b), merged))
-            for mode in args.modes:
+            for mode in args.infer_modes:
                 job = {"kind": "infer", "variant": "unmerged", "mode": mode, "tasks": it, "infer_batch": b}
                 jobs.append((("infer", "unmerged", mode, b), job))
     return jobs

@@ -580,15 +580,16 @@ class SDLoRALinear(nn.Module):
 
     # --------------------------------------------------------------------------------------- fold cache
     def _fold_key(self) -> tuple[tuple[Any, ...], list[Tensor]] | None:
-        """Identity, version counter, storage, dtype and shape of every tensor the folded weight depends on.
+        """Version counter, storage address, dtype, device and shape of every tensor the folded weight depends on.
 
-        Any in-place change (optimiser step, ``load_state_dict``, KD's increments, ``merge``/``unmerge``),
-        replacement (``begin_task``/``end_task``/``load_adapter_state`` build new tensors) or move/cast
-        (``.to()`` swaps the storage) changes the key. Every buffer and parameter of every unit is included, so
-        state added to ``LowRankUnit`` later is covered as long as it is a buffer or parameter. The tensors are
-        returned too: the cache holds them so that their ids cannot be reused by new tensors. Writes through
-        ``.data`` bypass version counters (autograd cannot see them either); ``train()``/``eval()`` and
-        ``invalidate_cache()`` drop the cache as well. ``None`` when the magnitudes' sources are unknown.
+        Any in-place change (optimiser step, ``load_state_dict``, KD's increments, ``merge``/``unmerge``) bumps a
+        version; a replacement (``begin_task``/``end_task``/``load_adapter_state`` build new tensors) or a
+        move/cast (``.to()`` swaps a parameter's storage) changes an address: both change the key. The cache
+        holds the tensors themselves (returned here too), so no new tensor can reuse one of their addresses
+        while the cached fold lives. Every buffer and parameter of every unit is included, so state added to
+        ``LowRankUnit`` later is covered as long as it is a buffer or parameter. Writes through ``.data`` bypass
+        version counters (autograd cannot see them either); ``train()``/``eval()`` and ``invalidate_cache()``
+        drop the cache as well. ``None`` when the magnitudes' sources are unknown.
         """
         if self.alpha_sources is None:
             return None
@@ -602,7 +603,7 @@ class SDLoRALinear(nn.Module):
                 if t is not None:
                     tensors.append(t)
             extra.append(u.cur_slot)
-        parts = [(id(t), t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors]
+        parts = [(t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors]
         return (*parts, *extra, self._scale_args()), tensors
 
     def _cached_weight(self, alphas: Tensor) -> Tensor:
@@ -688,7 +689,7 @@ class SDLoRALinear(nn.Module):
         """Fold every component into ``base.weight`` in place (exact; ``unmerge`` restores W0 bit for bit)."""
         if self.merged:
             return
-        self._fold_cache = None
+        self._fold_cache = None  # the merged layer is the bare layer: free the cached copy
         self._w0 = self.base.weight.detach().clone()
         self.base.weight.add_(self.delta_weight(alphas))
         self.merged = True
