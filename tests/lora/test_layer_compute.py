@@ -137,17 +137,24 @@ def test_cpu_autocast_bf16_matches_float64():
 
 
 class FusedQKV(nn.Module):
-    def __init__(self, d: int = 6) -> None:
+    def __init__(self, d: int = 6, bias: bool = True) -> None:
         super().__init__()
-        self.qkv = nn.Linear(d, 3 * d)
+        self.qkv = nn.Linear(d, 3 * d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.qkv(x))
 
 
-@pytest.mark.parametrize("route", ["fold", "factored"])
-@pytest.mark.parametrize("protocol", ["paper", "official"])
-def test_gradcheck_of_the_custom_backward(route, protocol):
+@pytest.mark.parametrize(
+    "route,protocol,bias",
+    [
+        ("fold", "paper", True),
+        ("factored", "paper", True),
+        ("fold", "official", False),
+        ("factored", "official", True),
+    ],
+)
+def test_gradcheck_of_the_custom_backward(route, protocol, bias):
     """Finite differences in float64 against the hand-written backward (both routes, every input).
 
     Mixed ranks (RR schedule), per-layer magnitudes. Magnitudes enter through float32 scales (norms and
@@ -156,7 +163,7 @@ def test_gradcheck_of_the_custom_backward(route, protocol):
     """
     torch.manual_seed(0)
     cfg = AdapterConfig(rank_schedule=[3, 1, 2], compute=route, protocol=protocol, per_layer_magnitudes=True)
-    model = SDLoRAModel(FusedQKV(), cfg, default_targets=["qkv"])
+    model = SDLoRAModel(FusedQKV(bias=bias), cfg, default_targets=["qkv"])
     run_tasks(model, 3, end_last=False)
     model = model.double()
     names = [n for n, _ in model.named_trainable_parameters()]
@@ -434,3 +441,18 @@ def test_timm_vit_default_targets_work_in_every_mode(x):
         with torch.no_grad():
             outs.append(model(x))
     assert all(torch.allclose(o, outs[0], atol=1e-5) for o in outs)
+
+
+def test_trainable_base_weight_falls_back_to_autograd(x):
+    """A base weight unfrozen by the user gets its full gradient (the fused function would not compute it)."""
+    grads = []
+    for mode in ("auto", "loop"):
+        model = make(AdapterConfig(rank=2, compute=mode))
+        torch.manual_seed(5)
+        run_tasks(model, 2, end_last=False)
+        base = model.layers()[0].base
+        base.weight.requires_grad_(True)
+        model(x).square().sum().backward()
+        grads.append((base.weight.grad.clone(), model.alpha_prev.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-4)

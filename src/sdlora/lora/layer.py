@@ -319,6 +319,9 @@ class _AdaptedLinear(torch.autograd.Function):
       gradient projected onto each direction) by the route in the plan (``route_costs``), only for the
       adapted rows. No weight gradient of ``W`` (dropped by a plain autograd fold) and no copy of the
       ``T x d_out`` output gradient (made by autograd's backward of an in-place slice add) is formed.
+
+    The base weight and bias must not require gradients (``SDLoRALinear`` falls back to ``stacked`` when they
+    do); the backward is not itself differentiable (no double backward).
     """
 
     @staticmethod
