@@ -339,7 +339,8 @@ class _AdaptedLinear(torch.autograd.Function):
                 off = 0
                 for start, stop, r, i in cur:
                     # Scale the rank-r activation, not the d_out-wide output (paper Eq. 4, current term).
-                    y[:, start:stop].addmm_(z[:, off : off + r] * flat[i + 2].to(dt), flat[i + 1].to(dt).t())
+                    rows = y[:, start:stop]
+                    torch.addmm(rows, z[:, off : off + r] * flat[i + 2].to(dt), flat[i + 1].to(dt).t(), out=rows)
                     off += r
         needs = ctx.needs_input_grad[4:]
         keep_x = any(needs[i] for *_, i in cur) or any(needs[i + 2] for *_, i in plan.frozen())
@@ -388,7 +389,7 @@ class _AdaptedLinear(torch.autograd.Function):
                 dx = g @ w
                 if dz is not None:
                     assert a_cur is not None
-                    dx.addmm_(dz, a_cur)
+                    torch.addmm(dx, dz, a_cur, out=dx)
                 shape, dtype = ctx.x_meta
                 dx = dx.view(shape).to(dtype)
             frozen = [f for f in plan.frozen() if needs[f[3] + 2]]
@@ -571,14 +572,17 @@ class SDLoRALinear(nn.Module):
     @torch.no_grad()
     def _fold(self, parts: list[tuple[LowRankUnit, Tensor, Tensor, Tensor]]) -> Tensor:
         """``W0`` with ``B diag(s) A`` added on each unit's rows (in at least float32, rounded once); ``W0``
-        itself (no copy) when there is nothing to fold."""
+        itself (no copy) when there is nothing to fold. (In-place accumulation is written ``addmm(..., out=)``
+        rather than ``addmm_``, the same kernel, because ``torch.utils.flop_counter`` does not count ``addmm_``
+        and the benchmarks count flops.)"""
         w0 = self.base.weight
         if not parts:
             return w0
         acc = torch.promote_types(w0.dtype, torch.float32)
         w = w0.to(acc, copy=True)
         for u, a, b, s in parts:
-            w[u.start : u.stop].addmm_(b.to(acc) * s.to(acc), a.to(acc))
+            rows = w[u.start : u.stop]
+            torch.addmm(rows, b.to(acc) * s.to(acc), a.to(acc), out=rows)
         return w.to(w0.dtype)
 
     # --------------------------------------------------------------------------------------- fold cache
