@@ -16,7 +16,10 @@ linear head over the features, backward, SGD step over ``trainable_parameters()`
   backbone is built), on GPU ``torch.cuda.max_memory_allocated``; plus the exact bytes autograd **saves for
   backward** (allocator-independent).
 * **flops**: every matmul/convolution/attention flop of one step, counted by ``torch.utils.flop_counter``
-  (elementwise work is not counted): the arithmetic the step cannot avoid, next to the time it took.
+  (elementwise work is not counted; attention through the math backend for that one step, which the counter
+  knows): the arithmetic the step cannot avoid, next to the time it took. ``--flops-only`` prints that
+  arithmetic for any model and batch without running anything (meta device), e.g. the GPU configuration on a
+  laptop.
 
 Every configuration runs in its own child process (forked from a parent that imported torch and timm but ran
 nothing; spawned on GPU), so no allocator cache or high-water mark leaks from one into the next.
@@ -60,6 +63,7 @@ import timm  # imported here, in the parent: forked configurations then start wi
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 try:
@@ -340,8 +344,11 @@ def saved_for_backward_mib(loss_fn: Callable[[], Tensor], persistent: list[Tenso
 
 
 def count_flops(fn: Callable[[], None]) -> int:
-    """Matmul/convolution/attention flops of one call (``torch.utils.flop_counter``; elementwise work excluded)."""
-    with FlopCounterMode(display=False) as counter:
+    """Matmul/convolution/attention flops of one call (``torch.utils.flop_counter``; elementwise work excluded).
+
+    Attention runs through the math backend for this call: the counter has no formula for the CPU flash kernel
+    (it would count attention as 0 on CPU and as bmm flops on the meta device)."""
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
 
@@ -355,7 +362,8 @@ def _train_step(model: nn.Module, params: list[Tensor], cfg: dict[str, Any], x: 
     dev_type = torch.device(cfg["device"]).type
 
     def loss_fn() -> Tensor:
-        with torch.autocast(dev_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        ctx = torch.autocast(dev_type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        with ctx:
             return F.cross_entropy(head(model(x)), y)
 
     def step() -> None:
@@ -476,7 +484,8 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
     dev_type = torch.device(device).type
 
     def forward(m: nn.Module = fwd_model) -> None:
-        with torch.no_grad(), torch.autocast(dev_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        ctx = torch.autocast(dev_type, dtype=amp) if amp is not None else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
             m(x)
 
     for _ in range(warmup):
@@ -761,19 +770,39 @@ def arithmetic(args: argparse.Namespace, res: Results, w: Callable[[str], None])
     macs = {t: v for t, v in macs.items() if v}
     if not plain_flops or not macs:
         return
+    counted = {t: res.get(("train", "auto", t), "flops") for t in args.tasks}
+    arithmetic_table(
+        args,
+        plain_flops,
+        res.get(("train", "auto", args.tasks[0]), "flops"),
+        res.first(("train", "plain"), "tokens"),
+        macs,
+        counted,
+        w,
+    )
+
+
+def arithmetic_table(
+    args: argparse.Namespace,
+    plain_flops: float,
+    auto1_flops: float | None,
+    tokens: int | None,
+    macs: dict[int, dict[str, int]],
+    counted: dict[int, float | None],
+    w: Callable[[str], None],
+) -> None:
     w("## Arithmetic: the extra work of exact magnitude gradients")
     w("")
     w(
         "Flops of the plain-LoRA reference step (counted): "
-        f"{plain_flops / 1e9:.1f} GFLOP; tokens per step T = {res.first(('train', 'plain'), 'tokens')}. "
-        "At task t every "
-        f"adapted projection stores R = {args.rank}(t-1) frozen ranks. On top of the plain step, exact gradients "
-        "of the frozen magnitudes cost (in flops, 2 per multiply-add, summed over the adapted layers): the fold "
-        "``W0 + B diag(s) A`` (d_out d_in R per projection) plus either the `fold` route (adapted rows' weight "
-        "gradient: T d_in d_out + d_out d_in R) or the `factored` route (rank-R projections: T R (d_in + d_out)); "
-        "`auto` takes the one it expects to be faster (*auto's route*; the factored route's skinny GEMMs are "
-        f"weighted as running at {FACTORED_EFFICIENCY}x the fold route's multiply-add rate). *predicted* adds that "
-        "route to the counted flops of `auto` at the first task count; *counted* is what the step that ran did."
+        f"{plain_flops / 1e9:.1f} GFLOP; tokens per step T = {tokens}. At task t every adapted projection stores "
+        f"R = {args.rank}(t-1) frozen ranks. On top of the plain step, exact gradients of the frozen magnitudes cost "
+        "(in flops, 2 per multiply-add, summed over the adapted layers): the fold ``W0 + B diag(s) A`` "
+        "(d_out d_in R per projection) plus either the `fold` route (adapted rows' weight gradient: "
+        "T d_in d_out + d_out d_in R) or the `factored` route (rank-R projections: T R (d_in + d_out)); `auto` takes "
+        "the one it expects to be faster (*auto's route*; the factored route's skinny GEMMs are weighted as running "
+        f"at {FACTORED_EFFICIENCY}x the fold route's multiply-add rate). *predicted* adds that route to the counted "
+        "flops of `auto` at task 1; *counted* is what the step that ran did."
     )
     w("")
     w(
@@ -781,18 +810,63 @@ def arithmetic(args: argparse.Namespace, res: Results, w: Callable[[str], None])
         "counted x plain (auto) |"
     )
     w("|---:|---:|---:|---:|---|---:|---:|")
-    auto1 = res.get(("train", "auto", args.tasks[0]), "flops")
     for t, m in sorted(macs.items()):
         fold = 2 * (m["fold"] + m["fold_weight"]) / plain_flops
         fact = 2 * (m["factored"] + m["fold_weight"]) / plain_flops
-        cheaper = "fold" if m["fold"] < m["factored"] / FACTORED_EFFICIENCY else "factored"
-        pred = div((auto1 or 0) + 2 * (m[cheaper] + m["fold_weight"]), plain_flops)
-        counted = div(res.get(("train", "auto", t), "flops"), plain_flops)
+        route = "fold" if m["fold"] < m["factored"] / FACTORED_EFFICIENCY else "factored"
+        pred = div((auto1_flops or 0) + 2 * (m[route] + m["fold_weight"]), plain_flops)
         w(
-            f"| {t} | {args.rank * (t - 1)} | +{fold:.3f} | +{fact:.3f} | {cheaper} | {fmt(pred, '.3f')} | "
-            f"{fmt(counted, '.3f')} |"
+            f"| {t} | {args.rank * (t - 1)} | +{fold:.3f} | +{fact:.3f} | {route} | {fmt(pred, '.3f')} | "
+            f"{fmt(div(counted.get(t), plain_flops), '.3f')} |"
         )
     w("")
+
+
+def route_macs(model: SDLoRAModel, tokens: int, stored_rank: int) -> dict[str, int]:
+    """``route_costs`` summed over the model's adapted layers if every unit stored ``stored_rank`` frozen ranks,
+    plus the fold's own multiply-adds (``fold_weight``)."""
+    macs = {"fold": 0, "factored": 0, "fold_weight": 0}
+    for layer in model.layers():
+        shapes = [(u.out_features, stored_rank) for u in layer.units]
+        for k, v in route_costs(tokens, layer.in_features, shapes).items():
+            macs[k] += v
+        macs["fold_weight"] += sum(d_out * layer.in_features * r for d_out, r in shapes)
+    return macs
+
+
+def flops_only(args: argparse.Namespace) -> str:
+    """The arithmetic table without running anything: flops counted on the meta device (no memory, no compute)
+    for the plain-LoRA step and the library's task-1 step, the rest from ``route_costs``."""
+    cfg = {
+        "model": args.model,
+        "img_size": args.img_size,
+        "seed": args.seed,
+        "device": "meta",
+        "num_classes": args.num_classes,
+        "amp": "none",
+    }
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=g).to("meta")
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=g).to("meta")
+    backbone = build_backbone(cfg)
+    tokens = args.batch * tokens_per_image(backbone)
+    plain = add_plain_lora(backbone, args.rank)
+    step, _, _ = _train_step(plain, [p for p in plain.parameters() if p.requires_grad], cfg, x, y)
+    plain_flops = count_flops(step)
+    sd = build_sdlora(build_backbone(cfg), "auto", 1, args.rank, end_last=False)
+    step, _, _ = _train_step(sd, sd.trainable_parameters(), cfg, x, y)
+    auto1 = count_flops(step)
+    lines: list[str] = [
+        "# sdlora core benchmark: arithmetic only (flops counted on the meta device, nothing timed)",
+        "",
+        f"- command: {shlex.join([sys.executable, *sys.argv])}",
+        f"- setup: {args.model}, img {args.img_size}, batch {args.batch}, rank {args.rank}, official protocol, "
+        f"targets {TARGETS[0]} (q,v)",
+        "",
+    ]
+    macs = {t: route_macs(sd, tokens, args.rank * (t - 1)) for t in args.tasks}
+    arithmetic_table(args, plain_flops, auto1, tokens, macs, {args.tasks[0]: auto1}, lines.append)
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -874,6 +948,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how each configuration's process starts (default: fork on CPU/Linux, spawn on GPU)",
     )
     p.add_argument("--json", type=Path, default=None, help="also write every raw result to this JSON file")
+    p.add_argument(
+        "--flops-only",
+        action="store_true",
+        help="print only the arithmetic table (flops counted on the meta device; no timing, any machine, seconds)",
+    )
     p.add_argument("--quick", action="store_true", help="smoke run: vit_tiny at 32 px, batch 4, tasks 1,3, 1 round")
     args = p.parse_args(argv)
 
@@ -975,6 +1054,9 @@ def make_jobs(args: argparse.Namespace) -> list[tuple[tuple, dict[str, Any]]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.flops_only:
+        print(flops_only(args), flush=True)
+        return 0
     ctx = mp.get_context(args.start_method)
     base = {
         "model": args.model,

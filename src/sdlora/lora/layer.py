@@ -257,18 +257,25 @@ def route_costs(tokens: int, in_features: int, units: Sequence[tuple[int, int]])
     return {"fold": fold, "factored": factored}
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (e.g. meta): nothing is autocast there
+        return False
+
+
 def _compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype ``F.linear(x, W)`` computes in: the autocast dtype inside an autocast region (float64 is never
     cast, as autocast does), else the input's."""
     dev = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+    if x.dtype != torch.float64 and _autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
 
 def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager[Any]:
     dev = x.device.type
-    return torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else contextlib.nullcontext()
+    return torch.autocast(dev, enabled=False) if _autocast_enabled(dev) else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
