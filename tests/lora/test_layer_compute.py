@@ -456,3 +456,13 @@ def test_trainable_base_weight_falls_back_to_autograd(x):
         grads.append((base.weight.grad.clone(), model.alpha_prev.grad.clone()))
     assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
     assert torch.allclose(grads[0][1], grads[1][1], atol=1e-4)
+
+
+def test_meta_device_forward_and_backward():
+    """Shapes-only runs (flop counting, memory planning) work on the meta device, tasks >= 2 included."""
+    model = make(AdapterConfig(rank=2))
+    run_tasks(model, 3, end_last=False)
+    model = model.to("meta")
+    out = model(torch.randn(2, 3, 16, 16, device="meta"))
+    out.sum().backward()
+    assert out.is_meta and model.alpha_prev.grad is not None and model.alpha_prev.grad.is_meta

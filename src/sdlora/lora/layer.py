@@ -564,8 +564,8 @@ class SDLoRALinear(nn.Module):
         false``), autograd alone would still ask for the frozen scales' gradient (zeros for the fixed part) and
         the backward would compute it. The unit's slot range is read once per change of its ``slots`` buffer.
         """
-        if self.alpha_sources is None or not alphas.requires_grad:
-            return alphas
+        if self.alpha_sources is None or not alphas.requires_grad or u.slots.is_meta:
+            return alphas  # (on the meta device the slots have no values: keep every gradient, to be safe)
         prev, cur = self.alpha_sources
         cached = self._slot_range.get(u.index)
         if cached is None or cached[0] is not u.slots or cached[1] != u.slots._version:
