@@ -199,19 +199,32 @@ class PlainLoRAQKV(nn.Module):
         return self.base(x) + F.linear(F.linear(x, self.A), b_blk)
 
 
+class PlainLoRAQKVSliceAdd(PlainLoRAQKV):
+    """The same plain LoRA with the delta added in place to the q and v slices of the output: the previous
+    reference of this script, kept to show what the in-place slice add costs (``CopySlices`` in backward)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        z = F.linear(x, self.A)
+        d, r = self.d, self.r
+        y[..., :d] += F.linear(z[..., :r], self.B_q)
+        y[..., 2 * d :] += F.linear(z[..., r:], self.B_v)
+        return y
+
+
 def build_backbone(cfg: dict[str, Any]) -> nn.Module:
     torch.manual_seed(cfg["seed"])
     m = timm.create_model(cfg["model"], pretrained=False, num_classes=0, img_size=cfg["img_size"])
     return m.to(cfg["device"])
 
 
-def add_plain_lora(backbone: nn.Module, rank: int) -> nn.Module:
+def add_plain_lora(backbone: nn.Module, rank: int, cls: type[PlainLoRAQKV] = PlainLoRAQKV) -> nn.Module:
     backbone.requires_grad_(False)
     n = 0
     for name, mod in list(backbone.named_modules()):
         if name.endswith("attn.qkv") and isinstance(mod, nn.Linear):
             parent = backbone.get_submodule(name.rsplit(".", 1)[0])
-            parent.qkv = PlainLoRAQKV(mod, rank)
+            parent.qkv = cls(mod, rank)
             n += 1
     if n == 0:
         raise ValueError("plain LoRA reference: the backbone has no '*.attn.qkv' nn.Linear")
@@ -394,8 +407,8 @@ def _peak(cfg: dict[str, Any]) -> int:
 def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
     """One configuration, in a fresh process.
 
-    ``cfg["kind"]``: ``train`` (variant ``plain``, ``library_plain`` or ``sdlora``) or ``infer`` (``bare``,
-    ``merged``, ``unmerged``). Memory is measured over the warm-up of the configuration alone; then, for
+    ``cfg["kind"]``: ``train`` (variant ``plain``, ``plain_slice``, ``library_plain`` or ``sdlora``) or ``infer``
+    (``bare``, ``merged``, ``unmerged``). Memory is measured over the warm-up of the configuration alone; then, for
     everything but the references themselves, the reference (plain LoRA step, bare backbone forward) is built
     in the same process and both are timed interleaved (``_paired``).
     """
@@ -423,6 +436,9 @@ def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
         torch.manual_seed(cfg["seed"] + 2)
         if cfg["variant"] == "plain":
             model: nn.Module = add_plain_lora(backbone, cfg["rank"])
+            params = [p for p in model.parameters() if p.requires_grad]
+        elif cfg["variant"] == "plain_slice":
+            model = add_plain_lora(backbone, cfg["rank"], PlainLoRAQKVSliceAdd)
             params = [p for p in model.parameters() if p.requires_grad]
         elif cfg["variant"] == "library_plain":
             model = build_library_plain_lora(backbone, cfg["rank"])
@@ -623,13 +639,17 @@ def report(args: argparse.Namespace, res: Results, header: dict[str, str]) -> st
             f"{fmt(res.get(plain, 'other_load'), '.2f')} |"
         )
     lib = ("train", "library_plain")
-    if res.ok(lib):
-        w(
-            f"| library plain LoRA (`seq_lora` config) | - | - | {fmt(res.get(lib, 'ms'))} | "
-            f"{fmt(res.get(lib, 'ratio'), '.3f')} | {quart(lib)} | {res.span(lib, 'ratio')} | - | "
-            f"{fmt(div(res.get(lib, 'flops'), res.get(lib, 'ref_flops')), '.3f')} | "
-            f"{fmt(res.get(lib, 'other_load'), '.2f')} |"
-        )
+    for key, label in (
+        (lib, "library plain LoRA (`seq_lora` config)"),
+        (("train", "plain_slice"), "plain LoRA, in-place slice add (previous reference)"),
+    ):
+        if res.ok(key):
+            w(
+                f"| {label} | - | - | {fmt(res.get(key, 'ms'))} | "
+                f"{fmt(res.get(key, 'ratio'), '.3f')} | {quart(key)} | {res.span(key, 'ratio')} | - | "
+                f"{fmt(div(res.get(key, 'flops'), res.get(key, 'ref_flops')), '.3f')} | "
+                f"{fmt(res.get(key, 'other_load'), '.2f')} |"
+            )
     for mode in modes:
         for t in tasks:
             key = ("train", mode, t)
@@ -1036,6 +1056,7 @@ def make_jobs(args: argparse.Namespace) -> list[tuple[tuple, dict[str, Any]]]:
     jobs: list[tuple[tuple, dict[str, Any]]] = [
         (("train", "plain"), {"kind": "train", "variant": "plain"}),
         (("train", "library_plain"), {"kind": "train", "variant": "library_plain"}),
+        (("train", "plain_slice"), {"kind": "train", "variant": "plain_slice"}),
     ]
     for mode in args.modes:
         for t in args.tasks:
