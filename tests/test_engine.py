@@ -20,6 +20,7 @@ from sdlora.engine import (
     RunError,
     RunState,
     Runtime,
+    SeededAugment,
     build_results,
     build_run,
     run_experiment,
@@ -156,6 +157,39 @@ def test_global_batch_sampler_shards_cover_single_process_batches():
     for b, (p0, p1) in zip(single, zip(*parts)):
         assert sorted(p0 + p1) == sorted(b)
     assert sorted(np.concatenate(single).tolist()) == list(range(23))
+
+
+class _RandomDraws(torch.utils.data.Dataset):
+    """Stands for a random transform: every item is a few draws from torch's default generator."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, i):
+        return torch.rand(3), torch.randint(0, 100, (2,))
+
+
+def test_seeded_augment_draws_per_sample_and_leaves_the_global_stream_alone(monkeypatch):
+    ds = SeededAugment(_RandomDraws(), base_seed=7)
+    ds.epoch = 2
+    # The seed of sample i, as the engine has always drawn it (torch.manual_seed inside fork_rng).
+    expected = []
+    for i in range(5):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((7 * 1_000_003 + 2 * 7_919 + i) % (2**63 - 1))
+            expected.append(_RandomDraws()[i])
+    torch.manual_seed(123)
+    before = torch.rand(4)
+    torch.manual_seed(123)
+    monkeypatch.setattr(torch, "manual_seed", None)  # only the CPU generator may be touched (not CUDA's)
+    items = [ds[i] for i in (3, 0, 4, 1, 2)]  # any order, any worker: the same sample gets the same draws
+    after = torch.rand(4)
+    monkeypatch.undo()
+    for got, i in zip(items, (3, 0, 4, 1, 2)):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected[i]))
+    assert torch.equal(before, after), "the caller's random stream moved"
+    ds.epoch = 3
+    assert not torch.equal(ds[0][0], items[1][0]), "another epoch must draw another transform"
 
 
 @pytest.mark.parametrize(

@@ -124,10 +124,10 @@ def test_matches_dense_equation_4(x, normaliser, normalise_current, per_layer):
     assert torch.allclose(y, ref, atol=1e-5), (y - ref).abs().max()
 
 
-@pytest.mark.parametrize("compute", ["fold", "loop"])
+@pytest.mark.parametrize("compute", ["auto", "fold", "factored", "loop"])
 def test_compute_modes_agree_in_value_and_gradient(x, compute):
     models = []
-    for mode in ("factored", compute):
+    for mode in ("stacked", compute):
         m = make(AdapterConfig(rank=2, compute=mode, protocol="paper"))
         torch.manual_seed(7)
         run_tasks(m, 3, end_last=False)

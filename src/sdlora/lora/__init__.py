@@ -2,12 +2,13 @@
 surgery and the fused-qkv layout shared by every adapter (``surgery``)."""
 
 from .config import PROTOCOLS, RR_SCHEDULE, AdapterConfig
-from .layer import LowRankUnit, SDLoRALinear, component_norm
+from .layer import COMPUTE_MODES, LowRankUnit, SDLoRALinear, component_norm, route_costs
 from .model import ADAPTER_FORMAT, SDLoRAModel
 from .surgery import QKV_ORDER, find_linears, is_fused_qkv, qkv_slices, replace_submodule
 
 __all__ = [
     "ADAPTER_FORMAT",
+    "COMPUTE_MODES",
     "PROTOCOLS",
     "QKV_ORDER",
     "RR_SCHEDULE",
@@ -20,4 +21,5 @@ __all__ = [
     "is_fused_qkv",
     "qkv_slices",
     "replace_submodule",
+    "route_costs",
 ]

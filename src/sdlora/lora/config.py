@@ -17,6 +17,9 @@ Normaliser = Literal["frobenius_of_product", "product_of_frobenius"]
 #: Rank schedule of SD-LoRA-RR (paper §3.5 Eq. 6, §4.1): r=10 for tasks 1-4, 8 for tasks 5-8, 6 afterwards.
 RR_SCHEDULE: tuple[int, ...] = (10, 10, 10, 10, 8, 8, 8, 8, 6)
 
+#: Fields that choose how the adapter is computed, not what it computes (ignored when a saved state is loaded).
+RUNTIME_FIELDS: frozenset[str] = frozenset({"compute"})
+
 #: The values each protocol preset resolves to.
 PROTOCOLS: dict[str, dict[str, object]] = {
     # Paper: Eq. 3-4 normalise every component by ||A_k B_k||_F, magnitudes start at 1 (§3.3, Finding 2);
@@ -74,9 +77,15 @@ class AdapterConfig:
         kd_tau: residual threshold of KD (paper: 9e-4).
         kd_squared_residual: compare the squared residual ||d - D c||^2 (as the LibContinual port does)
             instead of the residual norm ||d - D c|| (Algorithm 1) with ``kd_tau``.
-        compute: how frozen components are evaluated: ``"factored"`` (one low-rank product over the stacked
-            factors), ``"fold"`` (fold them into the weight every step), ``"loop"`` (one product per
-            component: the naive reference, for tests and benchmarks).
+        compute: how the components are evaluated; every value gives the same outputs and gradients (up to
+            rounding), only the cost differs (``benchmarks/README.md``). ``"auto"``: frozen components are
+            folded into the weight and the magnitudes' gradients come from whichever of ``"fold"`` (the
+            adapted rows' weight gradient, ``T d_in d_out + d_in d_out R`` multiply-adds per projection) and
+            ``"factored"`` (rank-R projections of input and output gradient, ``T R (d_in + d_out)``) is cheaper
+            for the call's T tokens and stored rank R; evaluation reuses a cached folded weight.
+            ``"stacked"`` (autograd through one stacked low-rank product) and ``"loop"`` (one product per
+            component, as the official code) are references for tests and benchmarks. Not part of a saved
+            adapter's identity: a state loads under any value.
         norm_eps: stabiliser of the current component's normaliser (see ``normalise_current``).
     """
 
@@ -96,7 +105,7 @@ class AdapterConfig:
     kd: bool = False
     kd_tau: float = 9e-4
     kd_squared_residual: bool = False
-    compute: Literal["factored", "fold", "loop"] = "factored"
+    compute: Literal["auto", "fold", "factored", "stacked", "loop"] = "auto"
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:

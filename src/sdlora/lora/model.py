@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import AdapterConfig
+from .config import RUNTIME_FIELDS, AdapterConfig
 from .layer import LowRankUnit, SDLoRALinear, component_norm
 from .surgery import find_linears, is_fused_qkv, qkv_slices, replace_submodule
 
@@ -105,14 +105,17 @@ class SDLoRAModel(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         alphas = self.alphas()  # built once per forward, shared by every layer (paper §4.1)
+        sources = (self.alpha_prev, self.alpha_cur)  # what alphas is made of: keys the layers' fold caches
         layers = self.layers()
         for layer in layers:
             layer.alphas = alphas
+            layer.alpha_sources = sources
         try:
             return self.backbone(x, *args, **kwargs)
         finally:
             for layer in layers:
                 layer.alphas = None
+                layer.alpha_sources = None
 
     # ---------------------------------------------------------------------------------------- lifecycle
     def _adds_component(self, task: int) -> bool:
@@ -394,7 +397,12 @@ class SDLoRAModel(nn.Module):
             raise ValueError(f"not an sdlora adapter state (format {meta.get('format')!r}, want {ADAPTER_FORMAT})")
         mine = dataclasses.asdict(self.config)
         theirs = meta.get("config", {})
-        diffs = [f"{k}: saved {theirs.get(k)!r}, here {mine[k]!r}" for k in mine if theirs.get(k) != mine[k]]
+        # ``compute`` only chooses how the same function is evaluated: a state loads under any of its values.
+        diffs = [
+            f"{k}: saved {theirs.get(k)!r}, here {mine[k]!r}"
+            for k in mine
+            if k not in RUNTIME_FIELDS and theirs.get(k) != mine[k]
+        ]
         if diffs:
             raise ValueError("adapter state was saved with another adapter config: " + "; ".join(diffs))
         units = self.named_units()
