@@ -201,6 +201,16 @@ def test_two_tasks_end_to_end_and_projection_survives_resume(tmp_path):
     assert torch.equal(a["ranpac.weight"], b["ranpac.weight"])
     method, _, _ = build_method_from_run(part)
     assert torch.equal(method.projection, a["ranpac.projection"])
+    # The projection is part of the state: a method built under another RNG state gets it back from there.
+    tensors, meta = method.state()
+    other = tiny_method("ranpac", seed=99, options={"projection_dim": M})
+    assert not torch.equal(other.projection, tensors["ranpac.projection"])
+    other.load_state(tensors, meta)
+    assert torch.equal(other.projection, tensors["ranpac.projection"])
+    x = torch.randn(2, 3, 32, 32)
+    method.eval()
+    other.eval()
+    assert torch.equal(method(x), other(x))
     fresh = create_backbone(BackboneConfig(name="vit_test_tiny", pretrained=False), 32).model
     assert type(method.export_backbone()) is type(fresh)
 
