@@ -42,7 +42,7 @@ from ..lora import SDLoRAModel
 from .base import Method, TaskContext, register_method
 from .baselines import plain_lora_config
 
-__all__ = ["RanPAC", "RanPACOptions", "holdout_mask", "ridge_solve"]
+__all__ = ["RanPAC", "RanPACOptions", "holdout_mask", "pack_symmetric", "ridge_solve", "unpack_symmetric"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,25 @@ def holdout_mask(x: Tensor, fraction: float, chunk: int = 16_384) -> Tensor:
     return (h % 1_000_000) < int(round(fraction * 1_000_000))
 
 
+def pack_symmetric(g: Tensor) -> Tensor:
+    """The upper triangle of the symmetric matrix ``g`` (row by row, diagonal included) as one vector."""
+    return torch.cat([g[i, i:] for i in range(g.shape[0])]) if g.numel() else g.new_zeros(0)
+
+
+def unpack_symmetric(v: Tensor, m: int) -> Tensor:
+    """Inverse of :func:`pack_symmetric` for an ``m`` x ``m`` matrix."""
+    if v.numel() != m * (m + 1) // 2:
+        raise ValueError(f"packed symmetric matrix has {v.numel()} entries, expected {m * (m + 1) // 2} for {m} x {m}")
+    g = v.new_zeros(m, m)
+    offset = 0
+    for i in range(m):
+        row = v[offset : offset + m - i]
+        g[i, i:] = row
+        g[i:, i] = row
+        offset += m - i
+    return g
+
+
 def ridge_solve(g: Tensor, c: Tensor, ridge: float) -> Tensor:
     """``(G + ridge I)^{-1} C`` in float64: Cholesky when G + ridge I is numerically positive definite, else LU.
 
@@ -182,7 +201,10 @@ class RanPAC(Method):
             return self.head(self.features(x))
         if self.weight.shape[0] == 0:
             raise RuntimeError("ranpac has no ridge head yet: it is solved at the end of each task")
-        return self.project(self.features(x)) @ self.weight.t()
+        f = self.features(x)
+        # The ridge head can have large, cancelling weights (small lambda): keep it in float32 under autocast.
+        with torch.autocast(device_type=f.device.type, enabled=False):
+            return self.project(f) @ self.weight.t()
 
     # ------------------------------------------------------------------------------------- lifecycle
     def begin_task(self, ctx: TaskContext) -> None:
@@ -333,7 +355,7 @@ class RanPAC(Method):
             raise RuntimeError("ranpac state is saved after a task, not while adapting on the first one")
         tensors: dict[str, Tensor] = {
             "ranpac.projection": self.projection,
-            "ranpac.gram": self.gram,
+            "ranpac.gram_upper": pack_symmetric(self.gram),  # G is symmetric: half the checkpoint size
             "ranpac.targets": self.targets,
             "ranpac.weight": self.weight,
         }
@@ -356,7 +378,8 @@ class RanPAC(Method):
             )
         dev = self.projection.device
         self.projection = saved.to(dev, torch.float32)
-        self.gram = tensors["ranpac.gram"].to(dev, torch.float64)
+        packed = tensors["ranpac.gram_upper"].to(dev, torch.float64)
+        self.gram = unpack_symmetric(packed, self.dim if packed.numel() else 0)
         self.targets = tensors["ranpac.targets"].to(dev, torch.float64)
         self.weight = tensors["ranpac.weight"].to(dev, torch.float32)
         self.ridge = meta["ranpac"]["ridge"]
