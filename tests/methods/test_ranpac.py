@@ -117,6 +117,11 @@ def test_holdout_split_does_not_depend_on_batching_or_order():
     perm = torch.randperm(1000, generator=g)
     assert torch.equal(holdout_mask(x[perm], 0.2), mask[perm])
     assert torch.equal(holdout_mask(x, 0.2, chunk=5), mask)  # chunking of the hash does not matter
+    # Token batches (dicts of int64 tensors) split the same way.
+    ids = {"input_ids": torch.randint(0, 30000, (200, 12), generator=g), "attention_mask": torch.ones(200, 12).long()}
+    tok = holdout_mask(ids, 0.2)
+    assert 0.1 < float(tok.float().mean()) < 0.3
+    assert torch.equal(holdout_mask({k: v[50:] for k, v in ids.items()}, 0.2), tok[50:])
 
 
 def test_statistics_are_summed_over_processes():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -96,24 +97,35 @@ def _hash_coefficients(n: int, device: torch.device) -> Tensor:
     return _COEFFS[key]
 
 
-def holdout_mask(x: Tensor, fraction: float, chunk: int = 16_384) -> Tensor:
-    """Which samples of the batch ``x`` are held out: a hash of each sample's bytes falls below ``fraction``.
-
-    The hash is ``sum_j (w_j mod P) * c_j mod P`` over the sample's 32-bit words ``w_j`` (bytes when the size is
-    not a multiple of 4), with fixed pseudo-random coefficients ``c_j < 2^12`` and P = 2^31 - 1, then one Lehmer
-    step. Exact integer arithmetic (terms < 2^43, reduced mod P after every chunk of words), so the result does not
-    depend on summation order or device: a sample is held out or not whatever its batch, position or process.
-    """
-    b = x.shape[0]
-    flat = x.detach().contiguous().reshape(b, -1)
-    nbytes = flat.shape[1] * flat.element_size()
-    words = flat.view(torch.int32) if nbytes % 4 == 0 and flat.element_size() <= 4 else flat.view(torch.uint8)
+def _hash_rows(t: Tensor, chunk: int) -> Tensor:
+    """Per-row hash in [0, P) of a tensor's bytes (see :func:`holdout_mask`)."""
+    b = t.shape[0]
+    flat = t.detach().contiguous().reshape(b, -1)
+    four = flat.element_size() == 4 or (flat.element_size() < 4 and (flat.shape[1] * flat.element_size()) % 4 == 0)
+    words = flat.view(torch.int32) if four else flat.view(torch.uint8)
     n = words.shape[1]
     coeff = _hash_coefficients(n, words.device)
     h = torch.zeros(b, dtype=torch.int64, device=words.device)
     for i in range(0, n, chunk):
         w = words[:, i : i + chunk].to(torch.int64) % _P  # non-negative, < 2^31
         h = (h + (w * coeff[i : i + chunk]).sum(1)) % _P
+    return h
+
+
+def holdout_mask(x: Tensor | Mapping[str, Tensor], fraction: float, chunk: int = 16_384) -> Tensor:
+    """Which samples of the batch ``x`` (a tensor, or a dict of tensors such as token ids) are held out: a hash of
+    each sample's bytes falls below ``fraction``.
+
+    The hash is ``sum_j (w_j mod P) * c_j mod P`` over the sample's 32-bit words ``w_j`` (bytes for other element
+    sizes), with fixed pseudo-random coefficients ``c_j < 2^12`` and P = 2^31 - 1, then one Lehmer step (a dict's
+    tensors are combined in key order). Exact integer arithmetic (terms < 2^43, reduced mod P after every chunk of
+    words), so the result does not depend on summation order or device: a sample is held out or not whatever its
+    batch, position or process.
+    """
+    tensors = [x[k] for k in sorted(x)] if isinstance(x, Mapping) else [x]
+    h = torch.zeros(tensors[0].shape[0], dtype=torch.int64, device=tensors[0].device)
+    for t in tensors:
+        h = (h * _MIX + _hash_rows(t, chunk)) % _P
     h = (h * _MIX) % _P
     return (h % 1_000_000) < int(round(fraction * 1_000_000))
 
