@@ -6,7 +6,6 @@ import pytest
 
 from sdlora.metrics import compute_metrics
 from sdlora.report import (
-    REQUIRED_KEYS,
     format_task_table,
     load_results,
     plot_run,
@@ -15,6 +14,7 @@ from sdlora.report import (
     write_compare,
     write_run_tables,
 )
+from sdlora.results import REQUIRED_KEYS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -192,8 +192,7 @@ def test_write_compare_means_and_stds(tmp_path):
     s0 = write_run(tmp_path / "sd0", RUN_A)
     s1 = write_run(tmp_path / "sd1", RUN_B)
     seq = make_results([[50], [40, 30], [20, 25, 10]], [100] * 3, method="seq")
-    # A prompt method reports its two forward passes per prediction in its end-of-task report.
-    seq["task_log"] = [{"task": t, "method_report": {"inference_passes": 2}} for t in range(3)]
+    seq["inference_passes"] = 2  # as a prompt method records it (query pass + prompted pass)
     q0 = write_run(tmp_path / "q0", seq)
     out = tmp_path / "cmp"
     md = write_compare({"sdlora": [s0, s1], "seq": [q0]}, out)

@@ -9,8 +9,8 @@ import torch
 from method_helpers import make_ctx, random_batches, run_tiny, tiny_method, two_task_config
 
 from sdlora.backbones import BackboneConfig, create_backbone
-from sdlora.engine import build_method_from_run
 from sdlora.lora import SDLoRAModel
+from sdlora.rundir import build_method_from_run
 
 
 def _train_task(method, ctx, batches, steps: int = 3) -> None:

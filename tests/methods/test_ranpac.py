@@ -14,9 +14,9 @@ from method_helpers import make_ctx, random_batches, run_tiny, tiny_method, two_
 
 from sdlora.backbones import BackboneConfig, create_backbone
 from sdlora.configtools import ConfigError
-from sdlora.engine import build_method_from_run, latest_checkpoint, load_checkpoint
 from sdlora.methods import TaskContext
 from sdlora.methods.ranpac import holdout_mask, pack_symmetric, ridge_solve, unpack_symmetric
+from sdlora.rundir import build_method_from_run, latest_checkpoint, load_checkpoint
 
 M = 48  # projection width for the tiny model (features are 32-wide)
 

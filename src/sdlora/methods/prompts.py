@@ -16,7 +16,7 @@ stays bit-identical. The loss is the engine's cross-entropy (the current task's 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +44,7 @@ class PromptMethod(Method):
     prompt state.
     """
 
-    #: backbone forward passes per prediction: the query pass and the prompted pass
-    inference_passes: ClassVar[int] = 2
+    inference_passes = 2  # the query pass and the prompted pass
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
@@ -210,7 +209,7 @@ class L2P(PromptMethod):
 
     def end_task(self, ctx: TaskContext) -> dict[str, Any]:
         counts = ctx.all_reduce(self.selected.clone())
-        return {"inference_passes": self.inference_passes, "selected": [int(c) for c in counts.tolist()]}
+        return {"selected": [int(c) for c in counts.tolist()]}
 
     def parameter_counts(self) -> dict[str, int]:
         counts = super().parameter_counts()
@@ -403,7 +402,6 @@ class CodaPrompt(PromptMethod):
                 setattr(self, f"frozen_{kind}_{layer}", torch.cat([self.frozen(kind, layer), cur[layer].detach()], 0))
         self.cur_p, self.cur_k, self.cur_a = nn.ParameterList(), nn.ParameterList(), nn.ParameterList()
         return {
-            "inference_passes": self.inference_passes,
             "components": int(self.frozen("p", 0).shape[0]),
             "per_task": self.per_task,
         }
