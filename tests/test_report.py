@@ -191,7 +191,9 @@ def test_report_errors_name_file(tmp_path):
 def test_write_compare_means_and_stds(tmp_path):
     s0 = write_run(tmp_path / "sd0", RUN_A)
     s1 = write_run(tmp_path / "sd1", RUN_B)
-    q0 = write_run(tmp_path / "q0", make_results([[50], [40, 30], [20, 25, 10]], [100] * 3, method="seq"))
+    seq = make_results([[50], [40, 30], [20, 25, 10]], [100] * 3, method="seq")
+    seq["inference_passes"] = 2  # as a prompt method records it (query pass + prompted pass)
+    q0 = write_run(tmp_path / "q0", seq)
     out = tmp_path / "cmp"
     md = write_compare({"sdlora": [s0, s1], "seq": [q0]}, out)
     assert md == (out / "compare.md").read_text()
@@ -207,14 +209,15 @@ def test_write_compare_means_and_stds(tmp_path):
         "forgetting",
         "trainable params/task",
         "stored params",
+        "passes/prediction",
         "train time",
     ]
     # Acc: 61.667 and 70 -> mean 65.833; sample std = |70 - 61.667| / sqrt(2) = 5.893
     # AAA: 75.556 and 76.667 -> mean 76.111; std = 1.111 / sqrt(2) = 0.786
     # forgetting: (12.5 + 10) / 2 = 11.25; train time (3725 + 10) / 2 = 1867.5 s = 31m 08s (rounded)
-    assert sd == ["sdlora", "toy", "2", "3", "65.83 (5.89)", "76.11 (0.79)", "11.25", "1,400", "5,000", "31m 08s"]
+    assert sd == ["sdlora", "toy", "2", "3", "65.83 (5.89)", "76.11 (0.79)", "11.25", "1,400", "5,000", "1", "31m 08s"]
     # one seed: just the mean. seq: acc after tasks 50, 35, 18.33 -> AAA 34.44; forgetting (30 + 5) / 2 = 17.5
-    assert seq[4:7] == ["18.33", "34.44", "17.50"]
+    assert seq[4:7] == ["18.33", "34.44", "17.50"] and seq[9] == "2"
 
     table = read_csv(out / "compare.csv")
     head = table[0]
@@ -225,6 +228,7 @@ def test_write_compare_means_and_stds(tmp_path):
     assert float(sd_csv["wall_time_s_mean"]) == pytest.approx(1867.5)
     seq_csv = dict(zip(head, table[2], strict=True))
     assert seq_csv["acc_std"] == "" and seq_csv["aaa_std"] == ""
+    assert sd_csv["inference_passes"] == "1" and seq_csv["inference_passes"] == "2"
     assert_png(out / "plots" / "compare_curves.png")
 
 

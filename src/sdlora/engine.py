@@ -922,4 +922,5 @@ def build_results(
         reference=dict(cfg.reference),
         sdlora_version=__version__,
         data_identity=data.identity,
+        inference_passes=int(type(method).inference_passes),
     )

@@ -458,14 +458,22 @@ def _mean_or_none(values: Sequence[Any]) -> float | None:
     return sum(nums) / len(nums) if nums else None
 
 
+def inference_passes(results: Mapping[str, Any]) -> int:
+    """Backbone forward passes a run's method needs per prediction (``RunResults.inference_passes``; 1 in records
+    written before the field existed)."""
+    value = results.get("inference_passes", 1)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1
+
+
 def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str | os.PathLike) -> str:
     """Compare methods over seeds: ``compare.csv``, ``compare.md`` and ``plots/compare_curves.png`` in ``out_dir``.
 
     One row per method. Acc and AAA are given as "mean (std)" with the sample standard deviation (ddof=1) over the
     method's runs, or just the mean for a single run. (The paper's parenthesized numbers are standard errors,
     std / sqrt(n).) Forgetting and train time are means, trainable parameters per task the maximum over tasks and
-    runs, stored parameters the maximum over runs. The plot shows the mean ``acc_after_task`` per method with a
-    +-1 std band when there are several runs.
+    runs, stored parameters the maximum over runs, passes/prediction the backbone forward passes per prediction
+    (:func:`inference_passes`; prompt methods need two). The plot shows the mean ``acc_after_task`` per method
+    with a +-1 std band when there are several runs.
 
     Args:
         runs: Method name -> run directories of that method (one per seed).
@@ -516,6 +524,7 @@ def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str 
         "bwt_mean",
         "trainable_params_per_task_max",
         "stored_params",
+        "inference_passes",
         "wall_time_s_mean",
     ]
     header_md = [
@@ -528,6 +537,7 @@ def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str 
         "forgetting",
         "trainable params/task",
         "stored params",
+        "passes/prediction",
         "train time",
     ]
     csv_rows, md_rows = [], []
@@ -538,6 +548,7 @@ def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str 
         wall = _mean_or_none([r["wall_time_s"] for r in results])
         trainable = _max_or_none([p for r in results for p in (r["trainable_params_per_task"] or [])])
         stored = _max_or_none([r["stored_params_total"] for r in results])
+        passes = max(inference_passes(r) for r in results)
         datasets = " / ".join(sorted({_dataset_name(r) for r in results}))
         done = results[0]["completed_tasks"]
         planned = max(r["num_tasks"] for r in results)
@@ -558,6 +569,7 @@ def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str 
                 _csv_num(_mean_or_none([r["bwt"] for r in results])),
                 _int_or_blank(trainable),
                 _int_or_blank(stored),
+                passes,
                 _csv_num(wall, 1),
             ]
         )
@@ -572,6 +584,7 @@ def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str 
                 _f(forgetting),
                 _params(trainable),
                 _params(stored),
+                passes,
                 _duration(wall),
             ]
         )

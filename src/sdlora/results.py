@@ -50,6 +50,8 @@ class RunResults:
         sdlora_version: the version that wrote the record.
         data_identity: :func:`sdlora.data.identity.data_identity` of the data in use (counts, digests); empty
             in records written before it existed.
+        inference_passes: backbone forward passes the method needs per prediction (``Method.inference_passes``:
+            1, or 2 for the prompt methods' query and prompted passes); 1 in records written before it existed.
     """
 
     status: Literal["running", "finished"] | None = None
@@ -79,6 +81,7 @@ class RunResults:
     reference: dict[str, float] = field(default_factory=dict)
     sdlora_version: str
     data_identity: dict[str, Any] = field(default_factory=dict)
+    inference_passes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data in field order (what ``results.json`` holds)."""

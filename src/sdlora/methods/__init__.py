@@ -3,6 +3,9 @@
 from . import (
     baselines,  # noqa: F401  (registers seq_lora, full_ft, simplecil, sdlora_ablation_*)
     inflora,  # noqa: F401  (registers inflora)
+    lora_merge,  # noqa: F401  (registers lora_merge)
+    prompts,  # noqa: F401  (registers l2p, coda_prompt)
+    ranpac,  # noqa: F401  (registers ranpac)
     sdlora,  # noqa: F401  (registers sdlora, sdlora_rr, sdlora_kd)
 )
 from .base import METHODS, Method, NoOptions, TaskContext, create_method, parse_options, register_method

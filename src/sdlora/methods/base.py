@@ -111,6 +111,9 @@ class Method(nn.Module):
     options_class: ClassVar[type] = NoOptions
     #: False for training-free methods: the engine then runs no optimisation epochs.
     trains: ClassVar[bool] = True
+    #: backbone forward passes per prediction (prompt methods: 2, a query pass then the prompted pass); recorded
+    #: in ``results.json`` and shown in the compare table as the inference cost
+    inference_passes: ClassVar[int] = 1
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone) -> None:
         super().__init__()

@@ -27,10 +27,26 @@ __all__ = [
     "SDLoRAAblationSingle",
     "SeqLoRA",
     "SimpleCIL",
+    "plain_lora_config",
 ]
 
 
 # ------------------------------------------------------------------------------------------------ LoRA baselines
+def plain_lora_config(cfg: AdapterConfig) -> AdapterConfig:
+    """``cfg`` as plain LoRA ``W + B A``: one component that keeps learning, unnormalised, magnitude fixed at 1
+    (``AdapterConfig`` documents this combination as plain LoRA); ``rank_schedule`` and ``kd`` do not apply. Used
+    by ``seq_lora``, ``lora_merge`` and RanPAC's first-task adaptation."""
+    return dataclasses.replace(
+        cfg,
+        components="single",
+        normalise_current=False,
+        alpha_init=1.0,
+        train_magnitudes=False,
+        rank_schedule=None,
+        kd=False,
+    )
+
+
 @register_method("seq_lora")
 class SeqLoRA(SDLoRA):
     """Sequential LoRA: one plain LoRA ``W0 + B A`` (same targets, projections and rank as SD-LoRA) trained
@@ -42,15 +58,7 @@ class SeqLoRA(SDLoRA):
     """
 
     def make_adapter_config(self, cfg: AdapterConfig) -> AdapterConfig:
-        return dataclasses.replace(
-            cfg,
-            components="single",
-            normalise_current=False,
-            alpha_init=1.0,
-            train_magnitudes=False,
-            rank_schedule=None,
-            kd=False,
-        )
+        return plain_lora_config(cfg)
 
     @property
     def protocol(self) -> str:
