@@ -716,6 +716,7 @@ def _run(
             epochs=tcfg.epochs_for(t),
             statistics_batches=statistics_batches,
             all_reduce=lambda x: _all_reduce_sum(x, info),
+            seed=cfg.seed,
         )
         method.begin_task(ctx)
         counts = method.parameter_counts()
@@ -723,6 +724,7 @@ def _run(
         train_set = SeededAugment(train_sub, base_seed=cfg.seed * 1000 + t)
         train_stats = _train_task(method, ctx, train_set, cfg, info, device, workers)
         end_report = method.end_task(ctx)
+        end_report.update(method.after_task(ctx))  # optional classifier alignment (method.align)
         check_ranks_agree(method, info, device, t)
         t_train = time.time() - t0
         test_sub = scenario.subset(data.test, data.test_targets, list(range(t + 1)))
