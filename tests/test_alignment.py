@@ -13,9 +13,10 @@ import torch
 from engine_helpers import tiny_config
 from sdlora.alignment import AlignConfig, FeatureStatistics, align_head, block_normalised_logits
 from sdlora.config import RunConfig, load_config
-from sdlora.configtools import ConfigError, from_dict, to_dict
-from sdlora.engine import build_method_from_run, latest_checkpoint, load_checkpoint, run_experiment
+from sdlora.configtools import ConfigError, from_dict
+from sdlora.engine import run_experiment
 from sdlora.heads import IncrementalLinear
+from sdlora.rundir import build_method_from_run, latest_checkpoint, load_checkpoint
 
 
 def _data(n_classes: int, per_class: int, d: int, seed: int = 0, spread: float = 1.0):
@@ -202,7 +203,7 @@ def test_align_config_validation_and_refusal_for_simplecil(tmp_path):
             AlignConfig(**bad)
     cfg = from_dict(RunConfig, tiny_config(method={"name": "simplecil", "align": {"enabled": True}}))
     with pytest.raises(ValueError, match="head-based"):
-        run_experiment(cfg, to_dict(cfg), tmp_path / "run")
+        run_experiment(cfg, tmp_path / "run")
     with pytest.raises(ConfigError, match=r"method\.align\.covariance"):
         from_dict(RunConfig, tiny_config(method={"align": {"covariance": "low_rank"}}))
 
@@ -217,7 +218,7 @@ def test_alignment_is_off_in_every_shipped_preset():
 
 def _run(tmp_path, cfg_dict, name, **kw):
     cfg = from_dict(RunConfig, cfg_dict)
-    return run_experiment(cfg, to_dict(cfg), tmp_path / name, **kw)
+    return run_experiment(cfg, tmp_path / name, **kw)
 
 
 def test_run_with_alignment_resumes_exactly_and_counts_statistics(tmp_path):

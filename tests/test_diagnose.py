@@ -10,9 +10,10 @@ import torch
 from engine_helpers import tiny_config
 from sdlora.cli import main
 from sdlora.config import RunConfig
-from sdlora.configtools import from_dict, to_dict
+from sdlora.configtools import from_dict
 from sdlora.diagnose import block_statistics, diagnose_run
-from sdlora.engine import RunError, run_experiment
+from sdlora.engine import run_experiment
+from sdlora.rundir import RunError
 
 
 def test_block_statistics_by_hand():
@@ -32,7 +33,7 @@ def test_block_statistics_by_hand():
 
 def test_diagnose_agrees_with_the_run(tmp_path, capsys):
     cfg = from_dict(RunConfig, tiny_config(data={"train_per_class": 8, "test_per_class": 4}, train={"epochs": 2}))
-    results = run_experiment(cfg, to_dict(cfg), tmp_path / "run")
+    results = run_experiment(cfg, tmp_path / "run")
     d = diagnose_run(tmp_path / "run")
     assert d["after_task"] == 3 and len(d["tasks"]) == 3
     for t, row in enumerate(d["tasks"]):

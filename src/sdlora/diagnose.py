@@ -72,11 +72,9 @@ def diagnose_run(
     Raises:
         RunError: not a run directory, or no checkpoint for that task.
     """
-    from .backbones import create_backbone
     from .config import load_config
-    from .data import build_dataset, make_scenario
-    from .engine import RunError, latest_checkpoint, load_checkpoint
-    from .methods import create_method
+    from .engine import build_run
+    from .rundir import RunError, latest_checkpoint, load_checkpoint
 
     out = Path(run_dir)
     if not (out / "config.yaml").exists():
@@ -93,20 +91,7 @@ def diagnose_run(
     tensors, record = load_checkpoint(ck)
     after = int(record["task"]) + 1
     dev = torch.device(device)
-    torch.manual_seed(cfg.seed)
-    backbone = create_backbone(cfg.backbone, cfg.data.image_size)
-    data = build_dataset(cfg.data, mean=backbone.mean, std=backbone.std, seed=cfg.seed)
-    sc = cfg.scenario
-    scenario = make_scenario(
-        data.num_classes,
-        sc.init_cls,
-        sc.increment,
-        seed=cfg.seed if sc.seed is None else sc.seed,
-        shuffle=sc.shuffle,
-        class_order=sc.class_order,
-        num_tasks=sc.num_tasks,
-    )
-    method = create_method(cfg.method, backbone).to(dev)
+    _backbone, data, scenario, method = build_run(cfg, dev)
     method.load_state(tensors, record["method"])
     method.eval()
     bounds = [scenario.task_range(t) for t in range(after)]

@@ -69,7 +69,9 @@ class LowRankUnit(nn.Module):
     A_frozen: Tensor
     B_frozen: Tensor
     norms: Tensor
-    extra: Tensor
+    kd_increment: Tensor
+    pending_norm: Tensor
+    pending_absorb: Tensor
     slots: Tensor
     rank_owner: Tensor
 

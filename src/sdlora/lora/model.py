@@ -480,11 +480,12 @@ class SDLoRAModel(nn.Module):
             a, b = get(f"{name}.A_frozen"), get(f"{name}.B_frozen")
             if a.shape[1:] != u.A_frozen.shape[1:] or b.shape[:1] != u.B_frozen.shape[:1]:
                 raise ValueError(f"{name}: saved factors of shape {tuple(a.shape)}/{tuple(b.shape)} do not fit")
+            flags: tuple[Tensor | None, Tensor | None] = (None, None)
             if fmt == ADAPTER_FORMAT:
                 kd_inc = get(f"{name}.kd_increment")
                 flags = (get(f"{name}.pending_norm"), get(f"{name}.pending_absorb"))
             else:  # sdlora-adapter/1: every frozen component was normalised at end_task
-                kd_inc, flags = get(f"{name}.extra"), (None, None)
+                kd_inc = get(f"{name}.extra")
             u.set_frozen(a, b, get(f"{name}.norms"), get(f"{name}.slots"), kd_inc, m["comp_ranks"], *flags)
             u.drop_current()
             if m["cur_rank"]:
