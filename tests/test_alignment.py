@@ -135,8 +135,9 @@ def _accuracy(head, x, y):
         return float((head(x.float()).argmax(1) == y).float().mean())
 
 
+@pytest.mark.parametrize("params", ["head", "block_affine"])
 @pytest.mark.parametrize("logit_norm", [0.1, None])
-def test_alignment_fixes_a_planted_head_offset(logit_norm):
+def test_alignment_fixes_a_planted_head_offset(logit_norm, params):
     """Two tasks of two classes whose heads were trained apart (current-task loss): each block separates its own
     classes, but a planted offset makes block 0 win everywhere. Alignment on the stored Gaussians fixes it."""
     torch.manual_seed(0)
@@ -155,14 +156,23 @@ def test_alignment_fixes_a_planted_head_offset(logit_norm):
             torch.nn.functional.cross_entropy(logits, y[m] - 2 * task).backward()
             opt.step()
         stats.add_classes(iter(_batches(x[m], y[m], 32)), _identity, 2 * task, 2 * task + 2)
+    clean = _accuracy(head, x, y)  # each block trained on its own task only: calibrated by chance
     with torch.no_grad():
         typical = head(x.float()).abs().mean()
         head.biases[0].add_(typical * 0.7)  # the planted calibration error between the two blocks
     assert _accuracy(head, x, y) < 0.6  # task 1 is (almost) never predicted
-    cfg = AlignConfig(enabled=True, logit_norm=logit_norm)  # SLCA's settings otherwise
+    with torch.no_grad():
+        within_before = [head(x.float())[:, 2 * b : 2 * b + 2].argmax(1) for b in range(2)]
+    cfg = AlignConfig(enabled=True, logit_norm=logit_norm, params=params)  # SLCA's settings otherwise
     report = align_head(head, stats, cfg, seed=1, task=1)
     assert report["align_samples"] == 4 * cfg.samples_per_class
-    assert _accuracy(head, x, y) > 0.95
+    if params == "head":
+        assert _accuracy(head, x, y) > 0.95
+    else:  # a positive scale and an offset per block: better than before the offset, each block ranks as before
+        assert _accuracy(head, x, y) > clean + 0.03
+        with torch.no_grad():
+            within_after = [head(x.float())[:, 2 * b : 2 * b + 2].argmax(1) for b in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(within_before, within_after))
     assert [p.requires_grad for p in head.parameters()] == [False, True, False, True]  # flags restored
 
 

@@ -58,6 +58,13 @@ class AlignConfig:
         weight_decay: weight decay (SLCA: 5e-4).
         logit_norm: temperature of SLCA's logit normalisation (0.1 in its configs); ``None``: plain
             cross-entropy on the logits.
+        params: what trains: ``head`` (every weight and bias, SLCA) or ``block_affine`` (one scale and one
+            offset per task block, folded into the head afterwards: it recalibrates the blocks against each
+            other and leaves each block's ranking of its own classes as trained on real images; the
+            bias-correction layer of BiC, Wu et al., CVPR 2019, fitted on sampled features instead of exemplars).
+            ``block_affine`` is fitted to convergence by L-BFGS on all the samples drawn (``epochs`` x
+            ``samples_per_class`` per class); ``optimizer``, ``lr``, ``momentum``, ``weight_decay``,
+            ``batch_size`` and ``logit_norm`` apply to ``head`` only.
     """
 
     enabled: bool = False
@@ -71,6 +78,7 @@ class AlignConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     logit_norm: float | None = 0.1
+    params: Literal["head", "block_affine"] = "head"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.shrinkage <= 1.0:
@@ -270,23 +278,78 @@ def _generator(seed: int, task: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + task * 7_919 + epoch + 17) % (2**63 - 1))
 
 
+def _fit_block_affine(
+    head: IncrementalLinear, stats: FeatureStatistics, cfg: AlignConfig, factors: list[Tensor], seed: int, task: int
+) -> tuple[int, float]:
+    """Fit one scale ``exp(rho_b)`` and one offset ``c_b`` per block on sampled features, fold them into the head.
+
+    The head is fixed, so the logits of the samples are computed once and the 2 x blocks parameters are fitted by
+    full-batch L-BFGS (float64) to convergence, with a small ridge ``1e-3 (rho^2 + c^2)`` towards the identity
+    (without it the fit may run off to an infinite scale when the sampled blocks separate perfectly).
+    """
+    params = list(head.parameters())
+    device, dtype = params[0].device, params[0].dtype
+    xs, ys = [], []
+    for epoch in range(max(cfg.epochs, 1)):  # the same draws as the head variant's epochs
+        x, y = stats.sample(factors, cfg.samples_per_class, _generator(seed, task, epoch))
+        xs.append(x)
+        ys.append(y)
+    y = torch.cat(ys).to(device)
+    with torch.no_grad():
+        z = head(torch.cat(xs).to(device=device, dtype=dtype)).double()
+    sizes = torch.tensor(head.block_sizes(), device=device)
+    rho = torch.zeros(len(sizes), device=device, dtype=torch.float64, requires_grad=True)
+    shift = torch.zeros(len(sizes), device=device, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([rho, shift], lr=1.0, max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def loss_fn() -> Tensor:
+        calibrated = z * torch.repeat_interleave(rho.exp(), sizes) + torch.repeat_interleave(shift, sizes)
+        return F.cross_entropy(calibrated, y) + 1e-3 * (rho.square().sum() + shift.square().sum())
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+        final = float(loss_fn().detach())
+    if not math.isfinite(final):
+        raise RuntimeError(f"classifier alignment (block_affine) diverged after task {task + 1}")
+    with torch.no_grad():
+        for b, (w, bias) in enumerate(zip(head.weights, head.biases)):
+            scale = rho[b].exp().to(dtype)
+            w.mul_(scale)
+            bias.mul_(scale).add_(shift[b].to(dtype))
+    return len(ys[0]), final
+
+
 def align_head(
     head: IncrementalLinear, stats: FeatureStatistics, cfg: AlignConfig, *, seed: int, task: int
 ) -> dict[str, Any]:
-    """Retrain every block of ``head`` on Gaussian features of all classes in ``stats`` (cross-entropy over all).
+    """Retrain ``head`` on Gaussian features of all classes in ``stats`` (cross-entropy over all seen classes).
 
-    The head's ``requires_grad`` flags are restored afterwards. Deterministic given ``(seed, task)``.
+    ``cfg.params == "head"``: every weight and bias of every block trains with the configured optimiser (SLCA).
+    ``"block_affine"``: one scale and one offset per task block, fitted by L-BFGS (``_fit_block_affine``) and
+    folded into the block (``W_b <- s_b W_b``, ``b_b <- s_b b_b + c_b``): the head keeps its shape and each
+    block's ranking of its own classes. The head's ``requires_grad`` flags are restored afterwards.
+    Deterministic given ``(seed, task)``.
 
     Returns:
-        ``{"align_epochs", "align_samples", "align_loss"}`` (mean loss of the last epoch).
+        ``{"align_epochs", "align_samples", "align_loss"}``: samples drawn per epoch, mean loss of the last
+        epoch (for ``block_affine``: the final loss of the fit).
     """
     if head.num_classes != stats.num_classes:
         raise ValueError(f"the head has {head.num_classes} classes but the statistics hold {stats.num_classes}")
+    factors = stats.sampling_factors(cfg.shrinkage)
+    if cfg.params == "block_affine":
+        per_epoch, fit_loss = _fit_block_affine(head, stats, cfg, factors, seed, task)
+        return {"align_epochs": cfg.epochs, "align_samples": per_epoch, "align_loss": fit_loss}
     params = list(head.parameters())
     flags = [p.requires_grad for p in params]
     device = params[0].device
     dtype = params[0].dtype
-    factors = stats.sampling_factors(cfg.shrinkage)
     sizes = head.block_sizes()
     for p in params:
         p.requires_grad_(True)
