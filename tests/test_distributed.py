@@ -194,10 +194,19 @@ DRIVER = textwrap.dedent(
 )
 
 
-def test_kd_ranks_hold_identical_state(tmp_path):
-    """SD-LoRA-KD: the least-squares fit and absorption run on every rank and give bit-identical states."""
+def test_kd_and_alignment_ranks_hold_identical_state(tmp_path):
+    """SD-LoRA-KD: the least-squares fit and absorption run on every rank and give bit-identical states; so does
+    classifier alignment (statistics summed over processes, the same Gaussian samples on every rank): the
+    engine's cross-rank check after every task (which includes the statistics and the realigned head) passes."""
     # tau above any possible residual (d has unit norm): every new direction after task 1 is absorbed.
-    cfg = tiny_config(method={"name": "sdlora_kd", "adapter": {"kd_tau": 1.5}}, train={"epochs": 2})
+    cfg = tiny_config(
+        method={
+            "name": "sdlora_kd",
+            "adapter": {"kd_tau": 1.5},
+            "align": {"enabled": True, "epochs": 1, "samples_per_class": 16},
+        },
+        train={"epochs": 2},
+    )
     write_config(tmp_path / "kd.yaml", cfg)
     (tmp_path / "driver.py").write_text(DRIVER)
     (tmp_path / "rec").mkdir()
@@ -209,6 +218,9 @@ def test_kd_ranks_hold_identical_state(tmp_path):
     assert r0["group_alive"] and r1["group_alive"]
     assert r0["detected"] and r1["detected"] and "different model states" in r0["detected"]
     assert _files(tmp_path / "run") >= {"results.json", "checkpoints/task_002.safetensors"}
+    reports = [t["method_report"] for t in _results(tmp_path / "run")["task_log"]]
+    assert [r["align_classes"] for r in reports] == [2, 4, 6]  # every class's statistics, from both shards
+    assert [r.get("align_samples") for r in reports] == [None, 4 * 16, 6 * 16]
 
 
 @pytest.mark.slow  # one more launch (~10 s); the rest of the file stays near a minute on 2 cores

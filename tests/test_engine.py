@@ -249,6 +249,69 @@ def test_training_changes_adapter_not_backbone(tmp_path):
     assert changed and all(k.endswith("attn.qkv.weight") for k in changed)
 
 
+class _RandomSample(torch.utils.data.Dataset):
+    """Each item is a fresh draw from the global torch RNG, like a random training transform."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.rand(3)
+
+
+def test_seeded_augment_depends_on_seed_epoch_and_index_only():
+    from sdlora.engine import SeededAugment
+
+    aug = SeededAugment(_RandomSample(), base_seed=5)
+    first = [aug[i] for i in range(4)]
+    torch.rand(10)  # the global RNG state must not matter
+    assert all(torch.equal(a, aug[i]) for i, a in enumerate(first))
+    assert not torch.equal(first[0], first[1])  # index
+    aug.epoch = 1
+    assert all(not torch.equal(a, aug[i]) for i, a in enumerate(first))  # epoch
+    other = SeededAugment(_RandomSample(), base_seed=6)
+    assert not torch.equal(other[0], first[0])  # seed (and task: base_seed is seed * 1000 + task)
+
+
+def _augmented_config():
+    return tiny_config(
+        data={"augment": True, "train_per_class": 8, "test_per_class": 4},
+        train={"epochs": 2, "threads": 1},
+    )
+
+
+def test_augmented_runs_are_deterministic_resumable_and_vary_by_epoch(tmp_path, monkeypatch):
+    from sdlora.engine import SeededAugment
+
+    seen: set[tuple[int, int]] = set()
+    original = SeededAugment.__getitem__
+
+    def spy(self, i):
+        seen.add((self.base_seed, self.epoch))
+        return original(self, i)
+
+    monkeypatch.setattr(SeededAugment, "__getitem__", spy)
+    a = _run(tmp_path, _augmented_config(), "a")
+    # Every task draws its own augmentations in every epoch (seed 7: base seeds 7000 + task).
+    assert seen == {(7000 + t, e) for t in range(3) for e in range(2)}
+    b = _run(tmp_path, _augmented_config(), "b")
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    fa, _ = load_checkpoint(latest_checkpoint(tmp_path / "a"))
+    fb, _ = load_checkpoint(latest_checkpoint(tmp_path / "b"))
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    # Killed during task 3, resumed: the same augmentations, the same final state.
+    part = tmp_path / "b"
+    for p in (part / "checkpoints").glob("task_002.*"):
+        p.unlink()
+    res = json.loads((part / "results.json").read_text())
+    res["status"] = "running"
+    (part / "results.json").write_text(json.dumps(res))
+    resumed = _run(tmp_path, _augmented_config(), "b", resume=True)
+    assert resumed["accuracy_matrix"] == a["accuracy_matrix"]
+    fr, _ = load_checkpoint(latest_checkpoint(part))
+    assert all(torch.equal(fa[k], fr[k]) for k in fa if not k.startswith("rng."))
+
+
 def test_run_state_checkpoint_roundtrip():
     state = RunState(
         correct=[[5], [4, 6]],

@@ -1,4 +1,4 @@
-"""Command-line interface: ``sdlora run | demo | compare | check-data | export | report | list``.
+"""Command-line interface: ``sdlora run | demo | compare | check-data | export | report | diagnose | list``.
 
 Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, data, run directory). The reason goes to
 stderr in one line (``sdlora: error: ...``), also when it happened in a DataLoader worker process.
@@ -192,6 +192,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    import json
+
+    from .diagnose import diagnose_run, format_diagnosis
+
+    d = diagnose_run(args.run_dir, task=args.task, device=args.device)
+    print(format_diagnosis(d))
+    if args.json:
+        Path(args.json).write_text(json.dumps(d, indent=1) + "\n")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .backbones import BACKBONES
     from .config import preset_names
@@ -260,6 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("run_dirs", nargs="+")
     sp.add_argument("--out", help="also write report.md and plots/curves.png here")
     sp.set_defaults(fn=cmd_report)
+
+    sp = sub.add_parser(
+        "diagnose", help="per head block: accuracy, task-aware accuracy, block confusion and logits on test data"
+    )
+    sp.add_argument("run_dir")
+    sp.add_argument("--task", type=int, help="use the checkpoint after this task (1-based; default: the last)")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--json", help="also write the numbers to this JSON file")
+    sp.set_defaults(fn=cmd_diagnose)
 
     sp = sub.add_parser("list", help="registered methods, datasets, backbones and presets")
     sp.set_defaults(fn=cmd_list)

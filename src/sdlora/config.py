@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .alignment import AlignConfig
 from .backbones import BackboneConfig
 from .configtools import ConfigError, apply_overrides, from_dict, load_yaml, override_key, to_dict
 from .data import DataConfig, Scenario, make_scenario
@@ -46,6 +47,9 @@ class MethodConfig:
         options: the method's own options, checked against the options dataclass the method declares next to
             its code (``Method.options_class``; e.g. ``InfLoRAOptions`` in ``methods/inflora.py``) when the config
             is loaded. Methods without options take none.
+        align: optional classifier alignment after each task (SLCA, ``alignment.AlignConfig``), for every method
+            with a trained head; off by default and in the paper presets (a deviation from the SD-LoRA paper).
+            ``sdlora_ca`` and ``seq_lora_ca`` turn it on.
     """
 
     name: str = "sdlora"
@@ -53,6 +57,7 @@ class MethodConfig:
     loss_scope: Literal["current", "all"] = "current"
     head_init: Literal["kaiming", "zeros"] = "kaiming"
     options: dict[str, Any] = field(default_factory=dict)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
 
 @dataclass

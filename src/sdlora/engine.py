@@ -541,9 +541,10 @@ def task_data(scenario: Scenario, data: DatasetBundle, t: int) -> TaskData:
 def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, num_tasks: int) -> dict[str, Any]:
     """Learn one task and evaluate on every task so far; updates ``state`` in place.
 
-    ``begin_task`` -> training epochs -> ``end_task`` -> (under torchrun) the check that every process holds the
-    same state -> evaluation on ``task.test`` (argmax over all seen classes) -> ``state`` gets the new row of
-    counts, the test totals, the trainable count, the log entry, the wall time and ``next_task``.
+    ``begin_task`` -> training epochs -> ``end_task`` -> ``after_task`` (optional classifier alignment) -> (under
+    torchrun) the check that every process holds the same state -> evaluation on ``task.test`` (argmax over all seen
+    classes) -> ``state`` gets the new row of counts, the test totals, the trainable count, the log entry, the wall
+    time and ``next_task``.
 
     Args:
         method: the method, on ``rt.device``, with tasks ``0..task.task - 1`` learned.
@@ -586,12 +587,14 @@ def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, nu
         epochs=tcfg.epochs_for(t),
         statistics_batches=statistics_batches,
         all_reduce=lambda x: _all_reduce_sum(x, info),
+        seed=rt.seed,
     )
     method.begin_task(ctx)
     trainable = int(method.parameter_counts()["trainable"])
     train_set = SeededAugment(task.train, base_seed=rt.seed * 1000 + t)
     train_stats = _train_task(method, ctx, train_set, rt)
     end_report = method.end_task(ctx)
+    end_report.update(method.after_task(ctx))  # optional classifier alignment (method.align)
     check_ranks_agree(method, info, device, t)
     t_train = time.time() - t0
     test_loader = _loader(

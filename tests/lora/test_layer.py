@@ -30,7 +30,9 @@ def dense_qkv_weight(model: SDLoRAModel, layer_name: str, w0: torch.Tensor) -> t
                 n = torch.linalg.norm(m)
             else:
                 n = torch.linalg.norm(b) * torch.linalg.norm(a)
-            w[u.start : u.stop] += (a_row[u.slots[c]].double() + u.extra[c].double()) * m / n
+            if bool(u.pending_norm[c]):  # acts as trained until the next task starts (official protocol)
+                n = torch.ones((), dtype=torch.float64)
+            w[u.start : u.stop] += (a_row[u.slots[c]].double() + u.kd_increment[c].double()) * m / n
         if u.A_cur is not None:
             m = u.B_cur.detach().double() @ u.A_cur.detach().double()
             scale = a_row[u.cur_slot].double()

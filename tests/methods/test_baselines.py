@@ -16,6 +16,8 @@ from sdlora.methods import METHODS
 
 NEW_METHODS = [
     "seq_lora",
+    "seq_lora_ca",
+    "sdlora_ca",
     "full_ft",
     "simplecil",
     "inflora",
@@ -34,9 +36,8 @@ def test_method_runs_two_tasks_and_exports(tmp_path, name):
     assert saved["method"] == name and results["acc"] == saved["acc"]
     assert len(saved["accuracy_matrix"]) == 2 and all(0.0 <= v <= 100.0 for v in saved["acc_after_task"])
     assert len(saved["trainable_params_per_task"]) == 2 and saved["stored_params_total"] > 0
-    assert saved["protocol"] == {"seq_lora": "plain", "full_ft": "n/a", "simplecil": "n/a", "inflora": "n/a"}.get(
-        name, "official"
-    )
+    protocols = {"seq_lora": "plain", "seq_lora_ca": "plain", "full_ft": "n/a", "simplecil": "n/a", "inflora": "n/a"}
+    assert saved["protocol"] == protocols.get(name, "official")
     if name == "simplecil":
         assert saved["trainable_params_per_task"] == [0, 0]
         assert saved["stored_params_total"] == 4 * 32  # four prototypes of the 32-wide tiny ViT

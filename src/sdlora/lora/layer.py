@@ -62,9 +62,11 @@ class LowRankUnit(nn.Module):
 
     Buffers (frozen, one entry per stored component c):
         ``A_frozen`` (R, d_in), ``B_frozen`` (d_out, R): stacked factors; ``norms`` (C,): n_c fixed when the
-        component was frozen; ``slots`` (C,): index of the magnitude the component uses; ``extra`` (C,):
+        component was frozen; ``slots`` (C,): index of the magnitude the component uses; ``kd_increment`` (C,):
         magnitude increments absorbed by SD-LoRA-KD (Eq. 8), per unit because alpha is shared across layers;
-        ``rank_owner`` (R,): component of each stacked rank row.
+        ``pending_norm`` (C,): the component still acts unnormalised, as it was trained (official protocol,
+        until the next task starts; see ``SDLoRAModel.begin_task``); ``pending_absorb`` (C,): SD-LoRA-KD decided
+        to absorb it at that transition; ``rank_owner`` (R,): component of each stacked rank row.
     Parameters (the component being learned): ``A_cur`` (r, d_in), ``B_cur`` (d_out, r) or ``None``.
     """
 
@@ -72,7 +74,9 @@ class LowRankUnit(nn.Module):
     A_frozen: Tensor
     B_frozen: Tensor
     norms: Tensor
-    extra: Tensor
+    kd_increment: Tensor
+    pending_norm: Tensor
+    pending_absorb: Tensor
     slots: Tensor
     rank_owner: Tensor
 
@@ -88,7 +92,9 @@ class LowRankUnit(nn.Module):
         self.register_buffer("A_frozen", torch.zeros(0, in_features, device=weight.device, dtype=weight.dtype))
         self.register_buffer("B_frozen", torch.zeros(self.out_features, 0, device=weight.device, dtype=weight.dtype))
         self.register_buffer("norms", torch.zeros(0, device=weight.device, dtype=torch.float32))
-        self.register_buffer("extra", torch.zeros(0, device=weight.device, dtype=torch.float32))
+        self.register_buffer("kd_increment", torch.zeros(0, device=weight.device, dtype=torch.float32))
+        self.register_buffer("pending_norm", torch.zeros(0, device=weight.device, dtype=torch.bool))
+        self.register_buffer("pending_absorb", torch.zeros(0, device=weight.device, dtype=torch.bool))
         self.register_buffer("slots", torch.zeros(0, device=weight.device, dtype=torch.long))
         self.register_buffer("rank_owner", torch.zeros(0, device=weight.device, dtype=torch.long))
         self.comp_ranks: list[int] = []
@@ -124,11 +130,12 @@ class LowRankUnit(nn.Module):
         self.B_cur = None
         self.cur_slot = -1
 
-    def freeze_current(self, normaliser: str, extra: float = 0.0) -> bool:
-        """Move the current component into the frozen stack with its normaliser fixed now.
+    def freeze_current(self, normaliser: str, pending_norm: bool = False) -> bool:
+        """Move the current component into the frozen stack with its normaliser n fixed now.
 
-        Returns False (and drops it) when its product is exactly zero: such a component never contributed
-        and has no direction.
+        With ``pending_norm`` it keeps acting unnormalised (scale alpha, as it was trained) until
+        ``normalise_pending``; otherwise it acts as ``alpha / n`` at once. Returns False (and drops it) when its
+        product is exactly zero: such a component never contributed and has no direction.
         """
         assert self.A_cur is not None and self.B_cur is not None
         a, b = self.A_cur.detach(), self.B_cur.detach()
@@ -137,30 +144,60 @@ class LowRankUnit(nn.Module):
         self.drop_current()
         if norm == 0.0 or not math.isfinite(norm):
             return False
-        self._append(a.clone(), b.clone(), norm, slot, extra)
+        self._append(a.clone(), b.clone(), norm, slot, pending_norm)
         return True
 
-    def _append(self, a: Tensor, b: Tensor, norm: float, slot: int, extra: float) -> None:
+    def _append(self, a: Tensor, b: Tensor, norm: float, slot: int, pending_norm: bool) -> None:
         dev = self.norms.device
         comp = len(self.comp_ranks)
         self.A_frozen = torch.cat([self.A_frozen, a.to(self.A_frozen)], 0)
         self.B_frozen = torch.cat([self.B_frozen, b.to(self.B_frozen)], 1)
         self.norms = torch.cat([self.norms, torch.tensor([norm], device=dev, dtype=torch.float32)])
-        self.extra = torch.cat([self.extra, torch.tensor([extra], device=dev, dtype=torch.float32)])
+        self.kd_increment = torch.cat([self.kd_increment, torch.zeros(1, device=dev, dtype=torch.float32)])
+        self.pending_norm = torch.cat([self.pending_norm, torch.tensor([pending_norm], device=dev)])
+        self.pending_absorb = torch.cat([self.pending_absorb, torch.zeros(1, device=dev, dtype=torch.bool)])
         self.slots = torch.cat([self.slots, torch.tensor([slot], device=dev, dtype=torch.long)])
         owner = torch.full((a.shape[0],), comp, device=dev, dtype=torch.long)
         self.rank_owner = torch.cat([self.rank_owner, owner])
         self.comp_ranks.append(int(a.shape[0]))
 
-    def set_frozen(self, a: Tensor, b: Tensor, norms: Tensor, slots: Tensor, extra: Tensor, ranks: list[int]) -> None:
-        """Replace the frozen stack wholesale (used when loading a saved adapter)."""
+    def pop_last(self) -> None:
+        """Remove the newest frozen component (SD-LoRA-KD absorbed it into the earlier ones)."""
+        if not self.comp_ranks:
+            raise RuntimeError(f"unit {self.name} has no frozen component to remove")
+        r = self.comp_ranks.pop()
+        keep = self.A_frozen.shape[0] - r
+        self.A_frozen = self.A_frozen[:keep].clone()
+        self.B_frozen = self.B_frozen[:, :keep].clone()
+        for name in ("norms", "kd_increment", "pending_norm", "pending_absorb", "slots"):
+            setattr(self, name, getattr(self, name)[:-1].clone())
+        self.rank_owner = self.rank_owner[:keep].clone()
+
+    def set_frozen(
+        self,
+        a: Tensor,
+        b: Tensor,
+        norms: Tensor,
+        slots: Tensor,
+        kd_increment: Tensor,
+        ranks: list[int],
+        pending_norm: Tensor | None = None,
+        pending_absorb: Tensor | None = None,
+    ) -> None:
+        """Replace the frozen stack wholesale (used when loading a saved adapter); absent pending flags: none."""
         if sum(ranks) != a.shape[0] or a.shape[0] != b.shape[1] or len(ranks) != norms.numel():
             raise ValueError(f"inconsistent frozen factors for unit {self.name}")
         dev = self.norms.device
+        n = len(ranks)
+        flags = [torch.zeros(n, dtype=torch.bool) if f is None else f for f in (pending_norm, pending_absorb)]
+        if any(f.numel() != n for f in (slots, kd_increment, *flags)):
+            raise ValueError(f"inconsistent per-component state for unit {self.name}")
         self.A_frozen = a.to(self.A_frozen).clone()
         self.B_frozen = b.to(self.B_frozen).clone()
         self.norms = norms.to(device=dev, dtype=torch.float32).clone()
-        self.extra = extra.to(device=dev, dtype=torch.float32).clone()
+        self.kd_increment = kd_increment.to(device=dev, dtype=torch.float32).clone()
+        self.pending_norm = flags[0].to(device=dev, dtype=torch.bool).clone()
+        self.pending_absorb = flags[1].to(device=dev, dtype=torch.bool).clone()
         self.slots = slots.to(device=dev, dtype=torch.long).clone()
         self.comp_ranks = [int(r) for r in ranks]
         self.rank_owner = torch.repeat_interleave(
@@ -172,9 +209,12 @@ class LowRankUnit(nn.Module):
         return alphas if alphas.dim() == 1 else alphas[self.index]
 
     def frozen_scales(self, alphas: Tensor) -> Tensor:
-        """Per-component scale ``(alpha_slot + extra) / n`` of the frozen components, shape (C,)."""
+        """Per-component scale of the frozen components, shape (C,): ``(alpha_slot + kd_increment) / n``
+        (paper Eq. 4), or ``alpha_slot + kd_increment`` while the normalisation is pending (the component acts
+        as it was trained, official protocol)."""
         a = self._row(alphas)
-        return (a[self.slots].float() + self.extra) / self.norms
+        mag = a[self.slots].float() + self.kd_increment
+        return torch.where(self.pending_norm, mag, mag / self.norms)
 
     def current_scale(self, alphas: Tensor, normalise: bool, normaliser: str, eps: float) -> Tensor:
         """Scale of the current component: ``alpha_t / n_t`` when normalised (paper Eq. 4), else ``alpha_t``."""

@@ -7,8 +7,15 @@ Usage::
         model.begin_task()                         # new trainable (A_t, B_t) everywhere, magnitudes set up
         opt = torch.optim.SGD(model.trainable_parameters(), lr=8e-3, momentum=0.9)
         ...                                        # train with model(x)
-        report = model.end_task()                  # freeze the direction (or absorb it, with KD)
+        report = model.end_task()                  # freeze the direction; the function stays as trained
     plain = model.merge_and_unload()               # same class as the backbone, W0 + sum_k alpha_k dir_k folded in
+
+Evaluation path. ``end_task`` never changes the function: under the official protocol the just-trained component
+keeps acting unnormalised (``alpha_t B_t A_t``, what the official code evaluates after a task) and is normalised,
+with every magnitude re-created, only when the next ``begin_task`` starts (official code: the backbone is rebuilt
+at the start of each task); under the paper protocol the current component is normalised while it trains, so
+freezing it is continuous anyway. Whatever is evaluated, merged or exported between tasks is therefore the state
+the chosen protocol evaluates.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from .surgery import find_linears, is_fused_qkv, qkv_slices, replace_submodule
 
 __all__ = ["SDLoRAModel", "ADAPTER_FORMAT"]
 
-ADAPTER_FORMAT = "sdlora-adapter/1"
+ADAPTER_FORMAT = "sdlora-adapter/2"
+#: Earlier formats ``load_adapter_state`` still reads: /1 had no pending flags and called ``kd_increment`` "extra".
+_OLD_FORMATS = ("sdlora-adapter/1",)
 
 
 class SDLoRAModel(nn.Module):
@@ -104,6 +113,12 @@ class SDLoRAModel(nn.Module):
         return torch.cat([self.alpha_prev, self.alpha_cur], dim=-1)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() and self.merged and any(p.requires_grad for p in self.parameters()):
+            # The merged layers compute base(x) only: the adapter parameters would silently get no gradient.
+            raise RuntimeError(
+                "SDLoRAModel is merged, so its trainable adapter parameters would get no gradient: call unmerge() "
+                "before training (or run the forward under torch.no_grad() for inference)"
+            )
         alphas = self.alphas()  # built once per forward, shared by every layer (paper §4.1)
         sources = (self.alpha_prev, self.alpha_cur)  # what alphas is made of: keys the layers' fold caches
         layers = self.layers()
@@ -122,7 +137,14 @@ class SDLoRAModel(nn.Module):
         return self.config.components == "per_task" or task == 0
 
     def begin_task(self, rank: int | None = None) -> int:
-        """Start the next task: add a trainable component (A kaiming-uniform, B zero) and set the magnitudes.
+        """Start the next task: the protocol's transition, then a new trainable component and the magnitudes.
+
+        The transition (official code: what rebuilding the backbone at the start of a task does): every
+        component still acting unnormalised is divided by its normaliser from now on, the magnitudes are
+        re-created at ``alpha_init`` unless ``alpha_carry_over``, and components SD-LoRA-KD decided to absorb
+        are folded into the earlier magnitudes of their unit with the magnitude they now have (so the function
+        is the one the kept component would give, up to the fit residual). Then each unit gets a new component
+        (A kaiming-uniform, B zero), which leaves the function unchanged.
 
         Args:
             rank: rank of the new component; default from ``config.rank_for_task`` (SD-LoRA-RR schedule).
@@ -132,6 +154,7 @@ class SDLoRAModel(nn.Module):
         """
         if self.in_task:
             raise RuntimeError("begin_task() called twice: call end_task() before starting another task")
+        self._refuse_merged("begin_task")
         cfg = self.config
         task = self.num_tasks
         rank = cfg.rank_for_task(task) if rank is None else rank
@@ -157,11 +180,29 @@ class SDLoRAModel(nn.Module):
         )
         if cfg.alpha_carry_over:
             values[..., : old.shape[-1]] = old
+        self._transition(values)
         self._set_magnitudes(values, training=True)
         self.task_ranks.append(added)
         self.num_tasks += 1
         self.in_task = True
         return added
+
+    def _transition(self, alphas: Tensor) -> None:
+        """Normalise pending components and carry out deferred KD absorptions, with the new magnitudes."""
+        for _, unit in self.named_units():
+            if not unit.num_frozen:
+                continue
+            absorb = bool(unit.pending_absorb[-1])
+            unit.pending_norm.zero_()
+            if absorb:
+                coef, _ = self._kd_fit(unit)
+                self._absorb_last(unit, coef, alphas)
+            if bool(unit.pending_absorb.any()):
+                raise RuntimeError(f"unit {unit.name}: a KD absorption is pending on an older component")
+
+    def _refuse_merged(self, what: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"{what}() on a merged SDLoRAModel: call unmerge() first (merged models do not train)")
 
     def _set_magnitudes(self, values: Tensor, training: bool) -> None:
         cfg = self.config
@@ -181,14 +222,24 @@ class SDLoRAModel(nn.Module):
 
     @torch.no_grad()
     def end_task(self) -> dict[str, Any]:
-        """Finish the current task: freeze its direction in every unit (or absorb it, with KD).
+        """Finish the current task: freeze its direction in every unit, leaving the function as trained.
+
+        Under the official protocol (``normalise_current: false``) the frozen component keeps acting
+        unnormalised until the next ``begin_task``; under the paper protocol it was normalised while training
+        and is frozen as ``alpha_t / n_t`` (continuous up to ``norm_eps``). SD-LoRA-KD (paper Eq. 7-8,
+        Algorithm 1) decides here which units' new direction the earlier ones explain; the absorption itself
+        is done now when the component is already normalised (paper protocol, as Algorithm 1) and at the next
+        ``begin_task`` otherwise, so that the state evaluated after the task is the one that was trained.
 
         Returns:
-            ``{"task", "rank", "frozen", "absorbed", "dropped_zero"}``: how many units kept a new frozen
-            direction, how many absorbed it into earlier magnitudes (SD-LoRA-KD), how many had a zero product.
+            ``{"task", "rank", "frozen", "absorbed", "dropped_zero"}`` (+ ``"kd_absorption"`` with KD): how many
+            units kept a new frozen direction, how many (will) absorb it into earlier magnitudes, how many had
+            a zero product; ``"kd_absorption"`` says when absorbed directions are folded in (``"end_task"`` or
+            ``"next begin_task"``).
         """
         if not self.in_task:
             raise RuntimeError("end_task() called without begin_task()")
+        self._refuse_merged("end_task")
         cfg = self.config
         task = self.num_tasks - 1
         report: dict[str, Any] = {
@@ -198,49 +249,53 @@ class SDLoRAModel(nn.Module):
             "absorbed": 0,
             "dropped_zero": 0,
         }
+        pending = not cfg.normalise_current
         # "single" keeps its one component learning; "first_only" has nothing new after the first task.
         if cfg.components != "single" and self._adds_component(task):
             alphas = self.alphas().detach()
             for _, unit in self.named_units():
                 if not unit.has_current:
                     continue
-                if cfg.kd and unit.num_frozen and self._kd_absorb(unit, alphas):
-                    report["absorbed"] += 1
-                elif unit.freeze_current(str(cfg.normaliser)):
-                    report["frozen"] += 1
-                else:
+                if not unit.freeze_current(str(cfg.normaliser), pending_norm=pending):
                     report["dropped_zero"] += 1
+                    continue
+                if cfg.kd and unit.num_frozen > 1:
+                    coef, residual = self._kd_fit(unit)
+                    if residual <= cfg.kd_tau:
+                        report["absorbed"] += 1
+                        if pending:
+                            unit.pending_absorb[-1] = True  # folded in at the next begin_task
+                        else:
+                            self._absorb_last(unit, coef, alphas)
+                        continue
+                report["frozen"] += 1
         # Magnitudes stay as they are (buffers between tasks); begin_task decides what carries over.
         self._set_magnitudes(self.alphas().detach(), training=False)
         self.in_task = False
         if cfg.kd:
+            report["kd_absorption"] = "next begin_task" if pending else "end_task"
             self.kd_log.append({"task": task, "absorbed": report["absorbed"], "kept": report["frozen"]})
         return report
 
-    def _kd_absorb(self, unit: LowRankUnit, alphas: Tensor) -> bool:
-        """SD-LoRA-KD for one unit (paper Eq. 7-8, Algorithm 1 lines 9-13).
+    def _kd_fit(self, unit: LowRankUnit) -> tuple[Tensor, float]:
+        """Least-squares fit of the unit's newest frozen direction by the earlier ones (paper Eq. 7).
 
-        Fits the new normalised direction d = M_t / ||M_t||_F by the unit's frozen directions D_k = M_k / n_k:
-        c = argmin ||d - sum_k c_k D_k||_F (Eq. 7), in float64 from r x r Gram blocks (no dense d_out x d_in
-        product). If the residual ||d - D c||_F (unsquared unless ``kd_squared_residual``; d has unit norm, so
-        it is relative) is <= tau, the component is dropped and its contribution is moved onto the earlier
-        magnitudes of this unit: extra_k += kappa * c_k, where kappa = ||M_t||_F * (current scale) is the
-        weight the current component had on d. Eq. 8 writes alpha_k + c_k, which is the same when the current
-        component is normalised with alpha_t = 1; the kappa factor keeps the layer's function otherwise.
-        The increments are stored per unit because the magnitudes are shared across layers.
+        d = M_t / ||M_t||_F is fitted by D_k = M_k / n_k: c = argmin ||d - sum_k c_k D_k||_F, in float64 from
+        r x r Gram blocks (no dense d_out x d_in product). Returns ``(c, residual)`` with the residual
+        ``||d - D c||_F`` (d has unit norm, so it is relative), squared when ``kd_squared_residual``.
         """
         cfg = self.config
-        assert unit.A_cur is not None and unit.B_cur is not None
-        a_t, b_t = unit.A_cur.detach().double(), unit.B_cur.detach().double()
-        a_f, b_f = unit.A_frozen.double(), unit.B_frozen.double()
+        r_t = unit.comp_ranks[-1]
+        keep = unit.A_frozen.shape[0] - r_t
+        a_all, b_all = unit.A_frozen.double(), unit.B_frozen.double()
+        a_t, b_t = a_all[keep:], b_all[:, keep:]
+        a_f, b_f = a_all[:keep], b_all[:, :keep]
         m_norm = float(component_norm(b_t, a_t, "frobenius_of_product"))
-        if m_norm == 0.0:
-            return False
-        owner = unit.rank_owner
-        n_comp = unit.num_frozen
-        proj = torch.zeros(n_comp, owner.numel(), dtype=torch.float64, device=owner.device)
-        proj[owner, torch.arange(owner.numel(), device=owner.device)] = 1.0
-        norms = unit.norms.double()
+        owner = unit.rank_owner[:keep]
+        n_comp = unit.num_frozen - 1
+        proj = torch.zeros(n_comp, keep, dtype=torch.float64, device=owner.device)
+        proj[owner, torch.arange(keep, device=owner.device)] = 1.0
+        norms = unit.norms[:n_comp].double()
         # <M_k, M_l>_F = sum((B_k^T B_l) * (A_k A_l^T)), aggregated from rank rows to components.
         gram_m = proj @ ((b_f.t() @ b_f) * (a_f @ a_f.t())) @ proj.t()
         gram = gram_m / (norms[:, None] * norms[None, :])
@@ -250,18 +305,26 @@ class SDLoRAModel(nn.Module):
         gram, rhs = gram.cpu(), rhs.cpu()
         coef = torch.linalg.lstsq(gram, rhs[:, None], driver="gelsd").solution[:, 0]
         res_sq = float((1.0 - 2.0 * coef @ rhs + coef @ gram @ coef).clamp_min(0.0))
-        residual = res_sq if cfg.kd_squared_residual else res_sq**0.5
-        if residual > cfg.kd_tau:
-            return False
-        alpha_t = float(unit._row(alphas)[unit.cur_slot])
-        if cfg.normalise_current:
-            n_cur = float(component_norm(b_t, a_t, str(cfg.normaliser)))
-            kappa = alpha_t * m_norm / (n_cur * n_cur + cfg.norm_eps**2) ** 0.5
-        else:
-            kappa = alpha_t * m_norm
-        unit.extra += (kappa * coef).to(unit.extra.device, unit.extra.dtype)
-        unit.drop_current()
-        return True
+        return coef, (res_sq if cfg.kd_squared_residual else res_sq**0.5)
+
+    def _absorb_last(self, unit: LowRankUnit, coef: Tensor, alphas: Tensor) -> None:
+        """SD-LoRA-KD's absorption (paper Eq. 8, Algorithm 1 line 12) of the unit's newest frozen component.
+
+        The component contributes s_t M_t with s_t its current scale (``(alpha_t + kd_t) / n_t``, or without
+        ``/ n_t`` while unnormalised), i.e. kappa * d with kappa = s_t ||M_t||_F; with d ~ sum_k c_k D_k this is
+        sum_k kappa c_k D_k, so kappa * c_k is added to the earlier components' magnitude increments and the
+        component is removed. Eq. 8 writes alpha_k + c_k, which is the same when the direction is normalised by
+        ||M_t||_F with alpha_t = 1; kappa keeps the layer's function in every other case. The increments are
+        stored per unit because the magnitudes are shared across layers.
+        """
+        last = unit.num_frozen - 1
+        a_t = unit.A_frozen[unit.A_frozen.shape[0] - unit.comp_ranks[-1] :].double()
+        b_t = unit.B_frozen[:, unit.B_frozen.shape[1] - unit.comp_ranks[-1] :].double()
+        m_norm = float(component_norm(b_t, a_t, "frobenius_of_product"))
+        scale = float(unit.frozen_scales(alphas)[last])
+        kappa = scale * m_norm
+        unit.kd_increment[:last] += (kappa * coef).to(unit.kd_increment.device, unit.kd_increment.dtype)
+        unit.pop_last()
 
     # ----------------------------------------------------------------------------------------- training
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -291,7 +354,7 @@ class SDLoRAModel(nn.Module):
                     trainable_adapter += n
             for c, r in enumerate(u.comp_ranks):
                 stored_per_slot[int(u.slots[c])] += r * (u.in_features + u.out_features)
-            stored_total += u.A_frozen.numel() + u.B_frozen.numel() + u.norms.numel() + u.extra.numel()
+            stored_total += u.A_frozen.numel() + u.B_frozen.numel() + u.norms.numel() + u.kd_increment.numel()
         mags = self.alpha_prev.numel() + self.alpha_cur.numel()
         trainable_mags = sum(t.numel() for t in (self.alpha_prev, self.alpha_cur) if t.requires_grad)
         return {
@@ -305,7 +368,8 @@ class SDLoRAModel(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold all components into the wrapped weights in place, for inference at the cost of the bare
-        backbone. ``unmerge`` restores W0 exactly. Training while merged is refused."""
+        backbone. ``unmerge`` restores W0 exactly. Training while merged is refused: a forward with autograd
+        while parameters require grad, ``begin_task``, ``end_task`` and ``load_adapter_state`` raise."""
         alphas = self.alphas().detach()
         for layer in self.layers():
             layer.merge(alphas)
@@ -364,7 +428,9 @@ class SDLoRAModel(nn.Module):
             tensors[f"{name}.A_frozen"] = u.A_frozen
             tensors[f"{name}.B_frozen"] = u.B_frozen
             tensors[f"{name}.norms"] = u.norms
-            tensors[f"{name}.extra"] = u.extra
+            tensors[f"{name}.kd_increment"] = u.kd_increment
+            tensors[f"{name}.pending_norm"] = u.pending_norm
+            tensors[f"{name}.pending_absorb"] = u.pending_absorb
             tensors[f"{name}.slots"] = u.slots
             if u.A_cur is not None and u.B_cur is not None:
                 tensors[f"{name}.A_cur"] = u.A_cur
@@ -393,8 +459,10 @@ class SDLoRAModel(nn.Module):
             ValueError: the state is of another format, was made with another adapter configuration, or its
                 units do not match this backbone (names, slices or input sizes differ).
         """
-        if meta.get("format") != ADAPTER_FORMAT:
-            raise ValueError(f"not an sdlora adapter state (format {meta.get('format')!r}, want {ADAPTER_FORMAT})")
+        fmt = meta.get("format")
+        if fmt != ADAPTER_FORMAT and fmt not in _OLD_FORMATS:
+            raise ValueError(f"not an sdlora adapter state (format {fmt!r}, want {ADAPTER_FORMAT})")
+        self._refuse_merged("load_adapter_state")
         mine = dataclasses.asdict(self.config)
         theirs = meta.get("config", {})
         # ``compute`` only chooses how the same function is evaluated: a state loads under any of its values.
@@ -420,7 +488,13 @@ class SDLoRAModel(nn.Module):
             a, b = get(f"{name}.A_frozen"), get(f"{name}.B_frozen")
             if a.shape[1:] != u.A_frozen.shape[1:] or b.shape[:1] != u.B_frozen.shape[:1]:
                 raise ValueError(f"{name}: saved factors of shape {tuple(a.shape)}/{tuple(b.shape)} do not fit")
-            u.set_frozen(a, b, get(f"{name}.norms"), get(f"{name}.slots"), get(f"{name}.extra"), m["comp_ranks"])
+            flags: tuple[Tensor | None, Tensor | None] = (None, None)
+            if fmt == ADAPTER_FORMAT:
+                kd_inc = get(f"{name}.kd_increment")
+                flags = (get(f"{name}.pending_norm"), get(f"{name}.pending_absorb"))
+            else:  # sdlora-adapter/1: every frozen component was normalised at end_task
+                kd_inc = get(f"{name}.extra")
+            u.set_frozen(a, b, get(f"{name}.norms"), get(f"{name}.slots"), kd_inc, m["comp_ranks"], *flags)
             u.drop_current()
             if m["cur_rank"]:
                 u.add_current(m["cur_rank"], m["cur_slot"])

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..alignment import AlignConfig, FeatureStatistics, align_head
 from ..backbones import Backbone
 from ..config import MethodConfig
 from ..configtools import ConfigError, from_dict
@@ -83,6 +84,7 @@ class TaskContext:
         statistics_batches: yields ``(x, y)`` batches of the current task's training data with evaluation
             transforms, on ``device`` (for prototypes, covariances); under torchrun each process gets its shard.
         all_reduce: sums a tensor over processes (identity in a single process).
+        seed: the run's seed (for a method's own seeded draws, identical on every process).
     """
 
     task: int
@@ -93,6 +95,7 @@ class TaskContext:
     epochs: int
     statistics_batches: Callable[[], Iterator[tuple[Tensor, Tensor]]] = field(repr=False)
     all_reduce: Callable[[Tensor], Tensor] = field(repr=False, default=lambda t: t)
+    seed: int = 0
 
     @property
     def num_new(self) -> int:
@@ -114,6 +117,8 @@ class Method(nn.Module):
     #: backbone forward passes per prediction (prompt methods: 2, a query pass then the prompted pass); recorded
     #: in ``results.json`` and shown in the compare table as the inference cost
     inference_passes: ClassVar[int] = 1
+    #: False for methods whose prediction does not come from ``self.head`` (classifier alignment is refused).
+    uses_head: ClassVar[bool] = True
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone) -> None:
         super().__init__()
@@ -123,6 +128,19 @@ class Method(nn.Module):
         self.num_features = backbone.num_features
         self.model: nn.Module = backbone.model
         self.head = IncrementalLinear(backbone.num_features, init=cfg.head_init)
+        self.align_config = self.make_align_config(cfg.align)
+        self.align_stats: FeatureStatistics | None = None
+        if self.align_config.enabled:
+            if not self.uses_head:
+                raise ValueError(
+                    f"method {self.name!r} does not predict with a trained head: method.align.enabled needs a "
+                    "head-based method (sdlora, seq_lora, inflora, ...)"
+                )
+            self.align_stats = FeatureStatistics(backbone.num_features, self.align_config.covariance)
+
+    def make_align_config(self, cfg: AlignConfig) -> AlignConfig:
+        """Registry entries that are "this method + classifier alignment" turn it on here (configuration)."""
+        return cfg
 
     @property
     def protocol(self) -> str:
@@ -156,6 +174,29 @@ class Method(nn.Module):
         """Called after training, before evaluation. Returns facts for the log (JSON-able)."""
         return {}
 
+    @torch.no_grad()
+    def after_task(self, ctx: TaskContext) -> dict[str, Any]:
+        """Optional stage after ``end_task``, before evaluation: classifier alignment (``method.align``).
+
+        Stores the feature mean and covariance of the task's classes (training images, evaluation transforms,
+        summed over processes), then, from the second task on, retrains every head block on Gaussian samples of
+        all seen classes (``alignment.align_head``). Returns facts for the log (empty when alignment is off).
+        """
+        if self.align_stats is None:
+            return {}
+        was_training = self.training
+        self.eval()
+        try:
+            self.align_stats.add_classes(
+                ctx.statistics_batches(), self.features, ctx.class_start, ctx.class_end, ctx.all_reduce, ctx.device
+            )
+        finally:
+            self.train(was_training)
+        report: dict[str, Any] = {"align_classes": self.align_stats.num_classes}
+        if self.head.num_blocks > 1 and self.align_config.epochs > 0:
+            report.update(align_head(self.head, self.align_stats, self.align_config, seed=ctx.seed, task=ctx.task))
+        return report
+
     def export_backbone(self) -> nn.Module:
         """A plain backbone (same class as the original) with everything learned folded in."""
         return self.model
@@ -166,7 +207,8 @@ class Method(nn.Module):
         beyond the frozen pretrained backbone (adapters, magnitudes, head, prototypes...)."""
         trainable = sum(p.numel() for p in self.trainable_parameters())
         head = sum(p.numel() for p in self.head.parameters())
-        return {"trainable": trainable, "stored": head}
+        stats = 0 if self.align_stats is None else self.align_stats.numel()
+        return {"trainable": trainable, "stored": head + stats}
 
     # -------------------------------------------------------------------------------------------- state
     def state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -175,6 +217,8 @@ class Method(nn.Module):
         for i, (w, b) in enumerate(zip(self.head.weights, self.head.biases)):
             tensors[f"head.weight.{i}"] = w.detach().cpu().contiguous()
             tensors[f"head.bias.{i}"] = b.detach().cpu().contiguous()
+        if self.align_stats is not None:
+            tensors.update(self.align_stats.tensors("align."))
         return tensors, {"method": self.name, "head_blocks": self.head.block_sizes()}
 
     @torch.no_grad()
@@ -188,3 +232,5 @@ class Method(nn.Module):
             self.head.weights[i].copy_(tensors[f"head.weight.{i}"])
             self.head.biases[i].copy_(tensors[f"head.bias.{i}"])
         self.head.set_trainable(train_old=False)
+        if self.align_stats is not None:
+            self.align_stats.load(tensors, "align.")

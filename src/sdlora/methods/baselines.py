@@ -1,5 +1,6 @@
-"""Baselines and SD-LoRA ablations in the same engine: ``seq_lora``, ``full_ft``, ``simplecil`` and the three
-ablations of paper Table 4 (``sdlora_ablation_first``, ``sdlora_ablation_single``, ``sdlora_ablation_fixed``).
+"""Baselines and SD-LoRA ablations in the same engine: ``seq_lora`` (``seq_lora_ca`` with classifier alignment),
+``full_ft``, ``simplecil`` and the three ablations of paper Table 4 (``sdlora_ablation_first``,
+``sdlora_ablation_single``, ``sdlora_ablation_fixed``).
 
 The LoRA baselines and the ablations are configurations of the one SD-LoRA implementation (``SDLoRA`` with another
 ``make_adapter_config``), so they share injection, targets, ranks, forward path, checkpoints and export.
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..alignment import AlignConfig
 from ..backbones import Backbone
 from ..config import MethodConfig
 from ..lora import AdapterConfig
@@ -26,6 +28,7 @@ __all__ = [
     "SDLoRAAblationFixed",
     "SDLoRAAblationSingle",
     "SeqLoRA",
+    "SeqLoRACA",
     "SimpleCIL",
     "plain_lora_config",
 ]
@@ -63,6 +66,15 @@ class SeqLoRA(SDLoRA):
     @property
     def protocol(self) -> str:
         return "plain"
+
+
+@register_method("seq_lora_ca")
+class SeqLoRACA(SeqLoRA):
+    """Sequential LoRA with classifier alignment after each task (SLCA, ``method.align``; see ``alignment.py``):
+    the same adapter as ``seq_lora``, with ``method.align.enabled`` forced on."""
+
+    def make_align_config(self, cfg: AlignConfig) -> AlignConfig:
+        return dataclasses.replace(cfg, enabled=True)
 
 
 @register_method("sdlora_ablation_first")
@@ -155,6 +167,7 @@ class SimpleCIL(Method):
     prototypes: Tensor  # a registered buffer, declared for the type checker
 
     trains = False
+    uses_head = False
     scale = 1.0
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone) -> None:

@@ -172,6 +172,7 @@ class RanPAC(Method):
     """
 
     options_class = RanPACOptions
+    uses_head = False  # prediction is the closed-form ridge head over random features, not self.head
     projection: Tensor
     gram: Tensor
     targets: Tensor

@@ -1,4 +1,4 @@
-"""SD-LoRA and its variants (RR, KD) as registry entries over one implementation."""
+"""SD-LoRA and its variants (RR, KD, CA) as registry entries over one implementation."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..alignment import AlignConfig
 from ..backbones import Backbone
 from ..config import MethodConfig
 from ..lora import RR_SCHEDULE, AdapterConfig, SDLoRAModel
 from .base import Method, TaskContext, register_method
 
-__all__ = ["SDLoRA", "SDLoRAKD", "SDLoRARR"]
+__all__ = ["SDLoRA", "SDLoRACA", "SDLoRAKD", "SDLoRARR"]
 
 
 @register_method("sdlora")
@@ -92,3 +93,13 @@ class SDLoRAKD(SDLoRA):
 
     def make_adapter_config(self, cfg: AdapterConfig) -> AdapterConfig:
         return dataclasses.replace(cfg, kd=True)
+
+
+@register_method("sdlora_ca")
+class SDLoRACA(SDLoRA):
+    """SD-LoRA with classifier alignment after each task (SLCA, Zhang et al. ICCV 2023; ``method.align``, see
+    ``alignment.py``): ``method.align.enabled`` forced on. A deviation from the SD-LoRA paper, whose loss never
+    calibrates the head blocks of different tasks against each other (docs/method.md)."""
+
+    def make_align_config(self, cfg: AlignConfig) -> AlignConfig:
+        return dataclasses.replace(cfg, enabled=True)

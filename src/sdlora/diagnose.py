@@ -1,0 +1,134 @@
+"""``sdlora diagnose RUN_DIR``: where class-incremental errors come from, per head block.
+
+For a run's checkpoint after task N, every seen task's test images are scored and summarised per head block
+(block b = the label positions of task b):
+
+* ``acc``: class-incremental accuracy (argmax over all seen classes), what ``results.json`` reports;
+* ``within``: task-aware accuracy (argmax inside the task's own block): how well the features and that block
+  separate the task's classes when the task is known;
+* ``to block b``: share of the task's images predicted into block b (a block-level confusion matrix);
+* ``max logit b``: mean over the task's images of the largest logit in block b.
+
+``within`` high but ``acc`` low, with images pulled to one block whose maximum logits sit above the others,
+means the errors come from calibration between head blocks (what the current-task-only loss never trains), not
+from forgetting in the backbone (docs/method.md, "When SD-LoRA helps and when it does not").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+__all__ = ["block_statistics", "diagnose_run", "format_diagnosis"]
+
+
+@torch.no_grad()
+def block_statistics(logits: torch.Tensor, labels: torch.Tensor, bounds: list[tuple[int, int]]) -> dict[str, Any]:
+    """Per-block statistics of ``logits`` (samples x seen classes) for samples of one task.
+
+    Args:
+        logits: scores over all seen classes, label-position order.
+        labels: label positions of the samples (all inside one block).
+        bounds: ``[start, end)`` of every block.
+
+    Returns:
+        ``{"n", "acc", "within", "to_block", "max_logit", "mean_logit"}`` (percentages for the first four
+        shares, plain means for the logits); ``within`` uses the block that contains the labels.
+    """
+    n = len(labels)
+    if n == 0:
+        raise ValueError("no samples")
+    own = [b for b, (s, e) in enumerate(bounds) if s <= int(labels[0]) < e]
+    if len(own) != 1 or not all(bounds[own[0]][0] <= int(v) < bounds[own[0]][1] for v in labels):
+        raise ValueError("block_statistics expects the samples of one task")
+    s, e = bounds[own[0]]
+    pred = logits.argmax(1)
+    block_of = torch.empty(logits.shape[1], dtype=torch.long)
+    for b, (bs, be) in enumerate(bounds):
+        block_of[bs:be] = b
+    pred_block = block_of[pred]
+    return {
+        "n": n,
+        "acc": 100.0 * float((pred == labels).float().mean()),
+        "within": 100.0 * float((logits[:, s:e].argmax(1) + s == labels).float().mean()),
+        "to_block": [100.0 * float((pred_block == b).float().mean()) for b in range(len(bounds))],
+        "max_logit": [float(logits[:, bs:be].max(1).values.mean()) for bs, be in bounds],
+        "mean_logit": [float(logits[:, bs:be].mean()) for bs, be in bounds],
+    }
+
+
+def diagnose_run(
+    run_dir: str | os.PathLike, task: int | None = None, device: str = "cpu", batch_size: int = 256
+) -> dict[str, Any]:
+    """Score every seen task's test images with the run's checkpoint after ``task`` (1-based; default: the last).
+
+    Returns:
+        ``{"run", "method", "after_task", "num_tasks", "tasks": [block_statistics(...) per seen task]}``.
+
+    Raises:
+        RunError: not a run directory, or no checkpoint for that task.
+    """
+    from .config import load_config
+    from .engine import build_run
+    from .rundir import RunError, latest_checkpoint, load_checkpoint
+
+    out = Path(run_dir)
+    if not (out / "config.yaml").exists():
+        raise RunError(f"{out} is not a run directory (no config.yaml)")
+    if task is None:
+        ck = latest_checkpoint(out)
+        if ck is None:
+            raise RunError(f"{out} has no checkpoint yet (checkpoints/task_*.json)")
+    else:
+        ck = out / "checkpoints" / f"task_{task - 1:03d}.json"
+        if not ck.exists():
+            raise RunError(f"{out} has no checkpoint after task {task} ({ck}); the run keeps one per finished task")
+    cfg, _ = load_config(str(out / "config.yaml"))
+    tensors, record = load_checkpoint(ck)
+    after = int(record["task"]) + 1
+    dev = torch.device(device)
+    _backbone, data, scenario, method = build_run(cfg, dev)
+    method.load_state(tensors, record["method"])
+    method.eval()
+    bounds = [scenario.task_range(t) for t in range(after)]
+    rows = []
+    for t in range(after):
+        subset = scenario.subset(data.test, data.test_targets, [t])
+        logits, labels = [], []
+        for x, y in DataLoader(subset, batch_size=batch_size, shuffle=False):
+            logits.append(method(x.to(dev)).float().cpu())
+            labels.append(y)
+        rows.append(block_statistics(torch.cat(logits), torch.cat(labels), bounds))
+    return {
+        "run": str(out),
+        "method": cfg.method.name,
+        "after_task": after,
+        "num_tasks": scenario.num_tasks,
+        "tasks": rows,
+    }
+
+
+def format_diagnosis(d: dict[str, Any]) -> str:
+    """A plain-text table of ``diagnose_run``'s result."""
+    k = d["after_task"]
+    head = [f"run {d['run']} | method {d['method']} | after task {k} of {d['num_tasks']}"]
+    blocks = " ".join(f"{'b' + str(b + 1):>6}" for b in range(k))
+    head.append(
+        f"test of  {'n':>5} {'acc':>6} {'within':>6} | predicted into block (%) {blocks} | max logit per block"
+    )
+    lines = head
+    for t, r in enumerate(d["tasks"]):
+        shares = " ".join(f"{v:6.1f}" for v in r["to_block"])
+        logits = " ".join(f"{v:7.2f}" for v in r["max_logit"])
+        lines.append(
+            f"task {t + 1:<3} {r['n']:>5} {r['acc']:6.1f} {r['within']:6.1f} | {' ' * 24} {shares} | {logits}"
+        )
+    total = sum(r["n"] for r in d["tasks"])
+    acc = sum(r["acc"] * r["n"] for r in d["tasks"]) / total
+    within = sum(r["within"] * r["n"] for r in d["tasks"]) / total
+    lines.append(f"all      {total:>5} {acc:6.1f} {within:6.1f}")
+    return "\n".join(lines)

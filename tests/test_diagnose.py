@@ -1,0 +1,51 @@
+"""``sdlora diagnose``: per-block statistics by hand, and agreement with the run's own accuracy matrix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine_helpers import tiny_config
+from sdlora.cli import main
+from sdlora.config import RunConfig
+from sdlora.configtools import from_dict
+from sdlora.diagnose import block_statistics, diagnose_run
+from sdlora.engine import run_experiment
+from sdlora.rundir import RunError
+
+
+def test_block_statistics_by_hand():
+    # Task 2 (positions 2-3) of two blocks: sample 0 right, sample 1 wrong inside its block, sample 2 pulled to
+    # block 1 although its own block ranks it right.
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0], [0.0, 0.0, 3.0, 1.0], [9.0, 0.0, 1.0, 4.0]])
+    labels = torch.tensor([2, 3, 3])
+    r = block_statistics(logits, labels, [(0, 2), (2, 4)])
+    assert r["n"] == 3
+    assert r["acc"] == pytest.approx(100 / 3)
+    assert r["within"] == pytest.approx(200 / 3)
+    assert r["to_block"] == pytest.approx([100 / 3, 200 / 3])
+    assert r["max_logit"] == pytest.approx([(1 + 0 + 9) / 3, (5 + 3 + 4) / 3])
+    with pytest.raises(ValueError, match="one task"):
+        block_statistics(logits, torch.tensor([0, 3, 3]), [(0, 2), (2, 4)])
+
+
+def test_diagnose_agrees_with_the_run(tmp_path, capsys):
+    cfg = from_dict(RunConfig, tiny_config(data={"train_per_class": 8, "test_per_class": 4}, train={"epochs": 2}))
+    results = run_experiment(cfg, tmp_path / "run")
+    d = diagnose_run(tmp_path / "run")
+    assert d["after_task"] == 3 and len(d["tasks"]) == 3
+    for t, row in enumerate(d["tasks"]):
+        assert row["acc"] == pytest.approx(results["accuracy_matrix"][-1][t])
+        assert sum(row["to_block"]) == pytest.approx(100.0)
+        assert row["within"] >= row["acc"] - 1e-9  # knowing the task can only help
+    first = diagnose_run(tmp_path / "run", task=1)
+    assert first["after_task"] == 1 and first["tasks"][0]["acc"] == pytest.approx(results["accuracy_matrix"][0][0])
+    with pytest.raises(RunError, match="no checkpoint after task 7"):
+        diagnose_run(tmp_path / "run", task=7)
+    assert main(["diagnose", str(tmp_path / "run"), "--task", "2", "--json", str(tmp_path / "d.json")]) == 0
+    printed = capsys.readouterr().out
+    assert "after task 2 of 3" in printed and "within" in printed
+    assert json.loads((tmp_path / "d.json").read_text())["after_task"] == 2
+    assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
