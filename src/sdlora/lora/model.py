@@ -30,6 +30,19 @@ ADAPTER_FORMAT = "sdlora-adapter/1"
 _FUSED_SLICES = {"q": 0, "k": 1, "v": 2}
 
 
+def _linear_summary(module: nn.Module, limit: int = 40) -> str:
+    """The distinct ``nn.Linear`` names of ``module`` with numeric path components as ``*`` (one per layer kind)."""
+    seen: list[str] = []
+    for n, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            pattern = ".".join("*" if part.isdigit() else part for part in n.split("."))
+            if pattern not in seen:
+                seen.append(pattern)
+    if not seen:
+        return "none"
+    return ", ".join(seen[:limit]) + (f" ... (+{len(seen) - limit} more)" if len(seen) > limit else "")
+
+
 def _is_fused_qkv(name: str, module: nn.Linear) -> bool:
     return name.rsplit(".", 1)[-1] == "qkv" and module.out_features == 3 * module.in_features
 
@@ -59,7 +72,11 @@ class SDLoRAModel(nn.Module):
         self.backbone.requires_grad_(False)
         targets = self.config.targets or default_targets
         if not targets:
-            raise ValueError("no adapter targets: set adapter.targets (e.g. ['blocks.*.attn.qkv'])")
+            raise ValueError(
+                "no adapter targets: the backbone names no default query/value projections, so set "
+                "method.adapter.targets to fnmatch patterns of its attention projections; its nn.Linear modules "
+                f"are: {_linear_summary(backbone)}"
+            )
         self.targets = list(targets)
         self._layer_names: list[str] = []
         self._inject()
@@ -81,10 +98,9 @@ class SDLoRAModel(nn.Module):
         for pattern in self.targets:
             hits = [n for n in linear_names if fnmatch.fnmatchcase(n, pattern)]
             if not hits:
-                sample = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
                 raise ValueError(
-                    f"adapter target {pattern!r} matches no nn.Linear in the backbone; "
-                    f"Linear modules look like: {sample}"
+                    f"adapter target {pattern!r} matches no nn.Linear in the backbone; its nn.Linear modules are "
+                    f"(layer indices as *): {_linear_summary(self.backbone)}"
                 )
             chosen.extend(h for h in hits if h not in chosen)
         index = 0
