@@ -37,7 +37,7 @@ from . import __version__
 from .backbones import create_backbone
 from .config import RunConfig, TrainConfig
 from .configtools import diff, dump_yaml, load_yaml
-from .data import build_dataset, make_scenario
+from .data import batch_to, build_dataset, make_scenario
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_file
 from .methods import Method, TaskContext, create_method
 from .metrics import compute_metrics
@@ -412,7 +412,7 @@ def evaluate(
     correct = torch.zeros(n_tasks_seen, dtype=torch.long, device=device)
     total = torch.zeros(n_tasks_seen, dtype=torch.long, device=device)
     for x, y in _progress(loader, len(loader), "eval", info):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = batch_to(x, device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(cfg, device):
             pred = method(x).argmax(1)
         groups = task_of_pos[y]
@@ -461,7 +461,7 @@ def _train_task(
         train_set.epoch = epoch
         running, count = 0.0, 0
         for x, y in _progress(loader, len(loader), f"task {ctx.task + 1} epoch {epoch + 1}/{epochs}", info):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = batch_to(x, device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(tcfg, device):
                 logits = model(x)
             loss = method.training_loss(logits.float(), y, ctx)
@@ -511,7 +511,7 @@ def _seed_everything(seed: int) -> None:
 def _build(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Any, Method]:
     _seed_everything(cfg.seed)
     backbone = create_backbone(cfg.backbone, cfg.data.image_size)
-    data = build_dataset(cfg.data, mean=backbone.mean, std=backbone.std, seed=cfg.seed)
+    data = build_dataset(cfg.data, mean=backbone.mean, std=backbone.std, seed=cfg.seed, tokenizer=backbone.tokenizer)
     sc = cfg.scenario
     scenario = make_scenario(
         data.num_classes,
@@ -668,7 +668,7 @@ def _run(
             log.info("nothing to resume in %s: starting from the first task", out)
     if info.main:
         log.info(
-            "sdlora %s | method %s | backbone %s (%s) | dataset %s: %d train / %d test images, %d classes | "
+            "sdlora %s | method %s | backbone %s (%s) | dataset %s: %d train / %d test samples, %d classes | "
             "%d tasks | device %s%s",
             __version__,
             cfg.method.name,
@@ -705,7 +705,7 @@ def _run(
                 indices=_shard(len(stats_sub), info),
             )  # type: ignore[arg-type]
             for x, y in loader:
-                yield x.to(device), y.to(device)
+                yield batch_to(x, device), y.to(device)
 
         ctx = TaskContext(
             task=t,

@@ -39,6 +39,7 @@ Approximations and choices here (documented, not hidden):
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +50,7 @@ from torch import Tensor, nn
 
 from ..backbones import Backbone
 from ..config import MethodConfig
+from ..lora.layer import add_rows
 from .base import Method, TaskContext, register_method
 
 __all__ = ["InfLoRA", "InfLoRALinear", "InfLoRAOptions", "down_projection", "gpm_update", "project_out"]
@@ -230,8 +232,7 @@ class InfLoRALinear(nn.Module):
         z = F.linear(x, a.to(x.dtype))  # (..., R'), shared by the slices
         for name, start, stop in self.slices:
             _, b = self.factors(name)
-            # In-place add on the output slice: F.linear's backward needs its inputs, not its output.
-            y[..., start:stop] += F.linear(z, b.to(z.dtype))
+            y = add_rows(y, start, stop, F.linear(z, b.to(z.dtype)))
         return y
 
     def delta_weight(self) -> Tensor:
@@ -262,22 +263,29 @@ class InfLoRA(Method):
         self.model.requires_grad_(False)
         self.icfg: InfLoRAOptions = self.options
         self._layer_names: list[str] = []
-        modules = dict(self.model.named_modules())
-        if backbone.qkv_layout == "fused":
-            plan = [(n, m) for n, m in modules.items() if n.endswith("attn.qkv") and isinstance(m, nn.Linear)]
-            entries = []
-            for name, m in plan:
+        linears = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+        roles = backbone.attention_targets
+
+        def matching(role: str) -> list[tuple[str, nn.Linear]]:
+            return [(n, m) for n, m in linears if any(fnmatch.fnmatchcase(n, p) for p in roles.get(role, []))]
+
+        entries: list[tuple[str, list[tuple[str, int, int]]]] = []
+        if "qkv" in roles:
+            for name, m in matching("qkv"):
                 d = m.out_features // 3
                 entries.append((name, [(p, i * d, (i + 1) * d) for p, i in _FUSED.items()]))
-        else:
-            plan = [
-                (n, m)
-                for n, m in modules.items()
-                if (n.endswith("attn.k_proj") or n.endswith("attn.v_proj")) and isinstance(m, nn.Linear)
-            ]
-            entries = [(name, [("out", 0, m.out_features)]) for name, m in plan]
+        elif "k" in roles and "v" in roles:
+            # Separate k and v linears take the same input, so their covariances and hence their A_t are equal:
+            # the official code's shared A_t, computed once per projection.
+            entries = [(name, [("out", 0, m.out_features)]) for name, m in matching("k") + matching("v")]
+            entries.sort(key=lambda e: [n for n, _ in linears].index(e[0]))
         if not entries:
-            raise ValueError("inflora needs attention key/value projections (blocks.*.attn.qkv or attn.{k,v}_proj)")
+            raise ValueError(
+                f"inflora adapts the attention key and value projections, and backbone {backbone.name!r} has none "
+                f"that sdlora recognises (found roles: {sorted(roles) or 'none'}); it supports a fused qkv "
+                "(timm ViTs) and separate key/value linears (BERT-style query/key/value, q_proj/k_proj/v_proj, "
+                "query_proj/key_proj/value_proj, q_lin/k_lin/v_lin)"
+            )
         for name, slices in entries:
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
