@@ -97,7 +97,8 @@ _TOKENIZER_FILES = (
 
 
 def _used_length(mask: Tensor) -> int:
-    """Columns up to the last one that any sequence of the batch uses (padding may be on either side)."""
+    """Columns up to the last one that any sequence of the batch uses: right padding beyond it is dropped (a
+    left-padded batch keeps its width)."""
     cols = torch.nonzero(mask.bool().any(0))
     return int(cols.max()) + 1 if cols.numel() else mask.shape[1]
 
