@@ -42,9 +42,9 @@ def _run(config: str, out: str | None, overrides: list[str], resume: bool, overw
     from .engine import run_experiment
     from .report import format_task_table
 
-    cfg, cfg_dict = load_config(config, overrides)
+    cfg, _ = load_config(config, overrides)
     out_dir = out or _default_out(cfg.name or "run")
-    results = run_experiment(cfg, cfg_dict, out_dir, resume=resume, overwrite=overwrite)
+    results = run_experiment(cfg, out_dir, resume=resume, overwrite=overwrite)
     if _is_main_process():
         print(format_task_table(results))
         print(f"run directory: {out_dir}")
@@ -101,7 +101,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .backbones.hf import HFFeatureExtractor
     from .configtools import ConfigError
-    from .engine import build_method_from_run
+    from .rundir import build_method_from_run
 
     method, cfg, record = build_method_from_run(args.run_dir)
     plain = method.export_backbone()
@@ -123,7 +123,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _export_safetensors(plain: Any, cfg: Any, record: dict[str, Any], info: dict[str, Any], out: Path) -> int:
     import json
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .fileio import atomic_write_bytes
 
     state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
     arch = (getattr(plain, "pretrained_cfg", None) or {}).get("architecture")
@@ -138,9 +140,7 @@ def _export_safetensors(plain: Any, cfg: Any, record: dict[str, Any], info: dict
         "completed_tasks": str(record["task"] + 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
+    atomic_write_bytes(out, save(state, metadata=metadata))
     print(f"wrote {out}: {len(state)} tensors of the merged backbone after task {record['task'] + 1}")
     print(
         f"load with: timm.create_model({metadata['timm_architecture']!r}, pretrained=False, num_classes=0, "
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
     try:
-        from .engine import RunError
+        from .rundir import RunError
     except Exception as e:  # a broken installation: say so instead of a traceback
         print(f"sdlora: error: cannot import sdlora ({e})", file=sys.stderr)
         return 1

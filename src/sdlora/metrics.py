@@ -30,7 +30,7 @@ def _as_count(value: Any, where: str) -> int:
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real) and float(value).is_integer():
-        return int(value)
+        return int(float(value))
     raise ValueError(f"{where} must be an integer count, got {value!r}")
 
 
@@ -85,7 +85,7 @@ def accuracy_matrix(correct: Sequence[Sequence[Any]], total: Sequence[Any]) -> n
             total, a total is not positive, ``total`` is shorter than ``correct``, or ``correct`` is empty.
     """
     counts, totals = _validate(correct, total)
-    acc = 100.0 * counts / totals[None, :]
+    acc: np.ndarray = 100.0 * counts / totals[None, :]
     acc[np.triu_indices(len(totals), k=1)] = np.nan
     return acc
 

@@ -18,8 +18,8 @@ from sdlora.data import (
     build_dataset,
     encode_texts,
     read_wordnet_nouns,
-    text_encoder_for_run,
 )
+from sdlora.rundir import text_encoder_for_run
 
 HEADER = [
     "  1 This software and database is being provided to you, the LICENSEE, by  ",

@@ -134,7 +134,8 @@ class HFFeatureExtractor(nn.Module):
         self.pooling = pooling
         self.prefix_tokens = int(prefix_tokens)
         self.interpolate_pos_encoding = bool(interpolate_pos_encoding)
-        self.num_features = int(model.config.hidden_size)
+        config: Any = model.config  # a PreTrainedModel's configuration
+        self.num_features = int(config.hidden_size)
 
     def extra_repr(self) -> str:
         return f"modality={self.modality}, pooling={self.pooling}"
@@ -449,7 +450,7 @@ def build_hf_backbone(
             f"backbone {cfg.name!r}: {type(model).__name__} takes {main_input!r}; sdlora supports text models "
             "(input_ids) and image models (pixel_values)"
         )
-    pooling = cfg.pooling
+    pooling: str = cfg.pooling
     if pooling == "auto":
         pooling = _sentence_transformers_pooling(location, local) or ("mean" if modality == "text" else "cls")
     config = model.config

@@ -1,8 +1,9 @@
 """Datasets, transforms, class order and task split.
 
 Public API: :class:`DataConfig`, :func:`build_dataset` -> :class:`DatasetBundle`, :data:`DATASETS` (registry,
-extend with :func:`register_dataset`), :class:`Scenario` and :func:`make_scenario`; text: :class:`TextEncoder`,
-:func:`text_encoder_for_run`, :func:`batch_to` (model-input batches are tensors or dicts of tensors).
+extend with :func:`register_dataset`), :class:`Scenario` and :func:`make_scenario`; text: :class:`TextEncoder`
+(:func:`sdlora.rundir.text_encoder_for_run` builds it for a run), :func:`batch_to` (a model-input batch is a tensor,
+or a dict of tensors for text).
 """
 
 from . import readers as _readers  # noqa: F401  (fills DATASETS)
@@ -23,7 +24,7 @@ from .base import (
 from .datasets import ArrayImageDataset, FileImageDataset, read_image_file
 from .readers import read_idx, scan_image_folder
 from .scenario import Scenario, TaskSubset, make_scenario, peer_class_order
-from .text import Batch, TextDataset, TextEncoder, batch_to, encode_texts, text_encoder_for_run
+from .text import Batch, TextDataset, TextEncoder, batch_to, encode_texts
 from .text_readers import read_text_table, read_wordnet_nouns
 from .transforms import ImageTransform
 
@@ -56,5 +57,4 @@ __all__ = [
     "register_dataset",
     "scan_image_folder",
     "stratified_test_mask",
-    "text_encoder_for_run",
 ]

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import ArrayImageDataset, FileImageDataset
+from .identity import data_identity, split_digest
 from .text import TextDataset, encode_texts
 from .transforms import ImageTransform
 
@@ -210,6 +211,8 @@ class DatasetBundle:
         class_names: Name of each original label.
         info: JSON-able description: name, root, format, counts, split description.
         split_record: For splits made here (``imagefolder`` single tree): the file lists, for the run directory.
+        identity: What data this is, after subsetting (:func:`sdlora.data.identity.data_identity`): counts per
+            class and sha256 digests, recorded in ``results.json`` to recognise the same data later.
     """
 
     train: Dataset
@@ -220,6 +223,7 @@ class DatasetBundle:
     class_names: list[str]
     info: dict[str, Any]
     split_record: dict[str, Any] | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 def per_class_subset(targets: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -273,6 +277,10 @@ def keep_largest_classes(raw: RawDataset, n: int) -> RawDataset:
 
     info = {**raw.info, "largest_classes": n, "classes_before": num}
     return RawDataset(cut(raw.train), cut(raw.test), [raw.class_names[c] for c in kept], info, raw.split_record)
+
+
+def _digest(split: SplitData, root: str | None) -> str:
+    return split_digest(split.targets, images=split.images, paths=split.paths, texts=split.texts, root=root)
 
 
 def _wrap(split: SplitData, transform: ImageTransform, encodings: dict[str, torch.Tensor] | None) -> Dataset:
@@ -368,6 +376,17 @@ def build_dataset(
             mean=[float(v) for v in mean],
             std=[float(v) for v in std],
         )
+    root = raw.info.get("root", cfg.root)
+    identity = data_identity(
+        name=cfg.name,
+        root=None if root is None else str(root),
+        format=cfg.resolved_format,
+        class_names=raw.class_names,
+        train_targets=train.targets,
+        test_targets=test.targets,
+        train_digest=_digest(train, root),
+        test_digest=_digest(test, root),
+    )
     return DatasetBundle(
         train=_wrap(train, train_tf, enc_train),
         test=_wrap(test, test_tf, enc_test),
@@ -377,4 +396,5 @@ def build_dataset(
         class_names=list(raw.class_names),
         info=info,
         split_record=raw.split_record,
+        identity=identity,
     )

@@ -6,7 +6,7 @@ stacks them into ``[B, L]``. The text backbone drops the padding columns a batch
 (:class:`sdlora.backbones.hf.HFFeatureExtractor`), so padding to the maximum costs memory, not compute.
 
 :class:`TextEncoder` tokenises new strings exactly as training did (prediction on text);
-:func:`text_encoder_for_run` builds it from a run's config.
+:func:`sdlora.rundir.text_encoder_for_run` builds it from a run's config.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["Batch", "TextDataset", "TextEncoder", "batch_to", "encode_texts", "text_encoder_for_run"]
+__all__ = ["Batch", "TextDataset", "TextEncoder", "batch_to", "encode_texts"]
 
 #: What a DataLoader yields as model input: an image tensor, or a dict of token tensors for text.
 Batch = Tensor | dict[str, Tensor]
@@ -72,21 +72,6 @@ class TextEncoder:
 
     def __call__(self, texts: Sequence[str]) -> dict[str, Tensor]:
         return encode_texts(self.tokenizer, texts, self.max_length)
-
-
-def text_encoder_for_run(cfg: Any) -> TextEncoder:
-    """The :class:`TextEncoder` of a run: its backbone's tokenizer (loaded without the model) and its
-    ``data.max_length``.
-
-    Args:
-        cfg: A ``RunConfig`` (``sdlora.config.load_config(run_dir / "config.yaml")[0]``).
-
-    Raises:
-        ValueError: The run's backbone is not a Hugging Face text backbone.
-    """
-    from ..backbones.hf import load_tokenizer
-
-    return TextEncoder(load_tokenizer(cfg.backbone), cfg.data.max_length)
 
 
 class TextDataset(Dataset):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..backbones import Backbone
 from ..config import MethodConfig
+from ..data import Batch
 from ..lora import AdapterConfig
 from .base import Method, TaskContext, register_method
 from .sdlora import SDLoRA
@@ -144,6 +145,8 @@ class SimpleCIL(Method):
     never grown. Logits are ``scale * cos(feature, prototype)`` (``scale`` does not change the argmax).
     """
 
+    prototypes: Tensor  # a registered buffer, declared for the type checker
+
     trains = False
     scale = 1.0
 
@@ -153,7 +156,7 @@ class SimpleCIL(Method):
         ref = next(self.model.parameters())
         self.register_buffer("prototypes", torch.zeros(0, self.num_features, device=ref.device, dtype=torch.float32))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Batch) -> Tensor:
         if self.prototypes.shape[0] == 0:
             raise RuntimeError("simplecil has no prototypes yet: they are computed at the end of each task")
         f = F.normalize(self.features(x).float(), dim=-1)
