@@ -77,3 +77,23 @@ def test_sdlora_on_bert_learns_a_text_task(tiny_bert_dir, tmp_path):
     )
     res = run_tiny(tmp_path / "run", cfg)
     assert res["task_log"][0]["loss"] < 0.5 and res["accuracy_matrix"][0][0] >= 75.0
+
+
+def test_inflora_covariance_leaves_out_padding(tiny_bert_dir):
+    """A batch of a short and a long text gives the covariance of the two texts' own tokens: the sum of the
+    covariances of each text alone (batches of one have no padding)."""
+    from method_helpers import make_ctx
+
+    from sdlora.data import encode_texts
+
+    torch.manual_seed(0)
+    backbone = create_backbone(BackboneConfig(name=f"hf:{tiny_bert_dir}"), 32)
+    method = create_method(from_dict(MethodConfig, {"name": "inflora"}), backbone)
+    texts = ["cat", "the small red dog and a large blue boat of the tree"]
+    both = encode_texts(backbone.tokenizer, texts, 16)
+    alone = [encode_texts(backbone.tokenizer, [t], 16) for t in texts]
+    y = torch.tensor([0, 1])
+    cov_both = method.input_covariances(make_ctx(0, 0, 2, [(both, y)]))
+    cov_alone = method.input_covariances(make_ctx(0, 0, 2, [(a, y[i : i + 1]) for i, a in enumerate(alone)]))
+    for a, b in zip(cov_both, cov_alone):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -31,6 +31,8 @@ Approximations and choices here (documented, not hidden):
   smaller than r, the task gets that smaller rank (0: no update on that layer).
 * The covariance uses evaluation transforms (``TaskContext.statistics_batches``), capped at
   ``method.options.max_batches`` batches; the official code uses the training loader (with augmentation).
+* On text backbones the covariance sums over the tokens of the texts only (the attention mask leaves out
+  padding); separate key and value linears each compute ``A_t`` from the same input, i.e. the shared ``A_t``.
 * The loss and head are the engine's (current-task logits after the first task, as InfLoRA's masked loss); the
   official code's per-task classifier pool and its evaluation-time task-identification path are not used
   (argmax over all seen classes, as for every method here).
@@ -307,14 +309,24 @@ class InfLoRA(Method):
 
     @torch.no_grad()
     def input_covariances(self, ctx: TaskContext) -> list[Tensor]:
-        """``sum x x^T`` over every token of the current task's training images, at the input of each adapted
-        layer (forward hooks), summed over processes; float64, shape (d_in, d_in) per layer."""
+        """``sum x x^T`` over every token of the current task's training samples, at the input of each adapted
+        layer (forward hooks), summed over processes; float64, shape (d_in, d_in) per layer.
+
+        Text batches carry an attention mask: padding positions are not tokens of any text, so they are left out
+        (the layer input is ``[B, L', d]`` with ``L'`` the columns the batch uses, the mask's first ``L'``).
+        """
         layers = self.layers()
         covs = [torch.zeros(m.in_features, m.in_features, device=ctx.device, dtype=torch.float64) for m in layers]
+        token_mask: list[Tensor | None] = [None]
 
         def hook(i: int) -> Any:
             def fn(_module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                inp = inputs[0].detach()
+                mask = token_mask[0]
+                if mask is not None and inp.dim() == 3 and inp.shape[0] == mask.shape[0]:
+                    x = inp[mask[:, : inp.shape[1]].bool()].float()
+                else:
+                    x = inp.reshape(-1, inp.shape[-1]).float()
                 covs[i] += (x.t() @ x).double()
 
             return fn
@@ -326,6 +338,7 @@ class InfLoRA(Method):
             for b, (x, _) in enumerate(ctx.statistics_batches()):
                 if self.icfg.max_batches is not None and b >= self.icfg.max_batches:
                     break
+                token_mask[0] = x.get("attention_mask") if isinstance(x, dict) else None
                 self.features(x)
         finally:
             for h in handles:
