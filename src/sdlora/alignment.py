@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .data.text import Batch
 from .heads import IncrementalLinear
 
 __all__ = ["AlignConfig", "FeatureStatistics", "align_head", "block_normalised_logits"]
@@ -129,8 +130,8 @@ class FeatureStatistics:
     @torch.no_grad()
     def add_classes(
         self,
-        batches: Iterator[tuple[Tensor, Tensor]],
-        features: Callable[[Tensor], Tensor],
+        batches: Iterator[tuple[Batch, Tensor]],
+        features: Callable[[Batch], Tensor],
         class_start: int,
         class_end: int,
         all_reduce: Callable[[Tensor], Tensor] = lambda t: t,

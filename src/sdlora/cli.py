@@ -18,7 +18,7 @@ __all__ = ["main"]
 
 log = logging.getLogger(__name__)
 
-DEMO_PRESETS = {"demo": "demo", "full": "demo-full"}
+DEMO_PRESETS = {"demo": "demo", "full": "demo-full", "text": "demo-text"}
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -61,7 +61,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .config import load_config
     from .configtools import ConfigError
 
-    preset = "demo-full" if args.full else "demo"
+    if args.full and args.text:
+        raise ConfigError("--full and --text exclude each other (the text demo has one size)")
+    preset = DEMO_PRESETS["text" if args.text else "full" if args.full else "demo"]
     overrides = list(args.set)
     if args.method:
         overrides.append(f"method.name={args.method}")
@@ -73,9 +75,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise
     if _is_main_process():
         d = cfg.data
+        if args.text:
+            what = (
+                f"{d.name}" + (f" ({d.largest_classes} largest classes)" if d.largest_classes else "") + ", "
+                f"{d.train_per_class} train / {d.test_per_class} test texts per class, max {d.max_length} tokens"
+            )
+        else:
+            what = (
+                f"{d.name} at {d.image_size}px, {d.train_per_class} train / {d.test_per_class} test images per class"
+            )
         print(
-            f"sdlora demo: {cfg.method.name} on {cfg.backbone.name} + {d.name} at {d.image_size}px, "
-            f"{d.train_per_class} train / {d.test_per_class} test images per class, "
+            f"sdlora demo: {cfg.method.name} on {cfg.backbone.name} + {what}, "
             f"{cfg.scenario.init_cls}+{cfg.scenario.increment}/task classes, {cfg.train.epochs} epoch(s)/task",
             flush=True,
         )
@@ -137,17 +147,35 @@ def load_hint(rebuild: dict[str, Any], weights: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from .backbones.hf import HFFeatureExtractor
+    from .configtools import ConfigError
+    from .rundir import build_method_from_run
+
+    method, cfg, record = build_method_from_run(args.run_dir)
+    plain = method.export_backbone()
+    is_hf = isinstance(plain, HFFeatureExtractor)
+    fmt = args.format if args.format != "auto" else ("hf" if is_hf else "safetensors")
+    if fmt == "hf" and not is_hf:
+        raise ConfigError(f"--format hf needs a Hugging Face (hf:) backbone; this run used {cfg.backbone.name!r}")
+    if fmt == "safetensors" and is_hf:
+        raise ConfigError(
+            f"the run's backbone {cfg.backbone.name!r} is a Hugging Face model: export it with --format hf "
+            "(a save_pretrained directory that AutoModel.from_pretrained loads)"
+        )
+    if fmt == "hf":
+        assert isinstance(plain, HFFeatureExtractor)
+        return _export_hf(plain, cfg, record, method.backbone_info, Path(args.out))
+    return _export_safetensors(plain, cfg, record, method.backbone_info, Path(args.out))
+
+
+def _export_safetensors(plain: Any, cfg: Any, record: dict[str, Any], info: dict[str, Any], out: Path) -> int:
     import json
 
     from safetensors.torch import save
 
     from .fileio import atomic_write_bytes
-    from .rundir import build_method_from_run
 
-    method, cfg, record = build_method_from_run(args.run_dir)
-    plain = method.export_backbone()
     state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
-    info = method.backbone_info
     rebuild = info.get("rebuild")
     if rebuild is None:  # a backbone that does not say how to rebuild it: its timm architecture, as timm names it
         arch = (getattr(plain, "pretrained_cfg", None) or {}).get("architecture") or type(plain).__name__
@@ -176,12 +204,76 @@ def cmd_export(args: argparse.Namespace) -> int:
         "method": cfg.method.name,
         "completed_tasks": str(record["task"] + 1),
     }
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, save(state, metadata=metadata))
     print(f"wrote {out}: {len(state)} tensors of the merged backbone after task {record['task'] + 1}")
     print(f"inputs: {cfg.data.image_size} px RGB in [0, 1], normalised with mean {mean} and std {std}")
     print(f"load with: import timm, safetensors.torch; {load_hint(rebuild, str(out))}")
+    return 0
+
+
+#: Marker file of a directory written by ``sdlora export --format hf`` (an earlier export may be replaced).
+HF_EXPORT_MARKER = "sdlora_export.json"
+
+
+def _export_hf(plain: Any, cfg: Any, record: dict[str, Any], info: dict[str, Any], out: Path) -> int:
+    """Write the merged ``transformers`` model with ``save_pretrained`` (plus its tokenizer for text) into ``out``.
+
+    The directory is written next to ``out`` and renamed into place; an existing ``out`` is replaced only when it
+    holds an earlier sdlora export (its marker file), never other files.
+    """
+    import shutil
+    import tempfile
+
+    from .configtools import ConfigError
+    from .fileio import atomic_write_json
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / HF_EXPORT_MARKER).is_file())):
+        raise ConfigError(
+            f"{out} exists and is not an earlier sdlora export; choose a new --out directory for the hf format"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        plain.hf.save_pretrained(str(tmp))
+        if plain.modality == "text":
+            from .backbones.hf import load_tokenizer
+
+            load_tokenizer(cfg.backbone).save_pretrained(str(tmp))
+        meta = {
+            "format": "sdlora-merged-hf/1",
+            "backbone": str(cfg.backbone.name),
+            "weights_tag": info.get("tag"),
+            "weights_sha256": info.get("weights_sha256"),
+            "model_class": type(plain.hf).__name__,
+            "modality": plain.modality,
+            "pooling": plain.pooling,
+            "max_length": cfg.data.max_length if plain.modality == "text" else None,
+            "image_size": cfg.data.image_size if plain.modality == "image" else None,
+            "method": cfg.method.name,
+            "completed_tasks": record["task"] + 1,
+        }
+        atomic_write_json(tmp / HF_EXPORT_MARKER, meta)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pooled = (
+        "mean of last_hidden_state over the tokens attention_mask keeps"
+        if plain.pooling == "mean" and plain.modality == "text"
+        else "mean of last_hidden_state over the patch tokens"
+        if plain.pooling == "mean"
+        else "last_hidden_state[:, 0]"
+    )
+    print(f"wrote {out}: merged {type(plain.hf).__name__} after task {record['task'] + 1} ({cfg.method.name})")
+    print(f"load with: transformers.AutoModel.from_pretrained({str(out)!r}); features = {pooled}")
     return 0
 
 
@@ -212,7 +304,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     print("methods:   " + ", ".join(sorted(METHODS)))
     print("datasets:  " + ", ".join(sorted(DATASETS)))
-    print("backbones: " + ", ".join(sorted(BACKBONES)) + ", or any timm model name")
+    print(
+        "backbones: " + ", ".join(sorted(BACKBONES)) + ", hf:<Hugging Face model id or directory>, or any timm model"
+    )
     print("presets:   " + ", ".join(preset_names()))
     return 0
 
@@ -242,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="the offline embedded default: SD-LoRA on split Fashion-MNIST, CPU, minutes")
     sp.add_argument("--method", help="method to run (default sdlora)")
     sp.add_argument("--full", action="store_true", help="more data per class (preset demo-full)")
+    sp.add_argument(
+        "--text", action="store_true", help="text demo: MiniLM on WordNet noun definitions (preset demo-text)"
+    )
     run_opts(sp)
     sp.set_defaults(fn=cmd_demo)
 
@@ -263,9 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="every file of the dataset, not only the per-class subsets")
     sp.set_defaults(fn=cmd_check_data)
 
-    sp = sub.add_parser("export", help="write the merged backbone of a run as safetensors")
+    sp = sub.add_parser("export", help="write the merged backbone of a run (safetensors, or a transformers directory)")
     sp.add_argument("run_dir")
-    sp.add_argument("--out", required=True, help="FILE.safetensors")
+    sp.add_argument("--out", required=True, help="FILE.safetensors, or a directory for --format hf")
+    sp.add_argument(
+        "--format",
+        choices=["auto", "safetensors", "hf"],
+        default="auto",
+        help="safetensors: timm state dict; hf: save_pretrained directory of a Hugging Face backbone (auto: hf for "
+        "hf backbones, else safetensors)",
+    )
     sp.set_defaults(fn=cmd_export)
 
     sp = sub.add_parser("report", help="table and plots for one or several run directories")

@@ -47,7 +47,7 @@ from . import __version__
 from .backbones import Backbone, create_backbone
 from .config import RunConfig, TrainConfig, resolve_method_config
 from .configtools import ConfigError, dump_yaml, to_dict
-from .data import DatasetBundle, Scenario, build_dataset, load_raw_dataset
+from .data import Batch, DatasetBundle, Scenario, batch_to, build_dataset, load_raw_dataset
 from .data.check import coverage_problems
 from .data.identity import identity_changes
 from .fileio import atomic_write_json, atomic_write_text, read_json
@@ -322,7 +322,7 @@ def evaluate(
     correct = torch.zeros(n_tasks_seen, dtype=torch.long, device=device)
     total = torch.zeros(n_tasks_seen, dtype=torch.long, device=device)
     for x, y in _progress(loader, len(loader), "eval", info):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = batch_to(x, device, non_blocking=True), y.to(device, non_blocking=True)
         with _autocast(cfg, device):
             pred = method(x).argmax(1)
         groups = task_of_pos[y]
@@ -363,7 +363,7 @@ def _train_task(method: Method, ctx: TaskContext, train_set: SeededAugment, rt: 
         train_set.epoch = epoch
         running, count = 0.0, 0
         for x, y in _progress(loader, len(loader), f"task {ctx.task + 1} epoch {epoch + 1}/{epochs}", info):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = batch_to(x, device, non_blocking=True), y.to(device, non_blocking=True)
             with _autocast(tcfg, device):
                 logits = model(x)
             loss = method.training_loss(logits.float(), y, ctx)
@@ -566,7 +566,7 @@ def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, nu
     t0 = time.time()
     tcfg, device, info = rt.train, rt.device, rt.info
 
-    def statistics_batches() -> Iterator[tuple[Tensor, Tensor]]:
+    def statistics_batches() -> Iterator[tuple[Batch, Tensor]]:
         loader = _loader(
             task.statistics,
             None,
@@ -576,7 +576,7 @@ def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, nu
             indices=_shard(len(task.statistics), info),  # type: ignore[arg-type]
         )
         for x, y in loader:
-            yield x.to(device), y.to(device)
+            yield batch_to(x, device), y.to(device)
 
     ctx = TaskContext(
         task=t,
@@ -651,7 +651,9 @@ def build_run(cfg: RunConfig, device: torch.device) -> tuple[Backbone, DatasetBu
     raw = load_raw_dataset(cfg.data, cfg.seed)
     seed_everything(cfg.seed)
     backbone = create_backbone(cfg.backbone, cfg.data.image_size)
-    data = build_dataset(cfg.data, mean=backbone.mean, std=backbone.std, seed=cfg.seed, raw=raw)
+    data = build_dataset(
+        cfg.data, mean=backbone.mean, std=backbone.std, seed=cfg.seed, tokenizer=backbone.tokenizer, raw=raw
+    )
     scenario = cfg.scenario.make(data.num_classes, cfg.seed)
     problems = coverage_problems(data.class_names, data.train_targets, data.test_targets, scenario.tasks)
     if problems:
@@ -812,7 +814,7 @@ def _run(
             log.info("nothing to resume in %s: starting from the first task", out)
     if info.main:
         log.info(
-            "sdlora %s | method %s | backbone %s (%s) | dataset %s: %d train / %d test images, %d classes | "
+            "sdlora %s | method %s | backbone %s (%s) | dataset %s: %d train / %d test samples, %d classes | "
             "%d tasks | device %s%s",
             __version__,
             cfg.method.name,

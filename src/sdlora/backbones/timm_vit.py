@@ -37,8 +37,8 @@ def create_timm(cfg: BackboneConfig, img_size: int) -> Backbone:
 
     if not timm.is_model(cfg.name):
         raise ValueError(
-            f"unknown backbone {cfg.name!r}: not a registered name ({', '.join(sorted(BACKBONES))}) and not a "
-            "timm model (see timm.list_models('vit_*'))"
+            f"unknown backbone {cfg.name!r}: not a registered name ({', '.join(sorted(BACKBONES))}), not "
+            "hf:<Hugging Face model id or local directory> and not a timm model (see timm.list_models('vit_*'))"
         )
     use_hub = cfg.pretrained and cfg.weights is None
     try:

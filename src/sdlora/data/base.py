@@ -1,8 +1,9 @@
 """Data configuration, the dataset registry and :func:`build_dataset`.
 
-A registered loader returns :class:`RawDataset`: labels plus either in-memory uint8 images or file paths, for the
-official train and test splits. :func:`build_dataset` then applies the deterministic per-class subsets and wraps
-both splits in datasets that apply the official transforms (see :mod:`sdlora.data.transforms`).
+A registered loader returns :class:`RawDataset`: labels plus in-memory uint8 images, file paths or texts, for the
+train and test splits. :func:`build_dataset` then keeps the largest classes if asked, applies the deterministic
+per-class subsets and wraps both splits in datasets that apply the official transforms (images, see
+:mod:`sdlora.data.transforms`) or tokenises them with the backbone's tokenizer (texts, see :mod:`sdlora.data.text`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.utils.data import Dataset
 
 from .datasets import ArrayImageDataset, FileImageDataset
 from .identity import data_identity, split_digest
+from .text import TextDataset, encode_texts
 from .transforms import ImageTransform
 
 __all__ = [
@@ -28,35 +30,45 @@ __all__ = [
     "SplitData",
     "build_dataset",
     "load_raw_dataset",
+    "keep_largest_classes",
     "per_class_subset",
     "register_dataset",
+    "stratified_test_mask",
 ]
 
 
 @dataclass
 class SplitData:
-    """One split before transforms: labels plus either ``images`` (uint8 [N, C, H, W]) or ``paths``."""
+    """One split before transforms: labels plus exactly one of ``images`` (uint8 [N, C, H, W]), ``paths`` or
+    ``texts``."""
 
     targets: np.ndarray
     images: torch.Tensor | None = None
     paths: list[str] | None = None
+    texts: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.targets = np.asarray(self.targets, dtype=np.int64)
-        if (self.images is None) == (self.paths is None):
-            raise ValueError("SplitData needs exactly one of images or paths")
-        n = len(self.images) if self.images is not None else len(self.paths)  # type: ignore[arg-type]
-        if n != len(self.targets):
-            raise ValueError(f"{n} samples but {len(self.targets)} targets")
+        given = [v for v in (self.images, self.paths, self.texts) if v is not None]
+        if len(given) != 1:
+            raise ValueError("SplitData needs exactly one of images, paths or texts")
+        if len(given[0]) != len(self.targets):
+            raise ValueError(f"{len(given[0])} samples but {len(self.targets)} targets")
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    @property
+    def is_text(self) -> bool:
+        return self.texts is not None
 
     def select(self, idx: np.ndarray) -> SplitData:
         """Samples at ``idx`` (copied, so a small subset does not keep a large array alive)."""
         idx = np.asarray(idx, dtype=np.int64)
         if self.images is not None:
             return SplitData(self.targets[idx], images=self.images[torch.from_numpy(idx)].clone())
+        if self.texts is not None:
+            return SplitData(self.targets[idx], texts=[self.texts[i] for i in idx])
         assert self.paths is not None
         return SplitData(self.targets[idx], paths=[self.paths[i] for i in idx])
 
@@ -105,20 +117,31 @@ class DataConfig:
     """Which dataset to load and how to preprocess it.
 
     Attributes:
-        name: Registered dataset (see :data:`DATASETS`): ``fashion_mnist``, ``cifar100``, ``imagenet_r``,
-            ``imagenet_a``, ``cub200``, ``domainnet``, ``imagefolder``, ``synthetic``.
+        name: Registered dataset (see :data:`DATASETS`): images ``fashion_mnist``, ``cifar100``, ``imagenet_r``,
+            ``imagenet_a``, ``cub200``, ``domainnet``, ``imagefolder``, ``synthetic``; text ``wordnet``,
+            ``text_csv``, ``text_jsonl`` (text datasets need a text backbone, e.g. ``minilm_l6``).
         root: Dataset root directory (``docs/datasets.md`` describes each layout). ``None``: Fashion-MNIST looks in
-            ``/usr/share/datasets/fashion-mnist``, then the user cache; CIFAR-100 uses the user cache.
+            ``/usr/share/datasets/fashion-mnist``, then the user cache; CIFAR-100 uses the user cache; WordNet
+            reads ``/usr/share/wordnet``. ``text_csv`` / ``text_jsonl``: one file (split here) or a directory
+            holding ``train.<ext>`` and ``test.<ext>``.
         format: Split convention. ``imagenet_r``: ``"folders"`` (pre-split ``train/`` ``test/`` trees, default) or
             ``"coda_yaml"`` (CODA-Prompt ``imagenet-r_{train,test}.yaml``). ``domainnet``: ``"coda_yaml"``
             (default) or ``"txt"`` (official ``<domain>_{train,test}.txt``). ``imagefolder``: ``"presplit"`` or
-            ``"single_tree"`` (default: ``presplit`` when ``root/train`` and ``root/test`` exist).
-        image_size: Side length of the model input.
-        train_per_class: Keep this many training images per class (chosen with the seed); ``None`` keeps all.
+            ``"single_tree"`` (default: ``presplit`` when ``root/train`` and ``root/test`` exist). ``text_csv``:
+            ``"csv"`` or ``"tsv"`` (default: from the file extension, ``.tsv`` is tab-separated).
+        image_size: Side length of the model input (images).
+        max_length: Text: tokens per text after tokenisation (longer texts are truncated).
+        train_per_class: Keep this many training samples per class (chosen with the seed); ``None`` keeps all.
             For ``synthetic`` it is the number generated (default 16).
         test_per_class: Likewise for the test split (``synthetic`` default 8).
-        test_fraction: Test share per class when ``imagefolder`` splits a single tree.
+        test_fraction: Test share per class when the dataset is split here (``imagefolder`` single tree,
+            ``wordnet``, a single ``text_csv`` / ``text_jsonl`` file); the split is drawn with the run's seed.
+        largest_classes: Keep only the N classes with the most samples (train + test; ties: lower label first),
+            relabelled 0..N-1 in their original order; ``None`` keeps all.
+        text_column: ``text_csv`` / ``text_jsonl``: the column (key) holding the text.
+        label_column: ``text_csv`` / ``text_jsonl``: the column (key) holding the class label (a name or an int).
         augment: Official random-resized-crop + flip training transform; ``False`` uses the test transform.
+            Text is not augmented.
         download: Let torchvision download CIFAR-100 / Fashion-MNIST when they are absent.
         synthetic_classes: Number of classes of the ``synthetic`` dataset.
         num_workers: DataLoader worker processes (used by the engine).
@@ -128,9 +151,13 @@ class DataConfig:
     root: str | None = None
     format: str | None = None
     image_size: int = 224
+    max_length: int = 64
     train_per_class: int | None = None
     test_per_class: int | None = None
     test_fraction: float = 0.2
+    largest_classes: int | None = None
+    text_column: str = "text"
+    label_column: str = "label"
     augment: bool = True
     download: bool = True
     synthetic_classes: int = 10
@@ -145,6 +172,15 @@ class DataConfig:
             raise ValueError(f"format: {self.format!r} is not a format of dataset {self.name!r}; allowed: {allowed}")
         if self.image_size <= 0:
             raise ValueError(f"image_size: must be positive, got {self.image_size}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length: must be at least 2 (room for the special tokens), got {self.max_length}")
+        if self.largest_classes is not None and self.largest_classes < 2:
+            raise ValueError(f"largest_classes: must be at least 2 or null, got {self.largest_classes}")
+        for name in ("text_column", "label_column"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name}: must be a non-empty column name")
+        if self.text_column == self.label_column:
+            raise ValueError(f"text_column and label_column are both {self.text_column!r}")
         for name in ("train_per_class", "test_per_class"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -167,7 +203,8 @@ class DatasetBundle:
     """Both splits of a dataset, ready for a DataLoader.
 
     Attributes:
-        train: ``__getitem__ -> (float32 [3, H, W] normalised with the given mean/std, int original label)``.
+        train: ``__getitem__ -> (float32 [3, H, W] normalised with the given mean/std, int original label)``; for
+            text ``({name: int64 [max_length]}, int original label)``.
         test: Same for the test split (deterministic transform).
         train_targets: int64 original labels aligned with ``train``.
         test_targets: int64 original labels aligned with ``test``.
@@ -202,11 +239,54 @@ def per_class_subset(targets: np.ndarray, k: int, rng: np.random.Generator) -> n
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
 
+def stratified_test_mask(targets: np.ndarray, test_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of the test samples of a per-class random split.
+
+    Every class with at least two samples gets ``round(test_fraction * n)`` test samples, at least one, and keeps
+    at least one for training; a class with one sample keeps it for training.
+    """
+    targets = np.asarray(targets, dtype=np.int64)
+    is_test = np.zeros(len(targets), dtype=bool)
+    for c in np.unique(targets):
+        idx = np.flatnonzero(targets == c)
+        n_test = min(len(idx) - 1, max(1, int(round(test_fraction * len(idx))))) if len(idx) >= 2 else 0
+        is_test[rng.permutation(idx)[:n_test]] = True
+    return is_test
+
+
+def keep_largest_classes(raw: RawDataset, n: int) -> RawDataset:
+    """The ``n`` classes with the most samples (train + test; ties: lower label first), relabelled ``0..n-1`` in
+    their original order.
+
+    Raises:
+        ValueError: The dataset has fewer than ``n`` classes.
+    """
+    num = len(raw.class_names)
+    if n > num:
+        raise ValueError(f"data.largest_classes={n} but the dataset has only {num} classes")
+    counts = np.bincount(raw.train.targets, minlength=num) + np.bincount(raw.test.targets, minlength=num)
+    ranked = sorted(range(num), key=lambda c: (-int(counts[c]), c))
+    kept = np.asarray(sorted(ranked[:n]), dtype=np.int64)
+    remap = np.full(num, -1, dtype=np.int64)
+    remap[kept] = np.arange(n, dtype=np.int64)
+
+    def cut(split: SplitData) -> SplitData:
+        idx = np.flatnonzero(remap[split.targets] >= 0)
+        sub = split.select(idx)
+        sub.targets = remap[sub.targets]
+        return sub
+
+    info = {**raw.info, "largest_classes": n, "classes_before": num}
+    return RawDataset(cut(raw.train), cut(raw.test), [raw.class_names[c] for c in kept], info, raw.split_record)
+
+
 def _digest(split: SplitData, root: str | None) -> str:
-    return split_digest(split.targets, images=split.images, paths=split.paths, root=root)
+    return split_digest(split.targets, images=split.images, paths=split.paths, texts=split.texts, root=root)
 
 
-def _wrap(split: SplitData, transform: ImageTransform) -> Dataset:
+def _wrap(split: SplitData, transform: ImageTransform, encodings: dict[str, torch.Tensor] | None) -> Dataset:
+    if encodings is not None:
+        return TextDataset(encodings, split.targets)
     if split.images is not None:
         return ArrayImageDataset(split.images, split.targets, transform)
     assert split.paths is not None
@@ -222,16 +302,39 @@ def load_raw_dataset(cfg: DataConfig, seed: int) -> RawDataset:
     return DATASETS[cfg.name].loader(cfg, seed)
 
 
+def _token_stats(encodings: list[dict[str, torch.Tensor]], max_length: int) -> dict[str, Any]:
+    lengths = torch.cat([e["attention_mask"].sum(1) for e in encodings if "attention_mask" in e])
+    if not len(lengths):
+        return {"max_length": max_length}
+    return {
+        "max_length": max_length,
+        "mean_tokens": round(float(lengths.float().mean()), 2),
+        "max_tokens": int(lengths.max()),
+        # Texts that fill max_length exactly: truncated, or exactly as long (the tokenizer does not tell apart).
+        "at_max_length": int((lengths >= max_length).sum()),
+    }
+
+
 def build_dataset(
-    cfg: DataConfig, *, mean: Sequence[float], std: Sequence[float], seed: int, raw: RawDataset | None = None
+    cfg: DataConfig,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int,
+    tokenizer: Any = None,
+    raw: RawDataset | None = None,
 ) -> DatasetBundle:
-    """Load the dataset named by ``cfg`` and wrap its splits with the official transforms.
+    """Load the dataset named by ``cfg`` and wrap its splits with the official transforms (images) or tokenise
+    them (texts).
 
     Args:
         cfg: Data configuration.
         mean: Per-channel normalisation mean (the backbone's :attr:`~sdlora.backbones.Backbone.mean`).
         std: Per-channel normalisation std.
-        seed: Seeds the per-class subsets, the ``imagefolder`` single-tree split and ``synthetic`` generation.
+        seed: Seeds the per-class subsets, the splits made here (``imagefolder`` single tree, ``wordnet``, single
+            text files) and ``synthetic`` generation.
+        tokenizer: The backbone's tokenizer (:attr:`~sdlora.backbones.Backbone.tokenizer`); required for text
+            datasets, ``None`` for image ones.
         raw: The result of :func:`load_raw_dataset` for the same ``cfg`` and ``seed``, when the caller loaded it
             already.
 
@@ -240,10 +343,20 @@ def build_dataset(
 
     Raises:
         FileNotFoundError: Dataset files are missing; the message names the path and how to get the data.
-        ValueError: Inconsistent split files or labels.
+        ValueError: Inconsistent split files or labels, bad rows (file and line named), or a dataset whose
+            modality does not match the backbone's.
     """
     if raw is None:
         raw = load_raw_dataset(cfg, seed)
+    if raw.train.is_text and tokenizer is None:
+        raise ValueError(
+            f"dataset {cfg.name!r} holds text, but the backbone is an image model; use a text backbone "
+            "(backbone.name: minilm_l6, or hf:<text model id or directory>)"
+        )
+    if not raw.train.is_text and tokenizer is not None:
+        raise ValueError(f"dataset {cfg.name!r} holds images, but the backbone is a text model")
+    if cfg.largest_classes is not None:
+        raw = keep_largest_classes(raw, cfg.largest_classes)
     train, test = raw.train, raw.test
     # Separate streams, so changing test_per_class never changes which training images are used.
     if cfg.train_per_class is not None:
@@ -266,11 +379,21 @@ def build_dataset(
         "test_count": len(test),
         "train_per_class": cfg.train_per_class,
         "test_per_class": cfg.test_per_class,
-        "image_size": cfg.image_size,
-        "augment": cfg.augment,
-        "mean": [float(v) for v in mean],
-        "std": [float(v) for v in std],
     }
+    enc_train = enc_test = None
+    if train.is_text:
+        assert train.texts is not None and test.texts is not None
+        enc_train = encode_texts(tokenizer, train.texts, cfg.max_length)
+        enc_test = encode_texts(tokenizer, test.texts, cfg.max_length)
+        info.update(modality="text", tokens=_token_stats([enc_train, enc_test], cfg.max_length))
+    else:
+        info.update(
+            modality="image",
+            image_size=cfg.image_size,
+            augment=cfg.augment,
+            mean=[float(v) for v in mean],
+            std=[float(v) for v in std],
+        )
     root = raw.info.get("root", cfg.root)
     identity = data_identity(
         name=cfg.name,
@@ -283,8 +406,8 @@ def build_dataset(
         test_digest=_digest(test, root),
     )
     return DatasetBundle(
-        train=_wrap(train, train_tf),
-        test=_wrap(test, test_tf),
+        train=_wrap(train, train_tf, enc_train),
+        test=_wrap(test, test_tf, enc_test),
         train_targets=train.targets.copy(),
         test_targets=test.targets.copy(),
         num_classes=num_classes,

@@ -10,7 +10,8 @@ samples the run uses. Its digests:
 * file datasets: sha256 over the sorted ``(path relative to the dataset root, label)`` list of each split (the
   image bytes are not read: hashing a 30k-file tree would cost minutes; a renamed, added, removed or relabelled
   file changes the digest, an image edited in place does not);
-* in-memory datasets (Fashion-MNIST, CIFAR-100, synthetic): sha256 over the label array and the image bytes.
+* in-memory datasets (Fashion-MNIST, CIFAR-100, synthetic): sha256 over the label array and the image bytes;
+* text datasets (WordNet, CSV, JSON lines): sha256 over the ``(label, text)`` pairs in order.
 
 This module is a leaf: numpy, torch and the standard library only.
 """
@@ -44,24 +45,36 @@ def split_digest(
     *,
     images: torch.Tensor | None = None,
     paths: Sequence[str] | None = None,
+    texts: Sequence[str] | None = None,
     root: str | None = None,
 ) -> str:
-    """sha256 of one split: labels plus image bytes (``images``) or the sorted ``(relative path, label)`` list.
+    """sha256 of one split: labels plus image bytes (``images``), the sorted ``(relative path, label)`` list, or the
+    ``(label, text)`` pairs in order (``texts``).
 
     Args:
         targets: int labels aligned with ``images`` or ``paths``.
         images: uint8 ``[N, C, H, W]`` images held in memory.
         paths: image file paths (made relative to ``root`` when they lie under it, so moving the dataset
             directory keeps the digest).
+        texts: the texts of a text dataset (before tokenisation).
         root: the dataset root.
 
     Raises:
-        ValueError: neither or both of ``images`` and ``paths``, or a length mismatch.
+        ValueError: not exactly one of ``images``, ``paths`` and ``texts``, or a length mismatch.
     """
-    if (images is None) == (paths is None):
-        raise ValueError("split_digest needs exactly one of images or paths")
+    if sum(v is not None for v in (images, paths, texts)) != 1:
+        raise ValueError("split_digest needs exactly one of images, paths or texts")
     labels = np.asarray(targets, dtype=np.int64)
     h = hashlib.sha256()
+    if texts is not None:
+        if len(texts) != len(labels):
+            raise ValueError(f"{len(texts)} texts but {len(labels)} targets")
+        h.update(b"texts|")
+        for label, text in zip(labels.tolist(), texts, strict=True):
+            data = text.encode()
+            h.update(f"{label}\t{len(data)}\t".encode())  # length-prefixed: a text may hold tabs and newlines
+            h.update(data)
+        return h.hexdigest()
     if images is not None:
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} targets")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import DataConfig, RawDataset, SplitData, register_dataset
+from .base import DataConfig, RawDataset, SplitData, register_dataset, stratified_test_mask
 
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_SYSTEM_DIR", "IMG_EXTENSIONS", "read_idx", "scan_image_folder"]
 
@@ -308,13 +308,7 @@ def _presplit_folders(root: Path, name: str) -> RawDataset:
 
 def _single_tree_split(root: Path, name: str, test_fraction: float, seed: int) -> RawDataset:
     classes, paths, targets = scan_image_folder(root)
-    rng = np.random.default_rng([seed, 3])
-    is_test = np.zeros(len(paths), dtype=bool)
-    for c in range(len(classes)):
-        idx = np.flatnonzero(targets == c)
-        # Every class with at least two images gets at least one test image and keeps at least one for training.
-        n_test = min(len(idx) - 1, max(1, int(round(test_fraction * len(idx))))) if len(idx) >= 2 else 0
-        is_test[rng.permutation(idx)[:n_test]] = True
+    is_test = stratified_test_mask(targets, test_fraction, np.random.default_rng([seed, 3]))
     tr, te = np.flatnonzero(~is_test), np.flatnonzero(is_test)
     rel = [os.path.relpath(p, root) for p in paths]
     record = {

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 __all__ = ["Scenario", "TaskSubset", "make_scenario", "peer_class_order"]
@@ -43,7 +43,7 @@ class TaskSubset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[Any, int]:
         x, y = self.dataset[int(self.indices[i])]
         return x, int(self.label_map[int(y)])
 

@@ -30,7 +30,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["COMPUTE_MODES", "LowRankUnit", "SDLoRALinear", "component_norm", "route_costs"]
+__all__ = ["COMPUTE_MODES", "LowRankUnit", "SDLoRALinear", "add_rows", "component_norm", "route_costs"]
+
+
+def add_rows(y: Tensor, start: int, stop: int, delta: Tensor) -> Tensor:
+    """``y[..., start:stop] += delta``, returning the result.
+
+    In place on a slice (F.linear's backward needs its inputs, not its output, so nothing saved is overwritten);
+    out of place when the slice is all of ``y``: autograd refuses an in-place add on a full slice of a view of a leaf,
+    which is what ``F.linear`` returns for a 3-D input with a bias (separate q / v projections of HF models).
+    """
+    if start == 0 and stop == y.shape[-1]:
+        return y + delta
+    y[..., start:stop] += delta
+    return y
 
 
 def component_norm(b: Tensor, a: Tensor, normaliser: str) -> Tensor:
@@ -705,8 +718,7 @@ class SDLoRALinear(nn.Module):
             r = a.shape[0]
             zu = z[..., offset : offset + r] * s.to(z.dtype)
             offset += r
-            # In-place add on the output slice: F.linear's backward needs its inputs, not its output.
-            y[..., u.start : u.stop] += F.linear(zu, b.to(zu.dtype))
+            y = add_rows(y, u.start, u.stop, F.linear(zu, b.to(zu.dtype)))
         return y
 
     def _add_loop(self, x: Tensor, y: Tensor, alphas: Tensor) -> Tensor:
@@ -727,7 +739,7 @@ class SDLoRALinear(nn.Module):
                 term = F.linear(F.linear(x, u.A_cur) * s.to(x.dtype), u.B_cur)
                 delta = term if delta is None else delta + term
             if delta is not None:
-                y[..., u.start : u.stop] += delta
+                y = add_rows(y, u.start, u.stop, delta)
         return y
 
     # ------------------------------------------------------------------------------------------- merge

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .config import RUNTIME_FIELDS, AdapterConfig
 from .layer import LowRankUnit, SDLoRALinear, component_norm
-from .surgery import find_linears, is_fused_qkv, qkv_slices, replace_submodule
+from .surgery import find_linears, is_fused_qkv, linear_summary, qkv_slices, replace_submodule
 
 __all__ = ["SDLoRAModel", "ADAPTER_FORMAT"]
 
@@ -67,7 +67,11 @@ class SDLoRAModel(nn.Module):
         self.backbone.requires_grad_(False)
         targets = self.config.targets or default_targets
         if not targets:
-            raise ValueError("no adapter targets: set adapter.targets (e.g. ['blocks.*.attn.qkv'])")
+            raise ValueError(
+                "no adapter targets: the backbone names no default query/value projections, so set "
+                "method.adapter.targets to fnmatch patterns of its attention projections; its nn.Linear modules "
+                f"are (layer indices as *): {linear_summary(backbone)}"
+            )
         self.targets = list(targets)
         self._layer_names: list[str] = []
         self._inject()

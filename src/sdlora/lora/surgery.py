@@ -17,6 +17,7 @@ __all__ = [
     "QKV_ORDER",
     "find_linears",
     "is_fused_qkv",
+    "linear_summary",
     "qkv_slices",
     "replace_submodule",
 ]
@@ -44,20 +45,35 @@ def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def linear_summary(root: nn.Module, limit: int = 40) -> str:
+    """The distinct ``nn.Linear`` names of ``root`` with numeric path components as ``*`` (one entry per kind of
+    Linear, e.g. ``encoder.layer.*.attention.self.query``), for error messages."""
+    seen: list[str] = []
+    for n, m in root.named_modules():
+        if isinstance(m, nn.Linear):
+            pattern = ".".join("*" if part.isdigit() else part for part in n.split("."))
+            if pattern not in seen:
+                seen.append(pattern)
+    if not seen:
+        return "none"
+    return ", ".join(seen[:limit]) + (f" ... (+{len(seen) - limit} more)" if len(seen) > limit else "")
+
+
 def find_linears(root: nn.Module, patterns: Iterable[str]) -> list[str]:
     """Names of the ``nn.Linear`` modules of ``root`` matching any fnmatch pattern, in pattern order, no repeats.
 
     Raises:
-        ValueError: a pattern matches no ``nn.Linear`` (the message lists a few Linear names to choose from).
+        ValueError: a pattern matches no ``nn.Linear`` (the message lists every kind of Linear, layer indices as
+            ``*``).
     """
     linear_names = [n for n, m in root.named_modules() if isinstance(m, nn.Linear)]
     chosen: list[str] = []
     for pattern in patterns:
         hits = [n for n in linear_names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
-            sample = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
             raise ValueError(
-                f"adapter target {pattern!r} matches no nn.Linear in the backbone; Linear modules look like: {sample}"
+                f"adapter target {pattern!r} matches no nn.Linear in the backbone; its nn.Linear modules are "
+                f"(layer indices as *): {linear_summary(root)}"
             )
         chosen.extend(h for h in hits if h not in chosen)
     return chosen

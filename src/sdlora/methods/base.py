@@ -18,6 +18,7 @@ from ..alignment import AlignConfig, FeatureStatistics, align_head
 from ..backbones import Backbone
 from ..config import MethodConfig
 from ..configtools import ConfigError, from_dict
+from ..data import Batch
 from ..heads import IncrementalLinear
 
 __all__ = ["METHODS", "Method", "NoOptions", "TaskContext", "create_method", "parse_options", "register_method"]
@@ -83,6 +84,7 @@ class TaskContext:
         epochs: epochs the engine will train this task.
         statistics_batches: yields ``(x, y)`` batches of the current task's training data with evaluation
             transforms, on ``device`` (for prototypes, covariances); under torchrun each process gets its shard.
+            ``x`` is an image tensor, or a dict of token tensors for text (:data:`sdlora.data.Batch`).
         all_reduce: sums a tensor over processes (identity in a single process).
         seed: the run's seed (for a method's own seeded draws, identical on every process).
     """
@@ -93,7 +95,7 @@ class TaskContext:
     class_end: int
     device: torch.device
     epochs: int
-    statistics_batches: Callable[[], Iterator[tuple[Tensor, Tensor]]] = field(repr=False)
+    statistics_batches: Callable[[], Iterator[tuple[Batch, Tensor]]] = field(repr=False)
     all_reduce: Callable[[Tensor], Tensor] = field(repr=False, default=lambda t: t)
     seed: int = 0
 
@@ -148,10 +150,10 @@ class Method(nn.Module):
         return "n/a"
 
     # ------------------------------------------------------------------------------------------ hooks
-    def features(self, x: Tensor) -> Tensor:
+    def features(self, x: Batch) -> Tensor:
         return self.model(x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Batch) -> Tensor:
         """Logits over all seen classes."""
         return self.head(self.features(x))
 

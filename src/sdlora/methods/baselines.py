@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..alignment import AlignConfig
 from ..backbones import Backbone
 from ..config import MethodConfig
+from ..data import Batch
 from ..lora import AdapterConfig
 from .base import Method, TaskContext, register_method
 from .sdlora import SDLoRA
@@ -176,7 +177,7 @@ class SimpleCIL(Method):
         ref = next(self.model.parameters())
         self.register_buffer("prototypes", torch.zeros(0, self.num_features, device=ref.device, dtype=torch.float32))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Batch) -> Tensor:
         if self.prototypes.shape[0] == 0:
             raise RuntimeError("simplecil has no prototypes yet: they are computed at the end of each task")
         f = F.normalize(self.features(x).float(), dim=-1)

@@ -31,6 +31,8 @@ Approximations and choices here (documented, not hidden):
   smaller than r, the task gets that smaller rank (0: no update on that layer).
 * The covariance uses evaluation transforms (``TaskContext.statistics_batches``), capped at
   ``method.options.max_batches`` batches; the official code uses the training loader (with augmentation).
+* On text backbones the covariance sums over the tokens of the texts only (the attention mask leaves out
+  padding); separate key and value linears each compute ``A_t`` from the same input, i.e. the shared ``A_t``.
 * The loss and head are the engine's (current-task logits after the first task, as InfLoRA's masked loss); the
   official code's per-task classifier pool and its evaluation-time task-identification path are not used
   (argmax over all seen classes, as for every method here).
@@ -39,6 +41,7 @@ Approximations and choices here (documented, not hidden):
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +52,7 @@ from torch import Tensor, nn
 
 from ..backbones import Backbone
 from ..config import MethodConfig
+from ..lora.layer import add_rows
 from ..lora.surgery import qkv_slices, replace_submodule
 from .base import Method, TaskContext, register_method
 
@@ -237,8 +241,7 @@ class InfLoRALinear(nn.Module):
         z = F.linear(x, a.to(x.dtype))  # (..., R'), shared by the slices
         for name, start, stop in self.slices:
             _, b = self.factors(name)
-            # In-place add on the output slice: F.linear's backward needs its inputs, not its output.
-            y[..., start:stop] += F.linear(z, b.to(z.dtype))
+            y = add_rows(y, start, stop, F.linear(z, b.to(z.dtype)))
         return y
 
     def delta_weight(self) -> Tensor:
@@ -269,21 +272,27 @@ class InfLoRA(Method):
         self.model.requires_grad_(False)
         self.icfg: InfLoRAOptions = self.options
         self._layer_names: list[str] = []
-        modules = dict(self.model.named_modules())
-        if backbone.qkv_layout == "fused":
-            plan = [(n, m) for n, m in modules.items() if n.endswith("attn.qkv") and isinstance(m, nn.Linear)]
-            entries = []
-            for name, m in plan:
-                entries.append((name, qkv_slices(m, _PROJECTIONS)))
-        else:
-            plan = [
-                (n, m)
-                for n, m in modules.items()
-                if (n.endswith("attn.k_proj") or n.endswith("attn.v_proj")) and isinstance(m, nn.Linear)
-            ]
-            entries = [(name, [("out", 0, m.out_features)]) for name, m in plan]
+        linears = [(n, m) for n, m in self.model.named_modules() if isinstance(m, nn.Linear)]
+        roles = backbone.attention_targets
+
+        def matching(role: str) -> list[tuple[str, nn.Linear]]:
+            return [(n, m) for n, m in linears if any(fnmatch.fnmatchcase(n, p) for p in roles.get(role, []))]
+
+        entries: list[tuple[str, list[tuple[str, int, int]]]] = []
+        if "qkv" in roles:
+            entries = [(name, qkv_slices(m, _PROJECTIONS)) for name, m in matching("qkv")]
+        elif "k" in roles and "v" in roles:
+            # Separate k and v linears take the same input, so their covariances and hence their A_t are equal:
+            # the official code's shared A_t, computed once per projection.
+            entries = [(name, [("out", 0, m.out_features)]) for name, m in matching("k") + matching("v")]
+            entries.sort(key=lambda e: [n for n, _ in linears].index(e[0]))
         if not entries:
-            raise ValueError("inflora needs attention key/value projections (blocks.*.attn.qkv or attn.{k,v}_proj)")
+            raise ValueError(
+                f"inflora adapts the attention key and value projections, and backbone {backbone.name!r} has none "
+                f"that sdlora recognises (found roles: {sorted(roles) or 'none'}); it supports a fused qkv "
+                "(timm ViTs) and separate key/value linears (BERT-style query/key/value, q_proj/k_proj/v_proj, "
+                "query_proj/key_proj/value_proj, q_lin/k_lin/v_lin)"
+            )
         for name, slices in entries:
             base = self.model.get_submodule(name)
             assert isinstance(base, nn.Linear)
@@ -300,14 +309,24 @@ class InfLoRA(Method):
 
     @torch.no_grad()
     def input_covariances(self, ctx: TaskContext) -> list[Tensor]:
-        """``sum x x^T`` over every token of the current task's training images, at the input of each adapted
-        layer (forward hooks), summed over processes; float64, shape (d_in, d_in) per layer."""
+        """``sum x x^T`` over every token of the current task's training samples, at the input of each adapted
+        layer (forward hooks), summed over processes; float64, shape (d_in, d_in) per layer.
+
+        Text batches carry an attention mask: padding positions are not tokens of any text, so they are left out
+        (the layer input is ``[B, L', d]`` with ``L'`` the columns the batch uses, the mask's first ``L'``).
+        """
         layers = self.layers()
         covs = [torch.zeros(m.in_features, m.in_features, device=ctx.device, dtype=torch.float64) for m in layers]
+        token_mask: list[Tensor | None] = [None]
 
         def hook(i: int) -> Any:
             def fn(_module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> None:
-                x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+                inp = inputs[0].detach()
+                mask = token_mask[0]
+                if mask is not None and inp.dim() == 3 and inp.shape[0] == mask.shape[0]:
+                    x = inp[mask[:, : inp.shape[1]].bool()].float()
+                else:
+                    x = inp.reshape(-1, inp.shape[-1]).float()
                 covs[i] += (x.t() @ x).double()
 
             return fn
@@ -319,6 +338,7 @@ class InfLoRA(Method):
             for b, (x, _) in enumerate(ctx.statistics_batches()):
                 if self.icfg.max_batches is not None and b >= self.icfg.max_batches:
                     break
+                token_mask[0] = x.get("attention_mask") if isinstance(x, dict) else None
                 self.features(x)
         finally:
             for h in handles:

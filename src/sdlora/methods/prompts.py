@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..backbones import Backbone
 from ..config import MethodConfig
+from ..data import Batch
 from .base import Method, TaskContext, register_method
 from .prefix import PrefixAttention, inject_prefix_attention
 
@@ -60,7 +61,7 @@ class PromptMethod(Method):
 
     # ------------------------------------------------------------------------------------------ forward
     @torch.no_grad()
-    def query(self, x: Tensor) -> Tensor:
+    def query(self, x: Batch) -> Tensor:
         """The frozen backbone's pooled feature of ``x`` without prompts (first of the two passes)."""
         for w in self._wrappers:
             w.clear()
@@ -71,7 +72,7 @@ class PromptMethod(Method):
         (B, key_dim), and the auxiliary loss of the batch (None outside training)."""
         raise NotImplementedError
 
-    def features(self, x: Tensor) -> Tensor:
+    def features(self, x: Batch) -> Tensor:
         q = self.query(x)
         pre, aux = self.prefixes(q)
         try:

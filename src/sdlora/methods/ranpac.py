@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..backbones import Backbone
 from ..config import MethodConfig
+from ..data import Batch
 from ..lora import SDLoRAModel
 from .base import Method, TaskContext, register_method
 from .baselines import plain_lora_config
@@ -209,7 +210,7 @@ class RanPAC(Method):
             return f.float()
         return F.relu(f.float() @ self.projection)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Batch) -> Tensor:
         if self.adapting:
             return self.head(self.features(x))
         if self.weight.shape[0] == 0:
