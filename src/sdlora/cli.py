@@ -1,4 +1,4 @@
-"""Command-line interface: ``sdlora run | demo | compare | export | report | list``.
+"""Command-line interface: ``sdlora run | demo | compare | export | predict | report | list``.
 
 Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, run directory). The reason goes to
 stderr in one line (``sdlora: error: ...``).
@@ -88,37 +88,58 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import json
+    from .export import export_merged, export_peft
 
-    from safetensors.torch import save_file
+    if args.format == "peft":
+        summary = export_peft(args.run_dir, args.out, include_base=not args.no_base)
+    else:
+        if args.no_base:
+            raise ValueError("--no-base applies to --format peft only (the merged format is the whole backbone)")
+        summary = export_merged(args.run_dir, args.out)
+    print(f"wrote {summary.path}: {summary.description}")
+    print(f"load with: {summary.load_hint}")
+    return 0
 
-    from .engine import build_method_from_run
 
-    method, cfg, record = build_method_from_run(args.run_dir)
-    plain = method.export_backbone()
-    state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
-    info = method.backbone_info
-    arch = (getattr(plain, "pretrained_cfg", None) or {}).get("architecture")
-    metadata = {
-        "format": "sdlora-merged-backbone/1",
-        "backbone": str(cfg.backbone.name),
-        # The timm architecture to build before load_state_dict (the sdlora backbone name may be an alias).
-        "timm_architecture": str(arch or type(plain).__name__),
-        "timm_kwargs": json.dumps({"img_size": cfg.data.image_size, **cfg.backbone.kwargs}),
-        "weights_tag": str(info.get("tag")),
-        "method": cfg.method.name,
-        "completed_tasks": str(record["task"] + 1),
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
-    print(f"wrote {out}: {len(state)} tensors of the merged backbone after task {record['task'] + 1}")
-    print(
-        f"load with: timm.create_model({metadata['timm_architecture']!r}, pretrained=False, num_classes=0, "
-        f"**{metadata['timm_kwargs']}).load_state_dict(safetensors.torch.load_file({str(out)!r}))"
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import PredictError, Predictor, collect_inputs, format_predictions, load_run, write_predictions
+
+    files, problems = collect_inputs(args.inputs)
+    if problems and args.strict:
+        spec, reason = problems[0]
+        raise PredictError(f"input {spec}: {reason} (without --strict it is skipped)")
+    if not files:
+        detail = "; ".join(f"{s}: {r}" for s, r in problems)
+        raise PredictError(f"no input to classify ({detail})" if detail else "no input to classify")
+    run = load_run(args.run_dir, device=args.device)
+    log.info(
+        "%s: %s after %d task(s), %d classes, %d input(s) on %s",
+        args.run_dir,
+        run.config.method.name,
+        run.completed_tasks,
+        len(run.class_names),
+        len(files),
+        run.device,
     )
+    predictor = Predictor(run, batch_size=args.batch_size, workers=args.workers)
+    preds = []
+    failures: list[tuple[str, str]] = list(problems)
+    for batch, bad in predictor.iter_batches(files, args.top_k, strict=args.strict):
+        failures.extend(bad)
+        if args.out:
+            preds.extend(batch)
+        elif batch:
+            print(format_predictions(batch), flush=True)
+    if failures:
+        shown = "\n  ".join(f"{path}: {reason}" for path, reason in failures[:20])
+        more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
+        log.warning("skipped %d unreadable input(s):\n  %s%s", len(failures), shown, more)
+    if args.out:
+        write_predictions(preds, args.out)
+        print(f"wrote {len(preds)} prediction(s) to {args.out}")
+    n_done = len(files) - (len(failures) - len(problems))
+    if n_done == 0:
+        raise PredictError(f"none of the {len(files)} input file(s) could be read")
     return 0
 
 
@@ -140,6 +161,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("backbones: " + ", ".join(sorted(BACKBONES)) + ", or any timm model name")
     print("presets:   " + ", ".join(preset_names()))
     return 0
+
+
+EXPORT_EPILOG = """formats:
+  merged  FILE.safetensors: the backbone with everything learned folded into its weights (same keys
+          as the original backbone; the file's metadata names the timm architecture and arguments).
+          Loads into timm.create_model(arch, pretrained=False, num_classes=0, **kwargs). Any method.
+  peft    DIRECTORY: a standard PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
+          that computes exactly what sdlora computes: after task t each adapted projection's update
+          sum_k s_k B_k A_k is one LoRA of rank sum_k r_k (lora_alpha = r, scaling 1; fused qkv with
+          zero k rows). Also classifier.safetensors (the timm classifier for num_classes = classes
+          seen, loads strictly), labels.txt (class names in logit order), base_model.safetensors
+          (the backbone before training; --no-base leaves it out), sdlora_export.json and a README
+          with the loading code (PeftModel.from_pretrained). Low-rank methods only (SD-LoRA family,
+          seq_lora, ablations, inflora). Tested with peft 0.21.2.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,10 +214,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sp.set_defaults(fn=cmd_compare)
 
-    sp = sub.add_parser("export", help="write the merged backbone of a run as safetensors")
+    sp = sub.add_parser(
+        "export",
+        help="write what a run learned for other tools (merged backbone, or a PEFT LoRA adapter)",
+        description="Write what a run learned (newest checkpoint) for use outside sdlora.",
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sp.add_argument("run_dir")
-    sp.add_argument("--out", required=True, help="FILE.safetensors")
+    sp.add_argument("--out", required=True, help="FILE.safetensors (merged) or a DIRECTORY (peft)")
+    sp.add_argument("--format", choices=("merged", "peft"), default="merged", help="what to write (default merged)")
+    sp.add_argument(
+        "--no-base", action="store_true", help="peft: leave out base_model.safetensors (you have the weights)"
+    )
     sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser(
+        "predict",
+        help="classify images with a trained run (merged model, class names from the training data)",
+        description="Classify images with what a run learned: top-k class names and scores (softmax of the logits "
+        "over the classes seen so far), the run's test transform, everything folded into the backbone.",
+    )
+    sp.add_argument("run_dir")
+    sp.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    sp.add_argument("--top-k", type=int, default=1, help="classes per input (default 1)")
+    sp.add_argument("--out", help="write FILE.csv or FILE.jsonl instead of printing")
+    sp.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default 64)")
+    sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    sp.add_argument("--workers", type=int, default=0, help="processes decoding images (default 0: this one)")
+    sp.add_argument("--strict", action="store_true", help="stop at the first unreadable input instead of skipping")
+    sp.set_defaults(fn=cmd_predict)
 
     sp = sub.add_parser("report", help="table and plots for one or several run directories")
     sp.add_argument("run_dirs", nargs="+")

@@ -5,6 +5,15 @@ from . import (
     inflora,  # noqa: F401  (registers inflora)
     sdlora,  # noqa: F401  (registers sdlora, sdlora_rr, sdlora_kd)
 )
-from .base import METHODS, Method, NoOptions, TaskContext, create_method, parse_options, register_method
+from .base import METHODS, LowRankUpdate, Method, NoOptions, TaskContext, create_method, parse_options, register_method
 
-__all__ = ["METHODS", "Method", "NoOptions", "TaskContext", "create_method", "parse_options", "register_method"]
+__all__ = [
+    "METHODS",
+    "LowRankUpdate",
+    "Method",
+    "NoOptions",
+    "TaskContext",
+    "create_method",
+    "parse_options",
+    "register_method",
+]
