@@ -59,7 +59,8 @@ def test_predict_equals_the_engine_evaluation(trained):
     paths = list(data.test.paths)
     labels = [position[int(t)] for t in data.test_targets]
     with torch.no_grad():
-        engine_pred = [int(method(data.test[i][0][None]).argmax(1)) for i in range(len(paths))]
+        engine_logits = torch.cat([method(data.test[i][0][None]) for i in range(len(paths))])
+    engine_pred = engine_logits.argmax(1).tolist()
     # The engine's own accuracy (results.json) agrees with these predictions ...
     correct = [0, 0]
     for pred, y in zip(engine_pred, labels):
@@ -71,6 +72,9 @@ def test_predict_equals_the_engine_evaluation(trained):
     preds, failures = Predictor(loaded, batch_size=5).predict(paths, top_k=3)
     assert not failures and [p.input for p in preds] == paths
     assert [p.indices[0] for p in preds] == engine_pred
+    # same scores too (softmax of the same logits; merged vs unmerged differ only by float rounding)
+    top = torch.softmax(engine_logits, 1).topk(3, 1)
+    torch.testing.assert_close(torch.tensor([p.scores for p in preds]), top.values, atol=1e-5, rtol=1e-5)
     names = [CLASSES[c] for c in results["class_order"]]
     assert loaded.class_names == names
     assert all(p.labels == [names[i] for i in p.indices] for p in preds)
