@@ -123,7 +123,7 @@ def test_peft_scaling_is_one_and_ranks_are_per_module():
     update = method.low_rank_update()
     config, tensors = peft_adapter(update)
     assert config["lora_alpha"] == config["r"] and not config["use_rslora"]
-    for name, (a, b) in update.factors.items():
+    for name, (a, _) in update.factors.items():
         rank = a.shape[0]
         key = next((k for k in config["rank_pattern"] if name.endswith(k.replace("\\", ""))), None)
         assert (config["rank_pattern"][key] if key else config["r"]) == rank
@@ -233,7 +233,8 @@ def test_cli_export_peft_from_a_run(tmp_path, capsys):
     model = create_backbone(BackboneConfig(name="vit_test_tiny", pretrained=False), 32).model
     model.reset_classifier(len(labels))
     d = tmp_path / "peft"
-    model.load_state_dict({**load_file(str(d / "base_model.safetensors")), **load_file(str(d / "classifier.safetensors"))})
+    base = load_file(str(d / "base_model.safetensors"))
+    model.load_state_dict({**base, **load_file(str(d / "classifier.safetensors"))})
     model = peft.PeftModel.from_pretrained(model, str(d)).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():

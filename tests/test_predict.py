@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from engine_helpers import tiny_config, write_config
 from PIL import Image
 
+from engine_helpers import tiny_config, write_config
 from sdlora.cli import main
 from sdlora.data import build_dataset
 from sdlora.engine import build_method_from_run
