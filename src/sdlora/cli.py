@@ -1,4 +1,4 @@
-"""Command-line interface: ``sdlora run | demo | compare | export | predict | report | list``.
+"""Command-line interface: ``sdlora run | demo | compare | export | predict | learn | report | list``.
 
 Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, run directory). The reason goes to
 stderr in one line (``sdlora: error: ...``).
@@ -143,6 +143,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    from .learn import learn
+    from .report import format_task_table
+
+    report = learn(args.run_dir, args.data, name=args.name, device=args.device)
+    print(format_task_table(report.results))
+    for task, reason in report.skipped:
+        print(f"task {task + 1} not evaluated: {reason}")
+    print(
+        f"learned {report.name!r} as task {report.task + 1}: {len(report.class_names)} new classes "
+        f"({', '.join(report.class_names)}); run directory: {args.run_dir}"
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
 
@@ -244,6 +259,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--workers", type=int, default=0, help="processes decoding images (default 0: this one)")
     sp.add_argument("--strict", action="store_true", help="stop at the first unreadable input instead of skipping")
     sp.set_defaults(fn=cmd_predict)
+
+    sp = sub.add_parser(
+        "learn",
+        help="teach a finished run the new classes found in a folder (one more task, no earlier training data)",
+        description="The run's model learns one more task made of the classes found in --data, with the run's "
+        "method and training settings and none of the earlier training data. The accuracy matrix gains a row and a "
+        "column (earlier test sets that are missing are reported and skipped); results, tables, plots and a new "
+        "checkpoint are written; predict and export then know the new classes. Class names the run already knows "
+        "are refused. Repeatable; an interrupted learn leaves the run as it was.",
+    )
+    sp.add_argument("run_dir", help="a finished run directory")
+    sp.add_argument(
+        "--data",
+        required=True,
+        help="the new classes: an image folder DIR/<class>/<images> or DIR/train/<class>/... + DIR/test/<class>/...",
+    )
+    sp.add_argument("--name", help="label of the new task in the run's record (default: the folder's name)")
+    sp.add_argument("--device", help="where to train (default: the run's train.device)")
+    sp.set_defaults(fn=cmd_learn)
 
     sp = sub.add_parser("report", help="table and plots for one or several run directories")
     sp.add_argument("run_dirs", nargs="+")
