@@ -21,7 +21,7 @@ import torch
 
 from engine_helpers import tiny_config, write_config
 from sdlora.config import RunConfig
-from sdlora.configtools import from_dict, to_dict
+from sdlora.configtools import from_dict
 from sdlora.engine import DistInfo, check_ranks_agree, run_experiment
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
@@ -72,7 +72,7 @@ def single(tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # like each torchrun process (OMP_NUM_THREADS=1); results do not depend on it
     try:
-        run_experiment(cfg, to_dict(cfg), out)
+        run_experiment(cfg, out)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -175,8 +175,8 @@ DRIVER = textwrap.dedent(
 
     SDLoRA.end_task = recording_end_task
     engine.check_ranks_agree = spying_check
-    cfg, cfg_dict = load_config(cfg_path)
-    engine.run_experiment(cfg, cfg_dict, out)
+    cfg, _ = load_config(cfg_path)
+    engine.run_experiment(cfg, out)
     alive = dist.is_initialized()
     # The engine's own check must notice a process that drifted.
     with torch.no_grad():

@@ -12,19 +12,31 @@ import torch
 
 from engine_helpers import tiny_config, write_config
 from sdlora.config import RunConfig, load_config
-from sdlora.configtools import from_dict, to_dict
-from sdlora.engine import GlobalBatchSampler, RunError, latest_checkpoint, run_experiment
+from sdlora.configtools import from_dict
+from sdlora.engine import (
+    GlobalBatchSampler,
+    RunError,
+    RunState,
+    Runtime,
+    build_results,
+    build_run,
+    run_experiment,
+    run_task,
+    task_data,
+)
 from sdlora.metrics import compute_metrics
-from sdlora.report import REQUIRED_KEYS
+from sdlora.results import REQUIRED_KEYS
+from sdlora.rundir import latest_checkpoint, load_checkpoint, restore_rng_state
 
 
 def _run(tmp_path, cfg_dict, out_name="run", **kw):
     cfg = from_dict(RunConfig, cfg_dict)
-    return run_experiment(cfg, to_dict(cfg), tmp_path / out_name, **kw)
+    return run_experiment(cfg, tmp_path / out_name, **kw)
 
 
 def test_run_writes_every_artifact_consistently(tmp_path):
-    results = _run(tmp_path, tiny_config())
+    events = []
+    results = _run(tmp_path, tiny_config(), on_event=events.append)
     out = tmp_path / "run"
     for name in [
         "config.yaml",
@@ -59,6 +71,18 @@ def test_run_writes_every_artifact_consistently(tmp_path):
     # The tiny model learns the first task (synthetic classes are separable).
     assert mat[0][0] > 75.0
     assert results["acc"] == saved["acc"]
+    # Class names follow the class order (position p is class_order[p]); the data identity counts what was used.
+    ident = saved["data_identity"]
+    assert saved["class_names"] == [ident["class_names"][c] for c in saved["class_order"]]
+    assert ident["train_counts"] == [16] * 6 and ident["test_counts"] == [6] * 6 and len(ident["sha256"]) == 64
+    # Listeners hear every task (after results.json was written) and the end, in order.
+    assert [(e.kind, e.task, e.results["completed_tasks"]) for e in events] == [
+        ("task_end", 0, 1),
+        ("task_end", 1, 2),
+        ("task_end", 2, 3),
+        ("run_end", 2, 3),
+    ]
+    assert events[-1].results == saved and all(e.run_dir == out for e in events)
 
 
 def test_runs_are_deterministic(tmp_path):
@@ -187,3 +211,44 @@ def test_training_changes_adapter_not_backbone(tmp_path):
     plain = method.export_backbone()
     changed = [k for k, v in plain.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])]
     assert changed and all(k.endswith("attn.qkv.weight") for k in changed)
+
+
+def test_run_state_checkpoint_roundtrip():
+    state = RunState(
+        correct=[[5], [4, 6]],
+        totals=[6, 6],
+        trainable_per_task=[10, 12],
+        task_log=[{"task": 0}, {"task": 1}],
+        wall_time_s=12.5,
+        next_task=2,
+    )
+    record = {"task": 1, "engine": json.loads(json.dumps(state.to_checkpoint()))}
+    back = RunState.from_checkpoint(record, session_start=100.0)
+    assert back == state  # every saved field comes back (the session fields are not compared)
+    assert back.elapsed_before == 12.5 and back.session_start == 100.0
+    assert back.metrics() == compute_metrics([[5], [4, 6]], [6, 6])
+    with pytest.raises(RunError, match="engine state"):
+        RunState.from_checkpoint({"task": 1, "engine": {"correct": []}})
+
+
+def test_run_task_adds_a_task_to_a_finished_run(tmp_path):
+    """What ``sdlora learn`` needs: a finished 2-task run plus ``run_task`` on task 3 gives the 3-task run."""
+    full = _run(tmp_path, tiny_config(), "full")
+    _run(tmp_path, tiny_config(scenario={"num_tasks": 2}), "two")
+    cfg = from_dict(RunConfig, tiny_config())
+    device = torch.device("cpu")
+    backbone, data, scenario, method = build_run(cfg, device)
+    tensors, record = load_checkpoint(latest_checkpoint(tmp_path / "two"))
+    method.load_state(tensors, record["method"])
+    restore_rng_state(tensors, record["rng"])
+    state = RunState.from_checkpoint(record)
+    assert state.next_task == 2
+    rt = Runtime(train=cfg.train, seed=cfg.seed, device=device)
+    with pytest.raises(RunError, match="next task is task 3"):
+        run_task(method, state, task_data(scenario, data, 1), rt, num_tasks=3)
+    entry = run_task(method, state, task_data(scenario, data, 2), rt, num_tasks=3)
+    assert entry["task"] == 2 and entry["classes"] == [4, 6] and state.next_task == 3
+    res = build_results(cfg, method, backbone, data, scenario, state).to_dict()
+    assert res["status"] == "finished"
+    assert res["accuracy_matrix"] == full["accuracy_matrix"]
+    assert res["trainable_params_per_task"] == full["trainable_params_per_task"]

@@ -6,7 +6,6 @@ import pytest
 
 from sdlora.metrics import compute_metrics
 from sdlora.report import (
-    REQUIRED_KEYS,
     format_task_table,
     load_results,
     plot_run,
@@ -15,6 +14,7 @@ from sdlora.report import (
     write_compare,
     write_run_tables,
 )
+from sdlora.results import REQUIRED_KEYS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

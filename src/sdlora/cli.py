@@ -42,9 +42,9 @@ def _run(config: str, out: str | None, overrides: list[str], resume: bool, overw
     from .engine import run_experiment
     from .report import format_task_table
 
-    cfg, cfg_dict = load_config(config, overrides)
+    cfg, _ = load_config(config, overrides)
     out_dir = out or _default_out(cfg.name or "run")
-    results = run_experiment(cfg, cfg_dict, out_dir, resume=resume, overwrite=overwrite)
+    results = run_experiment(cfg, out_dir, resume=resume, overwrite=overwrite)
     if _is_main_process():
         print(format_task_table(results))
         print(f"run directory: {out_dir}")
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
     try:
-        from .engine import RunError
+        from .rundir import RunError
     except Exception as e:  # a broken installation: say so instead of a traceback
         print(f"sdlora: error: cannot import sdlora ({e})", file=sys.stderr)
         return 1

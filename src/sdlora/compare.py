@@ -30,7 +30,8 @@ def run_dir_for(out: str | os.PathLike, method: str, seed: int) -> Path:
 def _one_run(config: str, overrides: list[str], method: str, seed: int | None, out: str | os.PathLike) -> Path:
     """Run, resume or reuse one (method, seed); returns its run directory."""
     from .config import load_config
-    from .engine import RunError, config_changes, run_experiment, run_state
+    from .engine import run_experiment  # looked up per call, so a replaced engine.run_experiment is used
+    from .rundir import RunError, config_changes, run_state
 
     extra = [f"method.name={method}"] + ([f"seed={seed}"] if seed is not None else [])
     cfg, cfg_dict = load_config(config, list(overrides) + extra)
@@ -49,7 +50,7 @@ def _one_run(config: str, overrides: list[str], method: str, seed: int | None, o
         log.info("compare: resuming %s", run_dir)
     else:
         log.info("compare: running %s (seed %d) into %s", method, cfg.seed, run_dir)
-    run_experiment(cfg, cfg_dict, run_dir, resume=state == "unfinished")
+    run_experiment(cfg, run_dir, resume=state == "unfinished")
     return run_dir
 
 
@@ -79,8 +80,8 @@ def run_compare(
             are written first, and the message names each failure.
     """
     from . import report
-    from .engine import RunError
     from .methods import METHODS
+    from .rundir import RunError
 
     if not methods:
         raise ValueError("compare needs at least one method")

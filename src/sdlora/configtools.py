@@ -91,7 +91,7 @@ def _type_name(tp: Any) -> str:
             return f"tuple[{_type_name(args[0])}, ...]"
         return f"{name}[{', '.join(_type_name(a) for a in args)}]" if args else name
     if dataclasses.is_dataclass(tp):
-        return f"mapping ({tp.__name__})"
+        return f"mapping ({getattr(tp, '__name__', type(tp).__name__)})"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -115,7 +115,7 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
     return f"valid keys: {', '.join(valid) if valid else '(none)'}{hint}"
 
 
-def _init_fields(cls: type) -> list[dataclasses.Field]:
+def _init_fields(cls: type) -> list[dataclasses.Field[Any]]:
     # Fields with init=False are derived state; they cannot be passed to the constructor, so they are not config keys.
     return [f for f in dataclasses.fields(cls) if f.init]
 
@@ -295,10 +295,10 @@ def to_dict(obj: Any) -> Any:
 _FLOAT_RE = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML has no type hints here: SafeLoader is Any
     """Safe loader that reads ``1e-3`` as a float and rejects duplicate keys (the last one would silently win)."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
@@ -312,20 +312,21 @@ class _Loader(yaml.SafeLoader):
                     key_node.start_mark,
                 )
             seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
 
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
 
 
-class _Dumper(yaml.SafeDumper):
+class _Dumper(yaml.SafeDumper):  # type: ignore[misc]  # as _Loader
     """Safe dumper: tuples as lists, short scalar lists inline (``ranks: [10, 8, 6]``), nested lists indented."""
 
     def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
-        return super().increase_indent(flow, False)
+        super().increase_indent(flow, False)
 
 
-def _represent_seq(dumper: yaml.SafeDumper, data: list | tuple) -> yaml.Node:
+def _represent_seq(dumper: yaml.SafeDumper, data: list[Any] | tuple[Any, ...]) -> yaml.Node:
     flow = all(v is None or isinstance(v, _SCALARS) for v in data)
     return dumper.represent_sequence("tag:yaml.org,2002:seq", list(data), flow_style=flow)
 
@@ -338,7 +339,7 @@ def _yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Load a YAML config file into a dict.
 
     Floats written as ``1e-3`` load as floats, and duplicate keys are an error. An empty file gives ``{}``.
@@ -375,7 +376,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def dump_yaml(data: Any, path: str | os.PathLike | None = None) -> str:
+def dump_yaml(data: Any, path: str | os.PathLike[str] | None = None) -> str:
     """Serialize plain data (e.g. :func:`to_dict` output) to readable YAML.
 
     Keys keep their given order (the dataclass field order), lists of scalars are written inline, and the output
@@ -390,7 +391,9 @@ def dump_yaml(data: Any, path: str | os.PathLike | None = None) -> str:
     """
     if dataclasses.is_dataclass(data) and not isinstance(data, type):
         data = to_dict(data)
-    text = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=119)
+    text: str = yaml.dump(
+        data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True, width=119
+    )
     if path is not None:
         atomic_write_text(path, text)
     return text
@@ -467,7 +470,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: list[str], cls: type | N
         ConfigError: For an item without ``=``, an empty key, a value that is not valid YAML, a key path that is not
             in the schema, a wrongly typed value, or a path that runs through a non-mapping value.
     """
-    out = _deepcopy_plain(data)
+    out: dict[str, Any] = _deepcopy_plain(data)
     for item in overrides:
         keys, value = _parse_override(item)
         dotted = ".".join(keys)
@@ -520,14 +523,14 @@ def _same(a: Any, b: Any) -> bool:
         return False
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    return a == b
+    return bool(a == b)
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, str):
         return repr(value)
     if isinstance(value, (dict, list, tuple)):
-        text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, sort_keys=False, width=10**6).strip()
+        text: str = yaml.dump(value, Dumper=_Dumper, default_flow_style=True, sort_keys=False, width=10**6).strip()
         return text if len(text) <= 100 else text[:97] + "..."
     return "null" if value is None else str(value)
 

@@ -1,7 +1,18 @@
 """The one training loop: tasks, epochs, batches, evaluation, metrics, checkpoints, resume, torchrun.
 
-Everything that touches a device, a file or another process lives here or in ``cli.py``; methods only
-implement hooks (``methods/base.py``).
+Everything that touches a device or another process lives here; files of the run directory are read and
+written through ``rundir`` (status, checkpoints, RNG) and ``results`` (the record); the derived tables and
+plots belong to ``report``, which listens to the run's events. Methods only implement hooks
+(``methods/base.py``).
+
+Pieces, from the outside in:
+
+* :func:`run_experiment` -- a whole run into a run directory (prepare or resume it, build everything, loop over
+  the tasks, write ``results.json`` and a checkpoint after each, tell the listeners);
+* :func:`run_task` -- one task on a given method: train, ``end_task``, evaluate on every task so far, update
+  the :class:`RunState` (also usable outside a scenario loop, e.g. to add a task to a finished run);
+* :class:`RunState` -- what the loop carries from task to task (accuracy counts, test totals, trainable counts,
+  task log, wall time, next task), saved in every checkpoint and restored on resume.
 
 Determinism. Each training sample's augmentation is drawn from its own generator seeded by
 ``(seed, task, epoch, index)``, and batches come from a seeded global permutation, so results do not depend on
@@ -17,13 +28,11 @@ import inspect
 import logging
 import math
 import os
-import random
-import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,26 +43,47 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import __version__
-from .backbones import create_backbone
-from .config import RunConfig, TrainConfig
-from .configtools import diff, dump_yaml, load_yaml
-from .data import build_dataset, make_scenario
-from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, sha256_file
+from .backbones import Backbone, create_backbone
+from .config import RunConfig, TrainConfig, resolve_method_config
+from .configtools import dump_yaml, to_dict
+from .data import DatasetBundle, Scenario, build_dataset, make_scenario
+from .fileio import atomic_write_json, atomic_write_text, read_json
 from .methods import Method, TaskContext, create_method
 from .metrics import compute_metrics
+from .report import on_run_event
+from .results import RESULTS_FILE, RunEvent, RunResults
+from .rundir import (
+    RunError,
+    build_method_from_run,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_run_dir,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
 
-__all__ = ["RunError", "DistInfo", "run_experiment", "build_method_from_run", "load_checkpoint"]
+__all__ = [
+    "DistInfo",
+    "RunError",
+    "RunState",
+    "Runtime",
+    "TaskData",
+    "build_method_from_run",
+    "build_results",
+    "build_run",
+    "load_checkpoint",
+    "run_experiment",
+    "run_task",
+    "task_data",
+]
 
 log = logging.getLogger(__name__)
 #: the package logger: the run's log.txt handler goes here, so every sdlora module's messages reach it
 _pkg_log = logging.getLogger("sdlora")
 
-#: Config keys that may change on ``--resume`` without changing results.
-RESUME_FREE_KEYS = ("data.num_workers", "train.device", "train.threads", "train.checkpoint")
-
-
-class RunError(RuntimeError):
-    """A run cannot start or continue (bad run directory, mismatched resume, corrupt checkpoint)."""
+#: a listener of the run's progress (see :class:`sdlora.results.RunEvent`)
+EventHandler = Callable[[RunEvent], None]
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -240,146 +270,13 @@ def _progress(iterable: Any, total: int, desc: str, info: DistInfo) -> Any:
     return tqdm(iterable, total=total, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
 
 
-# ----------------------------------------------------------------------------------------- run dir
-def run_state(out: Path) -> str:
-    """``empty``, ``finished`` or ``unfinished`` (something of an earlier run is there)."""
-    results = out / "results.json"
-    if results.exists():
-        try:
-            status = read_json(results).get("status")
-        except Exception:  # a corrupt results file still marks an earlier run
-            status = None
-        return "finished" if status == "finished" else "unfinished"
-    if (out / "checkpoints").exists() or (out / "config.yaml").exists():
-        return "unfinished"
-    return "empty"
-
-
-def config_changes(out: Path, cfg_dict: dict[str, Any]) -> list[str]:
-    """Keys whose value saved in ``out/config.yaml`` differs from ``cfg_dict`` (``RESUME_FREE_KEYS`` excepted)."""
-    saved_path = out / "config.yaml"
-    if not saved_path.exists():
-        return [f"{saved_path} is missing"]
-    return [d for d in diff(load_yaml(saved_path), cfg_dict) if not d.split(":")[0].startswith(RESUME_FREE_KEYS)]
-
-
-_RUN_ARTIFACTS = ("results.json", "metrics.csv", "accuracy_matrix.csv", "config.yaml", "log.txt", "split.json")
-
-
-def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Refuse to write over earlier results unless asked; on resume, refuse a changed config.
-
-    Raises:
-        RunError: the directory holds a run and neither ``--resume`` nor ``--overwrite`` was given, or the
-            resumed config differs (the message lists the keys).
-    """
-    state = run_state(out) if out.exists() else "empty"
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite exclude each other")
-    if state != "empty" and not resume and not overwrite:
-        raise RunError(
-            f"{out} already holds a{' finished' if state == 'finished' else 'n unfinished'} run; "
-            "pass --resume to continue it or --overwrite to replace it, or choose another --out"
-        )
-    if resume and state != "empty":
-        changes = config_changes(out, cfg_dict)
-        if changes:
-            raise RunError(
-                f"cannot resume with a different config; these keys differ from {out / 'config.yaml'}:\n  "
-                + "\n  ".join(changes)
-            )
-    if overwrite and state != "empty":
-        for name in _RUN_ARTIFACTS:
-            (out / name).unlink(missing_ok=True)
-        for name in ("checkpoints", "plots"):
-            shutil.rmtree(out / name, ignore_errors=True)
-
-
-# -------------------------------------------------------------------------------------- checkpoints
-def _rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    np_state = np.random.get_state()
-    meta = {
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-    return tensors, meta
-
-
-def _set_rng_state(tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    p = meta["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-
-
-def save_checkpoint(out: Path, task: int, method: Method, engine_state: dict[str, Any], keep: int | None) -> None:
-    """Write ``checkpoints/task_NNN.{safetensors,json}`` atomically; the JSON (written last, with the
-    tensors' sha256) is the commit marker, so a run killed while writing leaves the previous one valid."""
-    from safetensors.torch import save
-
-    tensors, meta = method.state()
-    rng_t, rng_meta = _rng_state()
-    tensors.update(rng_t)
-    blob = save({k: v.contiguous() for k, v in tensors.items()})
-    ckdir = out / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    stem = ckdir / f"task_{task:03d}"
-    atomic_write_bytes(stem.with_suffix(".safetensors"), blob)
-    record = {
-        "task": task,
-        "method": meta,
-        "engine": engine_state,
-        "rng": rng_meta,
-        "tensors_sha256": sha256_file(stem.with_suffix(".safetensors")),
-        "sdlora_version": __version__,
-    }
-    atomic_write_json(stem.with_suffix(".json"), record)
-    if keep is not None:
-        done = sorted(ckdir.glob("task_*.json"))
-        for old in done[:-keep]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".safetensors").unlink(missing_ok=True)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest committed checkpoint (its JSON exists), or None."""
-    done = sorted((out / "checkpoints").glob("task_*.json")) if (out / "checkpoints").exists() else []
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read and verify a checkpoint.
-
-    Raises:
-        RunError: missing tensors file, corrupt JSON, or a sha256 mismatch (the file was damaged).
-    """
-    from safetensors.torch import load_file
-
-    try:
-        record = read_json(path)
-    except Exception as e:
-        raise RunError(f"corrupt checkpoint {path}: {e}; delete it to resume from the previous task") from None
-    tpath = path.with_suffix(".safetensors")
-    if not tpath.exists():
-        raise RunError(f"checkpoint {path} has no tensors file {tpath}; delete {path} to use the previous one")
-    if sha256_file(tpath) != record.get("tensors_sha256"):
-        raise RunError(f"checkpoint {tpath} does not match its recorded sha256 (damaged); delete {path} and retry")
-    return load_file(str(tpath)), record
-
-
 # -------------------------------------------------------------------------------------------- training
 def _optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
 
 
 def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int) -> Any:
@@ -423,16 +320,8 @@ def evaluate(
     return correct.tolist(), total.tolist()
 
 
-def _train_task(
-    method: Method,
-    ctx: TaskContext,
-    train_set: SeededAugment,
-    cfg: RunConfig,
-    info: DistInfo,
-    device: torch.device,
-    workers: int,
-) -> dict[str, Any]:
-    tcfg = cfg.train
+def _train_task(method: Method, ctx: TaskContext, train_set: SeededAugment, rt: Runtime) -> dict[str, Any]:
+    tcfg, info, device = rt.train, rt.info, rt.device
     epochs = ctx.epochs
     params = method.trainable_parameters()
     if not method.trains or epochs == 0 or not params:
@@ -440,9 +329,9 @@ def _train_task(
     opt = _optimizer(params, tcfg, tcfg.lr_for(ctx.task))
     sched = _scheduler(opt, tcfg, epochs)
     sampler = GlobalBatchSampler(
-        len(train_set), tcfg.batch_size, seed=cfg.seed * 1000 + ctx.task, rank=info.rank, world=info.world
+        len(train_set), tcfg.batch_size, seed=rt.seed * 1000 + ctx.task, rank=info.rank, world=info.world
     )
-    loader = _loader(train_set, sampler, tcfg.batch_size, workers, device.type == "cuda")
+    loader = _loader(train_set, sampler, tcfg.batch_size, rt.workers, device.type == "cuda")
     # DDP is built per task: the trainable set (current A_t, B_t, magnitudes, new head block) changes at each
     # task boundary, and DDP registers its gradient hooks for the parameters that require grad when it is built.
     # (A DDP built once would keep hooks on the previous task's A_t/B_t and on magnitude Parameters that
@@ -501,15 +390,260 @@ def _global_len(n_local: int, info: DistInfo, device: torch.device) -> float:
     return float(t.item())
 
 
+# ------------------------------------------------------------------------------------------ run state
+@dataclass
+class RunState:
+    """What the task loop carries from one task to the next; saved in every checkpoint.
+
+    Attributes:
+        correct: ``correct[i][j]``: correctly classified test samples of task ``j`` after training task ``i``;
+            ``None`` for an earlier task whose test data was not available then (``sdlora learn``).
+        totals: test samples of every task seen so far (the totals of earlier tasks never change).
+        trainable_per_task: scalars that learned in each task (``method.parameter_counts()["trainable"]`` right
+            after ``begin_task``).
+        task_log: one entry per finished task (see :func:`run_task`).
+        wall_time_s: wall time of the run up to the last finished task, over all sessions.
+        next_task: the 0-based task to run next (= tasks finished).
+        elapsed_before: wall time of earlier sessions (restored from the checkpoint; not saved on its own).
+        session_start: ``time.time()`` when this session started (not saved).
+    """
+
+    correct: list[list[int | None]] = field(default_factory=list)
+    totals: list[int] = field(default_factory=list)
+    trainable_per_task: list[int] = field(default_factory=list)
+    task_log: list[dict[str, Any]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    next_task: int = 0
+    elapsed_before: float = field(default=0.0, repr=False, compare=False)
+    session_start: float = field(default_factory=time.time, repr=False, compare=False)
+
+    def metrics(self) -> dict[str, Any]:
+        """:func:`sdlora.metrics.compute_metrics` of the counts so far (needs a finished task)."""
+        return compute_metrics(self.correct, self.totals)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """The JSON-able engine state stored in a checkpoint (``record["engine"]``; the task is ``record["task"]``)."""
+        return {
+            "correct": self.correct,
+            "totals": self.totals,
+            "trainable_per_task": self.trainable_per_task,
+            "task_log": self.task_log,
+            "wall_time_s": self.wall_time_s,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, record: dict[str, Any], session_start: float | None = None) -> RunState:
+        """The state saved in a checkpoint record (as ``rundir.load_checkpoint`` returns it).
+
+        Args:
+            record: the checkpoint's JSON record; its ``engine`` entry is :meth:`to_checkpoint`'s output.
+            session_start: when the resuming session started (default: now); later wall times add to the saved one.
+
+        Raises:
+            RunError: the record lacks the engine state (not a checkpoint of this engine).
+        """
+        try:
+            eng = record["engine"]
+            state = cls(
+                correct=[[None if v is None else int(v) for v in row] for row in eng["correct"]],
+                totals=[int(t) for t in eng["totals"]],
+                trainable_per_task=[int(n) for n in eng["trainable_per_task"]],
+                task_log=list(eng["task_log"]),
+                wall_time_s=float(eng["wall_time_s"]),
+                next_task=int(record["task"]) + 1,
+                elapsed_before=float(eng["wall_time_s"]),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise RunError(f"checkpoint record without a valid engine state ({type(e).__name__}: {e})") from None
+        if session_start is not None:
+            state.session_start = session_start
+        return state
+
+
+# ------------------------------------------------------------------------------------------ one task
+@dataclass
+class Runtime:
+    """How and where tasks train: the train config, the run's seed, the device, the process layout.
+
+    Attributes:
+        train: optimisation settings.
+        seed: the run's seed (seeds each task's augmentation and batch order).
+        device: where the model and batches live.
+        info: process layout (a single process by default).
+        workers: DataLoader worker processes.
+    """
+
+    train: TrainConfig
+    seed: int
+    device: torch.device
+    info: DistInfo = field(default_factory=DistInfo)
+    workers: int = 0
+
+
+@dataclass
+class TaskData:
+    """The data of one task, labels already mapped to class positions.
+
+    Attributes:
+        task: 0-based index of the task.
+        class_start, class_end: its classes are positions ``[class_start, class_end)``.
+        train: its training samples ``(x, position)`` with training transforms.
+        statistics: the same samples with evaluation transforms (for ``TaskContext.statistics_batches``).
+        test: test samples of every task so far (positions ``< class_end``).
+        task_of_position: for each position ``< class_end``, the task that introduced it (groups the test
+            accuracy by task).
+    """
+
+    task: int
+    class_start: int
+    class_end: int
+    train: Dataset
+    statistics: Dataset
+    test: Dataset
+    task_of_position: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.task_of_position) != self.class_end:
+            raise ValueError(
+                f"task_of_position has {len(self.task_of_position)} entries for {self.class_end} class positions"
+            )
+
+
+def task_data(scenario: Scenario, data: DatasetBundle, t: int) -> TaskData:
+    """Task ``t`` of ``scenario`` over ``data``: its training samples and the test samples of tasks ``0..t``."""
+    start, end = scenario.task_range(t)
+    train_eval = copy.copy(data.train)
+    if hasattr(train_eval, "transform") and hasattr(data.test, "transform"):
+        train_eval.transform = data.test.transform  # statistics use evaluation transforms
+    return TaskData(
+        task=t,
+        class_start=start,
+        class_end=end,
+        train=scenario.subset(data.train, data.train_targets, [t]),
+        statistics=scenario.subset(train_eval, data.train_targets, [t]),
+        test=scenario.subset(data.test, data.test_targets, list(range(t + 1))),
+        task_of_position=[scenario.task_of_position(p) for p in range(end)],
+    )
+
+
+def run_task(
+    method: Method,
+    state: RunState,
+    task: TaskData,
+    rt: Runtime,
+    *,
+    num_tasks: int,
+    not_evaluated: Sequence[int] = (),
+) -> dict[str, Any]:
+    """Learn one task and evaluate on every task so far; updates ``state`` in place.
+
+    ``begin_task`` -> training epochs -> ``end_task`` -> (under torchrun) the check that every process holds the
+    same state -> evaluation on ``task.test`` (argmax over all seen classes) -> ``state`` gets the new row of
+    counts, the test totals, the trainable count, the log entry, the wall time and ``next_task``.
+
+    Args:
+        method: the method, on ``rt.device``, with tasks ``0..task.task - 1`` learned.
+        state: the run state; ``state.next_task`` must equal ``task.task``.
+        task: the task's data.
+        rt: train settings, seed, device, processes.
+        num_tasks: tasks planned (``TaskContext.num_tasks``; e.g. InfLoRA's threshold schedule reads it).
+        not_evaluated: earlier tasks whose test samples ``task.test`` does not hold (their test data is gone):
+            their entry in the new row is ``None`` and their recorded test totals are kept (``sdlora learn``).
+
+    Returns:
+        The task's log entry (also appended to ``state.task_log``): ``task``, ``classes`` ``[start, end)``,
+        ``train_time_s``, ``eval_time_s``, ``epochs``, ``steps``, ``loss``, ``method_report``.
+
+    Raises:
+        RunError: ``task.task`` is not the state's next task, or training diverged.
+    """
+    t = task.task
+    if t != state.next_task:
+        raise RunError(f"cannot run task {t + 1}: the run's next task is task {state.next_task + 1}")
+    if any(not 0 <= j < t for j in not_evaluated):
+        raise ValueError(f"not_evaluated must name earlier tasks (0..{t - 1}), got {sorted(not_evaluated)}")
+    t0 = time.time()
+    tcfg, device, info = rt.train, rt.device, rt.info
+
+    def statistics_batches() -> Iterator[tuple[Tensor, Tensor]]:
+        loader = _loader(
+            task.statistics,
+            None,
+            tcfg.eval_batch_size,
+            rt.workers,
+            device.type == "cuda",
+            indices=_shard(len(task.statistics), info),  # type: ignore[arg-type]
+        )
+        for x, y in loader:
+            yield x.to(device), y.to(device)
+
+    ctx = TaskContext(
+        task=t,
+        num_tasks=num_tasks,
+        class_start=task.class_start,
+        class_end=task.class_end,
+        device=device,
+        epochs=tcfg.epochs_for(t),
+        statistics_batches=statistics_batches,
+        all_reduce=lambda x: _all_reduce_sum(x, info),
+    )
+    method.begin_task(ctx)
+    trainable = int(method.parameter_counts()["trainable"])
+    train_set = SeededAugment(task.train, base_seed=rt.seed * 1000 + t)
+    train_stats = _train_task(method, ctx, train_set, rt)
+    end_report = method.end_task(ctx)
+    check_ranks_agree(method, info, device, t)
+    t_train = time.time() - t0
+    test_loader = _loader(
+        task.test,
+        None,
+        tcfg.eval_batch_size,
+        rt.workers,
+        device.type == "cuda",
+        indices=_shard(len(task.test), info),  # type: ignore[arg-type]
+    )
+    task_of_pos = torch.tensor(task.task_of_position, dtype=torch.long, device=device)
+    correct, total = evaluate(method, test_loader, task_of_pos, t + 1, device, tcfg, info)
+    entry = {
+        "task": t,
+        "classes": [task.class_start, task.class_end],
+        "train_time_s": round(t_train, 3),
+        "eval_time_s": round(time.time() - t0 - t_train, 3),
+        **train_stats,
+        "method_report": end_report,
+    }
+    row: list[int | None] = list(correct)
+    for j in not_evaluated:
+        row[j] = None
+        total[j] = state.totals[j]
+    state.correct.append(row)
+    state.totals = total  # totals of earlier tasks do not change
+    state.trainable_per_task.append(trainable)
+    state.task_log.append(entry)
+    state.next_task = t + 1
+    state.wall_time_s = state.elapsed_before + (time.time() - state.session_start)
+    if info.main:
+        metrics = state.metrics()
+        log.info(
+            "task %d/%d | classes %d-%d | acc on %d seen classes %.2f%% | per task %s | %.1fs",
+            t + 1,
+            num_tasks,
+            task.class_start,
+            task.class_end - 1,
+            task.class_end,
+            metrics["acc_after_task"][-1],
+            " ".join("-" if v is None else f"{v:.1f}" for v in metrics["accuracy_matrix"][-1][: t + 1]),
+            t_train,
+        )
+    return entry
+
+
 # ------------------------------------------------------------------------------------------ the run
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _build(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Any, Method]:
-    _seed_everything(cfg.seed)
+def build_run(cfg: RunConfig, device: torch.device) -> tuple[Backbone, DatasetBundle, Scenario, Method]:
+    """The pieces of a run, built from its config as :func:`run_experiment` builds them: the global RNG seeded
+    with ``cfg.seed``, then the backbone, the dataset (subsets drawn with the seed), the scenario and the fresh
+    method on ``device``."""
+    seed_everything(cfg.seed)
     backbone = create_backbone(cfg.backbone, cfg.data.image_size)
     data = build_dataset(cfg.data, mean=backbone.mean, std=backbone.std, seed=cfg.seed)
     sc = cfg.scenario
@@ -526,46 +660,39 @@ def _build(cfg: RunConfig, device: torch.device) -> tuple[Any, Any, Any, Method]
     return backbone, data, scenario, method
 
 
-def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Method, RunConfig, dict]:
-    """Rebuild a run's method from its ``config.yaml`` and newest checkpoint (for export and inspection)."""
-    from .config import load_config
-
-    out = Path(run_dir)
-    if not (out / "config.yaml").exists():
-        raise RunError(f"{out} is not a run directory (no config.yaml)")
-    cfg, _ = load_config(str(out / "config.yaml"))
-    ck = latest_checkpoint(out)
-    if ck is None:
-        raise RunError(f"{out} has no checkpoint yet (checkpoints/task_*.json); finish a task first")
-    tensors, record = load_checkpoint(ck)
-    dev = torch.device(device)
-    _seed_everything(cfg.seed)
-    backbone = create_backbone(cfg.backbone, cfg.data.image_size)
-    method = create_method(cfg.method, backbone).to(dev)
-    method.load_state(tensors, record["method"])
-    return method, cfg, record
-
-
 def run_experiment(
     cfg: RunConfig,
-    cfg_dict: dict[str, Any],
     out_dir: str | os.PathLike,
     *,
     resume: bool = False,
     overwrite: bool = False,
+    on_event: EventHandler | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a class-incremental experiment and write its run directory.
 
+    The config saved as ``config.yaml`` is derived here: ``cfg`` with its method options checked and their
+    defaults filled in (``config.resolve_method_config``, applied to ``cfg`` in place).
+
     Args:
-        cfg: the typed config; ``cfg_dict`` its plain form (saved as ``config.yaml``).
+        cfg: the typed config.
         out_dir: run directory.
         resume: continue after the last completed task (same config required).
         overwrite: replace an earlier run in ``out_dir``.
+        on_event: called with a :class:`~sdlora.results.RunEvent` after each task and at the end, on the main
+            process, after the default listener :func:`sdlora.report.on_run_event` (which writes the run's CSV
+            tables after each task and its plots at the end).
 
     Returns:
-        The results dict (also in ``results.json``).
+        The results dict (also in ``results.json``; :class:`~sdlora.results.RunResults` defines it).
+
+    Raises:
+        RunError: the run directory refuses the run (see ``rundir.prepare_run_dir``), a checkpoint is damaged,
+            or training diverged.
+        ConfigError: unknown method or bad method options.
     """
     t_start = time.time()
+    resolve_method_config(cfg)
+    cfg_dict = to_dict(cfg)
     info = init_distributed(cfg.train.device)
     out = Path(out_dir)
     if not info.enabled:
@@ -581,8 +708,9 @@ def run_experiment(
     level = _pkg_log.level
     if not info.main:  # progress lines come from rank 0 only; other processes still report warnings
         _pkg_log.setLevel(max(logging.WARNING, _pkg_log.getEffectiveLevel()))
+    listeners: list[EventHandler] = [on_run_event] + ([on_event] if on_event is not None else [])
     try:
-        results = _run(cfg, cfg_dict, out, resume, info, t_start)
+        results = _run(cfg, cfg_dict, out, resume, info, t_start, listeners)
     finally:
         _pkg_log.setLevel(level)
         if file_handler is not None:
@@ -619,10 +747,14 @@ def _prepare_run_dir_distributed(
 
 
 def _run(
-    cfg: RunConfig, cfg_dict: dict[str, Any], out: Path, resume: bool, info: DistInfo, t_start: float
+    cfg: RunConfig,
+    cfg_dict: dict[str, Any],
+    out: Path,
+    resume: bool,
+    info: DistInfo,
+    t_start: float,
+    listeners: Sequence[EventHandler],
 ) -> dict[str, Any]:
-    from . import report
-
     tcfg = cfg.train
     if tcfg.threads is not None:
         torch.set_num_threads(tcfg.threads)
@@ -634,7 +766,7 @@ def _run(
         log.warning("train.amp is set but the device is %s: training in float32 (autocast is CUDA-only here)", device)
     if info.enabled and not info.main:
         dist.barrier()  # rank 0 builds first: a dataset download or weight cache is written by one process
-    backbone, data, scenario, method = _build(cfg, device)
+    backbone, data, scenario, method = build_run(cfg, device)
     if info.enabled and info.main:
         dist.barrier()
     if info.main:
@@ -642,28 +774,16 @@ def _run(
         if data.split_record is not None:
             atomic_write_json(out / "split.json", data.split_record)
     n_tasks = scenario.num_tasks
-    task_of_pos = torch.tensor(
-        [t for t in range(n_tasks) for _ in range(len(scenario.tasks[t]))], dtype=torch.long, device=device
-    )
-    correct_rows: list[list[int]] = []
-    totals: list[int] = []
-    trainable_per_task: list[int] = []
-    task_log: list[dict[str, Any]] = []
-    elapsed_before = 0.0
-    start_task = 0
+    state = RunState(session_start=t_start)
     if resume:
         ck = latest_checkpoint(out)
         if ck is not None:
             tensors, record = load_checkpoint(ck)
             method.load_state(tensors, record["method"])
             method.to(device)
-            eng = record["engine"]
-            correct_rows, totals = eng["correct"], eng["totals"]
-            trainable_per_task, task_log = eng["trainable_per_task"], eng["task_log"]
-            elapsed_before = eng["wall_time_s"]
-            start_task = record["task"] + 1
-            _set_rng_state(tensors, record["rng"])
-            log.info("resuming after task %d of %d from %s", start_task, n_tasks, ck)
+            state = RunState.from_checkpoint(record, session_start=t_start)
+            restore_rng_state(tensors, record["rng"])
+            log.info("resuming after task %d of %d from %s", state.next_task, n_tasks, ck)
         else:
             log.info("nothing to resume in %s: starting from the first task", out)
     if info.main:
@@ -683,140 +803,61 @@ def _run(
             f" x{info.world} processes" if info.enabled else "",
         )
 
-    workers = cfg.data.num_workers
-    train_eval = copy.copy(data.train)
-    if hasattr(train_eval, "transform") and hasattr(data.test, "transform"):
-        train_eval.transform = data.test.transform  # statistics use evaluation transforms
-
-    results: dict[str, Any] = {}
-    for t in range(start_task, n_tasks):
-        t0 = time.time()
-        start, end = scenario.task_range(t)
-        train_sub = scenario.subset(data.train, data.train_targets, [t])
-        stats_sub = scenario.subset(train_eval, data.train_targets, [t])
-
-        def statistics_batches(stats_sub: Dataset = stats_sub) -> Iterator[tuple[Tensor, Tensor]]:
-            loader = _loader(
-                stats_sub,
-                None,
-                tcfg.eval_batch_size,
-                workers,
-                device.type == "cuda",
-                indices=_shard(len(stats_sub), info),
-            )  # type: ignore[arg-type]
-            for x, y in loader:
-                yield x.to(device), y.to(device)
-
-        ctx = TaskContext(
-            task=t,
-            num_tasks=n_tasks,
-            class_start=start,
-            class_end=end,
-            device=device,
-            epochs=tcfg.epochs_for(t),
-            statistics_batches=statistics_batches,
-            all_reduce=lambda x: _all_reduce_sum(x, info),
-        )
-        method.begin_task(ctx)
-        counts = method.parameter_counts()
-        trainable_per_task.append(int(counts["trainable"]))
-        train_set = SeededAugment(train_sub, base_seed=cfg.seed * 1000 + t)
-        train_stats = _train_task(method, ctx, train_set, cfg, info, device, workers)
-        end_report = method.end_task(ctx)
-        check_ranks_agree(method, info, device, t)
-        t_train = time.time() - t0
-        test_sub = scenario.subset(data.test, data.test_targets, list(range(t + 1)))
-        test_loader = _loader(
-            test_sub, None, tcfg.eval_batch_size, workers, device.type == "cuda", indices=_shard(len(test_sub), info)
-        )
-        correct, total = evaluate(method, test_loader, task_of_pos, t + 1, device, tcfg, info)
-        correct_rows.append(correct)
-        totals = total  # totals of earlier tasks do not change
-        entry = {
-            "task": t,
-            "classes": [start, end],
-            "train_time_s": round(t_train, 3),
-            "eval_time_s": round(time.time() - t0 - t_train, 3),
-            **train_stats,
-            "method_report": end_report,
-        }
-        task_log.append(entry)
-        wall = elapsed_before + (time.time() - t_start)
-        metrics = compute_metrics(correct_rows, totals)
-        results = _results(
-            cfg,
-            method,
-            backbone,
-            data,
-            scenario,
-            metrics,
-            trainable_per_task,
-            task_log,
-            wall,
-            status="finished" if t == n_tasks - 1 else "running",
-        )
+    rt = Runtime(train=tcfg, seed=cfg.seed, device=device, info=info, workers=cfg.data.num_workers)
+    results: dict[str, Any] | None = None
+    for t in range(state.next_task, n_tasks):
+        run_task(method, state, task_data(scenario, data, t), rt, num_tasks=n_tasks)
+        results = build_results(cfg, method, backbone, data, scenario, state).to_dict()
         if info.main:
-            atomic_write_json(out / "results.json", results)
-            report.write_run_tables(out, results)
-            log.info(
-                "task %d/%d | classes %d-%d | acc on %d seen classes %.2f%% | per task %s | %.1fs",
-                t + 1,
-                n_tasks,
-                start,
-                end - 1,
-                end,
-                metrics["acc_after_task"][-1],
-                " ".join(f"{v:.1f}" for v in metrics["accuracy_matrix"][-1][: t + 1]),
-                t_train,
-            )
+            atomic_write_json(out / RESULTS_FILE, results)
+            _emit(listeners, RunEvent("task_end", out, t, results))
             if tcfg.checkpoint:
-                engine_state = {
-                    "correct": correct_rows,
-                    "totals": totals,
-                    "trainable_per_task": trainable_per_task,
-                    "task_log": task_log,
-                    "wall_time_s": wall,
-                }
-                save_checkpoint(out, t, method, engine_state, keep=None)
+                save_checkpoint(out, t, method, state.to_checkpoint(), keep=None)
         if info.enabled:
             dist.barrier()
-    if not results:  # resumed a finished run
-        results = read_json(out / "results.json")
-    elif info.main:
-        report.plot_run(out, results)
+    if results is None:  # resumed a finished run
+        return read_json(out / RESULTS_FILE)
+    if info.main:
+        _emit(listeners, RunEvent("run_end", out, n_tasks - 1, results))
     return results
 
 
-def _results(
+def _emit(listeners: Sequence[EventHandler], event: RunEvent) -> None:
+    for listener in listeners:
+        listener(event)
+
+
+def build_results(
     cfg: RunConfig,
     method: Method,
-    backbone: Any,
-    data: Any,
-    scenario: Any,
-    metrics: dict[str, Any],
-    trainable_per_task: list[int],
-    task_log: list[dict[str, Any]],
-    wall: float,
-    status: str,
-) -> dict[str, Any]:
+    backbone: Backbone,
+    data: DatasetBundle,
+    scenario: Scenario,
+    state: RunState,
+) -> RunResults:
+    """The run record after ``state.next_task`` tasks (``finished`` once every task of the scenario ran)."""
+    metrics = state.metrics()
     counts = method.parameter_counts()
-    return {
-        "status": status,
-        "name": cfg.name,
-        "method": cfg.method.name,
-        "protocol": method.protocol,
-        "backbone": backbone.info(),
-        "dataset": data.info,
-        "seed": cfg.seed,
-        "class_order": list(scenario.class_order),
-        "tasks": [list(t) for t in scenario.tasks],
-        "num_tasks": scenario.num_tasks,
-        "completed_tasks": len(metrics["acc_after_task"]),
+    order = scenario.to_dict()
+    return RunResults(
+        status="finished" if state.next_task == scenario.num_tasks else "running",
+        name=cfg.name,
+        method=cfg.method.name,
+        protocol=method.protocol,
+        backbone=backbone.info(),
+        dataset=data.info,
+        seed=cfg.seed,
+        class_order=order["class_order"],
+        class_names=[data.class_names[c] for c in scenario.class_order],
+        tasks=order["tasks"],
+        num_tasks=scenario.num_tasks,
+        completed_tasks=len(metrics["acc_after_task"]),
         **metrics,
-        "trainable_params_per_task": trainable_per_task,
-        "stored_params_total": int(counts["stored"]),
-        "task_log": task_log,
-        "wall_time_s": round(wall, 3),
-        "reference": dict(cfg.reference),
-        "sdlora_version": __version__,
-    }
+        trainable_params_per_task=list(state.trainable_per_task),
+        stored_params_total=int(counts["stored"]),
+        task_log=list(state.task_log),
+        wall_time_s=round(state.wall_time_s, 3),
+        reference=dict(cfg.reference),
+        sdlora_version=__version__,
+        data_identity=data.identity,
+    )

@@ -108,7 +108,7 @@ def export_merged(run_dir: str | os.PathLike, out: str | os.PathLike) -> ExportS
     """Write the merged backbone of a run to ``out`` (safetensors, metadata describes how to rebuild it)."""
     from safetensors.torch import save
 
-    from .engine import build_method_from_run
+    from .rundir import build_method_from_run
 
     method, cfg, record = build_method_from_run(run_dir)
     plain = method.export_backbone()
@@ -238,8 +238,8 @@ def export_peft(run_dir: str | os.PathLike, out: str | os.PathLike, *, include_b
         ExportError: the method's update is not low-rank, nothing was learned yet, or ``out`` is in use.
         RunError: not a run directory or no checkpoint.
     """
-    from .engine import build_method_from_run
     from .predict import run_class_names
+    from .rundir import build_method_from_run
 
     _check_target(Path(out))
     method, cfg, record = build_method_from_run(run_dir)

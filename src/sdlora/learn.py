@@ -279,7 +279,6 @@ def learn(
         method.to(dev)
         restore_rng_state(tensors, record["rng"])
         state = RunState.from_checkpoint(record, session_start=t_start)
-        old_totals = list(state.totals)
 
         # Class ids: learned classes continue the run's id space, after every id used so far (the run's dataset
         # ids 0..K-1 and earlier learned ones), so an id never names two classes.
@@ -309,12 +308,8 @@ def learn(
             task_of_position=task_of_position,
         )
         rt = Runtime(train=tcfg, seed=cfg.seed, device=dev, workers=cfg.data.num_workers)
-        entry = run_task(method, state, data, rt, num_tasks=task + 1)
-        # Skipped earlier tasks: not evaluated in this row; their totals stay those recorded.
         skipped = sorted({t for t, _ in earlier.skipped})
-        for t in skipped:
-            state.correct[-1][t] = None  # type: ignore[call-overload]
-            state.totals[t] = old_totals[t]
+        entry = run_task(method, state, data, rt, num_tasks=task + 1, not_evaluated=skipped)
         entry["learned"] = {"name": label, "root": str(root), "classes": list(new.class_names)}
         if skipped:
             entry["not_evaluated"] = {str(t): r for t, r in earlier.skipped}

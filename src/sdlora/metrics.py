@@ -35,7 +35,7 @@ def _as_count(value: Any, where: str) -> int:
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real) and float(value).is_integer():
-        return int(value)
+        return int(float(value))
     raise ValueError(f"{where} must be an integer count, got {value!r}")
 
 
@@ -97,7 +97,7 @@ def accuracy_matrix(correct: Sequence[Sequence[Any]], total: Sequence[Any]) -> n
             ``total`` is shorter than ``correct``, or ``correct`` is empty.
     """
     counts, totals, evaluated = _validate(correct, total)
-    acc = 100.0 * counts / totals[None, :]
+    acc: np.ndarray = 100.0 * counts / totals[None, :]
     acc[~evaluated] = np.nan
     return acc
 

@@ -129,7 +129,8 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto") -> LoadedRun:
     Raises:
         RunError: not a run directory, no checkpoint yet, a damaged checkpoint, or CUDA asked for but absent.
     """
-    from .engine import DistInfo, build_method_from_run, select_device
+    from .engine import DistInfo, select_device
+    from .rundir import build_method_from_run
 
     dev = select_device(device, DistInfo())
     method, cfg, record = build_method_from_run(run_dir, device=str(dev))
@@ -147,7 +148,8 @@ def _is_glob(spec: str) -> bool:
 
 def _images_under(directory: str) -> tuple[list[str], list[str]]:
     """Image files under ``directory`` (recursive, sorted) and the other files found there."""
-    images, others = [], []
+    images: list[str] = []
+    others: list[str] = []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):

@@ -1,8 +1,13 @@
 """Tables and plots from run directories.
 
-A run directory holds ``results.json`` (written by the engine; keys in :data:`REQUIRED_KEYS`). This module turns
-one run into CSV tables and plots next to it, several runs into a markdown overview, and several seeds of several
-methods into a comparison (mean and sample standard deviation over seeds).
+A run directory holds ``results.json`` (written by the engine; its keys are defined once, by
+:class:`sdlora.results.RunResults`). This module turns one run into CSV tables and plots next to it, several runs
+into a markdown overview, and several seeds of several methods into a comparison (mean and sample standard deviation
+over seeds).
+
+This module owns the derived files of a run directory (``metrics.csv``, ``accuracy_matrix.csv``, ``plots/``): the
+engine sends its progress to :func:`on_run_event`, which writes the tables after every task and the plots at the
+end; ``sdlora report`` rewrites them from ``results.json`` at any time.
 
 Task numbers in every table and plot are 1-based ("after task 1" is after the first task), as in the paper;
 ``results.json`` itself stores plain lists indexed from 0.
@@ -19,16 +24,17 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
-from .fileio import atomic_write_bytes, atomic_write_text, read_json
+from .fileio import atomic_write_bytes, atomic_write_text
+from .results import RunEvent, load_results
 
 __all__ = [
-    "REQUIRED_KEYS",
     "format_task_table",
     "load_results",
+    "on_run_event",
     "plot_run",
     "report",
     "report_table",
@@ -38,66 +44,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
-
-#: Keys every ``results.json`` must have. ``forgetting``/``bwt`` may be null (one task), the others describe the run.
-REQUIRED_KEYS: tuple[str, ...] = (
-    "method",
-    "protocol",
-    "backbone",
-    "dataset",
-    "seed",
-    "class_order",
-    "tasks",
-    "accuracy_matrix",
-    "acc_after_task",
-    "acc",
-    "aaa",
-    "mean_task_acc",
-    "forgetting",
-    "bwt",
-    "test_samples_per_task",
-    "trainable_params_per_task",
-    "stored_params_total",
-    "wall_time_s",
-    "sdlora_version",
-    "num_tasks",
-    "completed_tasks",
-)
-
 
 # --------------------------------------------------------------------------------------------------------------------
-# loading and small formatting helpers
+# small formatting helpers
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def load_results(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Load and check ``<run_dir>/results.json``.
-
-    Args:
-        run_dir: A run directory.
-
-    Returns:
-        The results dict.
-
-    Raises:
-        FileNotFoundError: If the run directory has no ``results.json`` (the message names the path).
-        ValueError: If the file is not valid JSON, not an object, or lacks keys of :data:`REQUIRED_KEYS`
-            (the message names the file and the missing keys).
-    """
-    path = os.path.join(os.fspath(run_dir), RESULTS_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {RESULTS_FILE} in run directory {os.fspath(run_dir)!r} (looked for {path})")
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in data]
-    if missing:
-        raise ValueError(f"{path}: missing keys {', '.join(missing)}")
-    return data
-
-
-def _is_num(x: Any) -> bool:
+def _is_num(x: Any) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -212,7 +165,7 @@ def write_run_tables(run_dir: str | os.PathLike, results: Mapping[str, Any] | No
     header = ["task", "new_classes", "classes_seen", "acc_after_task", "mean_task_acc_so_far", "trainable_params"]
     header += [f"acc_task_{j + 1}" for j in range(n)]
     rows = []
-    seen = 0
+    seen: int | None = 0
     for i in range(n):
         new = len(tasks[i]) if i < len(tasks) else None
         seen = seen + new if new is not None and seen is not None else None
@@ -314,6 +267,18 @@ def plot_run(run_dir: str | os.PathLike, results: Mapping[str, Any] | None = Non
     return [matrix_png, curve_png]
 
 
+def on_run_event(event: RunEvent) -> None:
+    """The engine's default listener: keep a run directory's derived files current while it runs.
+
+    ``task_end``: write ``metrics.csv`` and ``accuracy_matrix.csv`` (:func:`write_run_tables`); ``run_end``: write
+    the plots (:func:`plot_run`).
+    """
+    if event.kind == "task_end":
+        write_run_tables(event.run_dir, event.results)
+    elif event.kind == "run_end":
+        plot_run(event.run_dir, event.results)
+
+
 def format_task_table(results: Mapping[str, Any]) -> str:
     """Plain-text per-task table for the terminal.
 
@@ -322,7 +287,7 @@ def format_task_table(results: Mapping[str, Any]) -> str:
     forgetting and BWT.
 
     Args:
-        results: A results dict (see :data:`REQUIRED_KEYS`; needs at least ``accuracy_matrix`` and
+        results: A results dict (see :class:`sdlora.results.RunResults`; needs at least ``accuracy_matrix`` and
             ``acc_after_task``).
 
     Returns:

@@ -12,7 +12,7 @@ from torch import Tensor
 from engine_helpers import tiny_config
 from sdlora.backbones import BackboneConfig, create_backbone
 from sdlora.config import MethodConfig, RunConfig
-from sdlora.configtools import from_dict, to_dict
+from sdlora.configtools import from_dict
 from sdlora.engine import run_experiment
 from sdlora.methods import Method, TaskContext, create_method
 
@@ -32,7 +32,7 @@ def two_task_config(method: str, **sections: Any) -> dict[str, Any]:
 
 def run_tiny(out: Path, cfg_dict: dict[str, Any], **kw: Any) -> dict[str, Any]:
     cfg = from_dict(RunConfig, cfg_dict)
-    return run_experiment(cfg, to_dict(cfg), out, **kw)
+    return run_experiment(cfg, out, **kw)
 
 
 def tiny_method(name: str, seed: int = 0, **method_fields: Any) -> Method:

@@ -25,9 +25,9 @@ def _spy(monkeypatch):
     calls = []
     real = engine.run_experiment
 
-    def spy(cfg, cfg_dict, out, **kw):
+    def spy(cfg, out, **kw):
         calls.append((cfg.method.name, cfg.seed, kw.get("resume", False)))
-        return real(cfg, cfg_dict, out, **kw)
+        return real(cfg, out, **kw)
 
     monkeypatch.setattr(engine, "run_experiment", spy)
     return calls
@@ -79,10 +79,10 @@ def test_compare_runs_each_method_and_seed_then_reuses_them(tmp_path, config_fil
 def test_compare_keeps_the_others_when_one_method_fails(tmp_path, config_file, monkeypatch):
     real = engine.run_experiment
 
-    def failing(cfg, cfg_dict, out, **kw):
+    def failing(cfg, out, **kw):
         if cfg.method.name == "seq_lora":
             raise RuntimeError("boom")
-        return real(cfg, cfg_dict, out, **kw)
+        return real(cfg, out, **kw)
 
     monkeypatch.setattr(engine, "run_experiment", failing)
     out = tmp_path / "cmp"

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fileio import sha256_file
+from ..lora.surgery import is_fused_qkv
 
 __all__ = [
     "BACKBONES",
@@ -236,7 +237,7 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
     sd = dict(sd)
     if "pos_embed" in sd and "pos_embed" in target and sd["pos_embed"].shape != target["pos_embed"].shape:
         prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-        grid = tuple(model.patch_embed.grid_size)  # type: ignore[union-attr]
+        grid = tuple(model.patch_embed.grid_size)  # type: ignore[union-attr, arg-type]
         try:
             sd["pos_embed"] = resample_pos_embed(sd["pos_embed"], grid, prefix)
         except ValueError as e:
@@ -269,7 +270,7 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
 
 def _lora_targets(model: nn.Module) -> tuple[list[str], Literal["fused", "separate"]]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if any(fnmatch.fnmatchcase(n, "blocks.*.attn.qkv") for n in names):
+    if any(fnmatch.fnmatchcase(n, "blocks.*.attn.qkv") and is_fused_qkv(n, model.get_submodule(n)) for n in names):
         return ["blocks.*.attn.qkv"], "fused"
     if any(fnmatch.fnmatchcase(n, "blocks.*.attn.q_proj") for n in names) and any(
         fnmatch.fnmatchcase(n, "blocks.*.attn.v_proj") for n in names
@@ -287,7 +288,7 @@ def _mean_std(cfg: BackboneConfig, model: nn.Module, default: tuple[tuple, tuple
     pcfg = getattr(model, "pretrained_cfg", None) or {}
     mean = tuple(float(v) for v in pcfg.get("mean", default[0]))
     std = tuple(float(v) for v in pcfg.get("std", default[1]))
-    return mean, std  # type: ignore[return-value]
+    return mean, std
 
 
 def _resolved_tag(model: nn.Module) -> str | None:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..fileio import atomic_write_bytes, sha256_file
+from ..lora.surgery import QKV_ORDER
 
 __all__ = [
     "CONVERTER_VERSION",
@@ -60,7 +61,8 @@ _LINEAR_MAP = {
     "mlp/fc1": "mlp.fc1",
     "mlp/fc2": "mlp.fc2",
 }
-_QKV = ("attention/attention/query", "attention/attention/key", "attention/attention/value")
+# HF q/k/v sub-modules in the row order of timm's fused qkv Linear (lora.surgery.QKV_ORDER).
+_QKV = tuple(f"attention/attention/{ {'q': 'query', 'k': 'key', 'v': 'value'}[p] }" for p in QKV_ORDER)
 # HF initializer suffix inside a layer -> timm key suffix.
 _PARAM_MAP = {
     "norm1.weight": "norm1.weight",
@@ -251,7 +253,7 @@ def convert_onnx_to_timm(onnx_path: str | os.PathLike) -> dict[str, torch.Tensor
         hf, tm = f"backbone.encoder.layer.{li}.", f"blocks.{li}."
         for src, dst in _PARAM_MAP.items():
             sd[tm + dst] = _tensor(named(hf + src))
-        # timm fuses q, k, v into one Linear whose output rows are [q; k; v].
+        # timm fuses q, k, v into one Linear whose output rows follow QKV_ORDER ([q; k; v]).
         sd[tm + "attn.qkv.weight"] = torch.cat([_tensor(linears[(li, s)]) for s in _QKV], dim=0)
         sd[tm + "attn.qkv.bias"] = torch.cat([_tensor(named(hf + s.replace("/", ".") + ".bias")) for s in _QKV], dim=0)
         for src, dst in _LINEAR_MAP.items():

@@ -29,6 +29,11 @@ __all__ = ["create_timm"]
 log = logging.getLogger(__name__)
 
 
+def _timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
+    """``backbone.kwargs`` as timm's keyword arguments (timm checks each one itself)."""
+    return dict(cfg.kwargs)
+
+
 def create_timm(cfg: BackboneConfig, img_size: int) -> Backbone:
     import timm
 
@@ -39,7 +44,7 @@ def create_timm(cfg: BackboneConfig, img_size: int) -> Backbone:
         )
     use_hub = cfg.pretrained and cfg.weights is None
     try:
-        model = timm.create_model(cfg.name, pretrained=use_hub, num_classes=0, img_size=img_size, **cfg.kwargs)
+        model = timm.create_model(cfg.name, pretrained=use_hub, num_classes=0, img_size=img_size, **_timm_kwargs(cfg))
     except Exception as e:
         if use_hub and _is_download_error(e):
             raise RuntimeError(
@@ -79,7 +84,7 @@ def _create_imgfocus(cfg: BackboneConfig, img_size: int) -> Backbone:
             f"image_size {img_size} is not a multiple of 14, the patch size of {cfg.name} (use e.g. 56, 112 or 224)"
         )
     model = timm.create_model(
-        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=img_size, **cfg.kwargs
+        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=img_size, **_timm_kwargs(cfg)
     )
     tag = sha = None
     if cfg.weights is not None:

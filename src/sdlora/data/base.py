@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .datasets import ArrayImageDataset, FileImageDataset
+from .identity import data_identity, split_digest
 from .transforms import ImageTransform
 
 __all__ = [
@@ -173,6 +174,8 @@ class DatasetBundle:
         class_names: Name of each original label.
         info: JSON-able description: name, root, format, counts, split description.
         split_record: For splits made here (``imagefolder`` single tree): the file lists, for the run directory.
+        identity: What data this is, after subsetting (:func:`sdlora.data.identity.data_identity`): counts per
+            class and sha256 digests, recorded in ``results.json`` to recognise the same data later.
     """
 
     train: Dataset
@@ -183,6 +186,7 @@ class DatasetBundle:
     class_names: list[str]
     info: dict[str, Any]
     split_record: dict[str, Any] | None = None
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 def per_class_subset(targets: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -195,6 +199,10 @@ def per_class_subset(targets: np.ndarray, k: int, rng: np.random.Generator) -> n
             idx = rng.choice(idx, size=k, replace=False)
         keep.append(idx)
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def _digest(split: SplitData, root: str | None) -> str:
+    return split_digest(split.targets, images=split.images, paths=split.paths, root=root)
 
 
 def _wrap(split: SplitData, transform: ImageTransform) -> Dataset:
@@ -249,6 +257,17 @@ def build_dataset(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[float
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
     }
+    root = raw.info.get("root", cfg.root)
+    identity = data_identity(
+        name=cfg.name,
+        root=None if root is None else str(root),
+        format=cfg.resolved_format,
+        class_names=raw.class_names,
+        train_targets=train.targets,
+        test_targets=test.targets,
+        train_digest=_digest(train, root),
+        test_digest=_digest(test, root),
+    )
     return DatasetBundle(
         train=_wrap(train, train_tf),
         test=_wrap(test, test_tf),
@@ -258,4 +277,5 @@ def build_dataset(cfg: DataConfig, *, mean: Sequence[float], std: Sequence[float
         class_names=list(raw.class_names),
         info=info,
         split_record=raw.split_record,
+        identity=identity,
     )

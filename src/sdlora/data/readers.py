@@ -51,7 +51,7 @@ def _require_root(cfg: DataConfig, what: str) -> Path:
 # IDX (MNIST-family) files
 # --------------------------------------------------------------------------------------------------------------------
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, Any] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -193,7 +193,7 @@ def _cifar100(cfg: DataConfig, seed: int) -> RawDataset:
 
 
 def _list_images(directory: Path) -> list[str]:
-    out = []
+    out: list[str] = []
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
         dirnames.sort()
         out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Normaliser = Literal["frobenius_of_product", "product_of_frobenius"]
 
@@ -128,7 +128,9 @@ class AdapterConfig:
     def resolved(self) -> AdapterConfig:
         """Return a copy with every ``None`` protocol field filled from the ``protocol`` preset."""
         preset = PROTOCOLS[self.protocol]
-        values = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in preset.items()}
+        values: dict[str, Any] = {
+            k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in preset.items()
+        }
         return dataclasses.replace(self, **values)
 
     def rank_for_task(self, task: int) -> int:

@@ -19,6 +19,7 @@ shared vector (paper §4.1) and hands it to every layer for the duration of a fo
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,8 @@ def component_norm(b: Tensor, a: Tensor, normaliser: str) -> Tensor:
         sq = ((b.t() @ b) * (a @ a.t())).sum()
         return sq.clamp_min(0).sqrt()
     if normaliser == "product_of_frobenius":
-        return torch.linalg.vector_norm(b) * torch.linalg.vector_norm(a)
+        prod: Tensor = torch.linalg.vector_norm(b) * torch.linalg.vector_norm(a)
+        return prod
     raise ValueError(f"unknown normaliser {normaliser!r}")
 
 
@@ -61,6 +63,14 @@ class LowRankUnit(nn.Module):
     Parameters (the component being learned): ``A_cur`` (r, d_in), ``B_cur`` (d_out, r) or ``None``.
     """
 
+    # Registered buffers, declared for the type checker (nn.Module.__getattr__ would type them Tensor | Module).
+    A_frozen: Tensor
+    B_frozen: Tensor
+    norms: Tensor
+    extra: Tensor
+    slots: Tensor
+    rank_owner: Tensor
+
     def __init__(self, name: str, start: int, stop: int, in_features: int, index: int, weight: Tensor) -> None:
         super().__init__()
         self.name = name
@@ -70,9 +80,8 @@ class LowRankUnit(nn.Module):
         self.out_features = stop - start
         self.index = index  # row of the magnitude table when magnitudes are per layer
         self.cur_slot = -1
-        kw = {"device": weight.device, "dtype": weight.dtype}
-        self.register_buffer("A_frozen", torch.zeros(0, in_features, **kw))
-        self.register_buffer("B_frozen", torch.zeros(self.out_features, 0, **kw))
+        self.register_buffer("A_frozen", torch.zeros(0, in_features, device=weight.device, dtype=weight.dtype))
+        self.register_buffer("B_frozen", torch.zeros(self.out_features, 0, device=weight.device, dtype=weight.dtype))
         self.register_buffer("norms", torch.zeros(0, device=weight.device, dtype=torch.float32))
         self.register_buffer("extra", torch.zeros(0, device=weight.device, dtype=torch.float32))
         self.register_buffer("slots", torch.zeros(0, device=weight.device, dtype=torch.long))
@@ -207,6 +216,13 @@ class LowRankUnit(nn.Module):
         )
 
 
+class _Units(nn.ModuleList):
+    """An ``nn.ModuleList`` of :class:`LowRankUnit` that says so to the type checker."""
+
+    def __iter__(self) -> Iterator[LowRankUnit]:
+        return super().__iter__()  # type: ignore[return-value]
+
+
 class SDLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus SD-LoRA components on some output slices.
 
@@ -243,7 +259,7 @@ class SDLoRALinear(nn.Module):
         for name, start, stop in units:
             if not 0 <= start < stop <= base.out_features:
                 raise ValueError(f"unit {name}: rows [{start}, {stop}) outside 0..{base.out_features}")
-        self.units = nn.ModuleList(
+        self.units = _Units(
             LowRankUnit(name, start, stop, base.in_features, first_index + i, base.weight)
             for i, (name, start, stop) in enumerate(units)
         )
@@ -261,7 +277,7 @@ class SDLoRALinear(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
-            return self.base(x)
+            return F.linear(x, self.base.weight, self.base.bias)
         alphas = self.alphas
         if alphas is None:
             raise RuntimeError(
@@ -277,8 +293,7 @@ class SDLoRALinear(nn.Module):
         return self._add_factored(x, y, alphas)
 
     def _add_factored(self, x: Tensor, y: Tensor, alphas: Tensor) -> Tensor:
-        stacks = [(u, u.stacked(alphas, *self._scale_args())) for u in self.units]
-        stacks = [(u, st) for u, st in stacks if st is not None]
+        stacks = [(u, st) for u in self.units if (st := u.stacked(alphas, *self._scale_args())) is not None]
         if not stacks:
             return y
         # One down-projection GEMM for all units of this layer (q and v share the input).

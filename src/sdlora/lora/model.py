@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fnmatch
 from typing import Any
 
 import torch
@@ -23,15 +22,11 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .layer import LowRankUnit, SDLoRALinear, component_norm
+from .surgery import find_linears, is_fused_qkv, qkv_slices, replace_submodule
 
 __all__ = ["SDLoRAModel", "ADAPTER_FORMAT"]
 
 ADAPTER_FORMAT = "sdlora-adapter/1"
-_FUSED_SLICES = {"q": 0, "k": 1, "v": 2}
-
-
-def _is_fused_qkv(name: str, module: nn.Linear) -> bool:
-    return name.rsplit(".", 1)[-1] == "qkv" and module.out_features == 3 * module.in_features
 
 
 class SDLoRAModel(nn.Module):
@@ -51,6 +46,10 @@ class SDLoRAModel(nn.Module):
     Raises:
         ValueError: a target pattern matches no ``nn.Linear`` (the message lists candidates).
     """
+
+    # A buffer or a Parameter depending on the phase (see _set_magnitudes); declared for the type checker.
+    alpha_prev: Tensor
+    alpha_cur: Tensor
 
     def __init__(self, backbone: nn.Module, config: AdapterConfig, default_targets: list[str] | None = None) -> None:
         super().__init__()
@@ -76,35 +75,18 @@ class SDLoRAModel(nn.Module):
     # ----------------------------------------------------------------------------------------- injection
     def _inject(self) -> None:
         cfg = self.config
-        linear_names = [n for n, m in self.backbone.named_modules() if isinstance(m, nn.Linear)]
-        chosen: list[str] = []
-        for pattern in self.targets:
-            hits = [n for n in linear_names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
-                sample = ", ".join(linear_names[:8]) + (" ..." if len(linear_names) > 8 else "")
-                raise ValueError(
-                    f"adapter target {pattern!r} matches no nn.Linear in the backbone; "
-                    f"Linear modules look like: {sample}"
-                )
-            chosen.extend(h for h in hits if h not in chosen)
         index = 0
-        for name in chosen:
-            parent_name, _, child = name.rpartition(".")
-            parent = self.backbone.get_submodule(parent_name) if parent_name else self.backbone
-            base = getattr(parent, child)
-            if _is_fused_qkv(name, base):
-                d = base.in_features
-                units = [
-                    (p, _FUSED_SLICES[p] * d, (_FUSED_SLICES[p] + 1) * d)
-                    for p in sorted(cfg.projections, key=lambda p: _FUSED_SLICES[p])
-                ]
-            else:
-                units = [("out", 0, base.out_features)]
+        for name in find_linears(self.backbone, self.targets):
+            base = self.backbone.get_submodule(name)
+            assert isinstance(base, nn.Linear)
+            # A fused qkv Linear gets one unit per adapted projection (its row slice), any other Linear one unit.
+            fused = is_fused_qkv(name, base)
+            units = qkv_slices(base, cfg.projections) if fused else [("out", 0, base.out_features)]
             layer = SDLoRALinear(
-                base, units, index, cfg.compute, cfg.normaliser, bool(cfg.normalise_current), cfg.norm_eps
+                base, units, index, cfg.compute, str(cfg.normaliser), bool(cfg.normalise_current), cfg.norm_eps
             )
             index += len(units)
-            setattr(parent, child, layer)
+            replace_submodule(self.backbone, name, layer)
             self._layer_names.append(name)
         self.num_units = index
 
@@ -165,7 +147,10 @@ class SDLoRAModel(nn.Module):
         # Magnitudes: new slots start at alpha_init; old ones keep their values only with alpha_carry_over
         # (the official code re-creates all of them at 0.8 every task, lora.py L326-328).
         values = torch.full(
-            (*old.shape[:-1], self.num_slots), float(cfg.alpha_init), device=old.device, dtype=torch.float32
+            (*old.shape[:-1], self.num_slots),
+            float(cfg.alpha_init),  # type: ignore[arg-type]  # resolved(): the protocol preset fills it
+            device=old.device,
+            dtype=torch.float32,
         )
         if cfg.alpha_carry_over:
             values[..., : old.shape[-1]] = old
@@ -349,16 +334,15 @@ class SDLoRAModel(nn.Module):
     def _plain_copy(self, deltas: dict[str, Tensor]) -> nn.Module:
         plain = copy.deepcopy(self.backbone)
         for name in self._layer_names:
-            parent_name, _, child = name.rpartition(".")
-            parent = plain.get_submodule(parent_name) if parent_name else plain
-            wrapped: SDLoRALinear = getattr(parent, child)
+            wrapped = plain.get_submodule(name)
+            assert isinstance(wrapped, SDLoRALinear)
             base = wrapped.base
             if wrapped.merged:  # the copy carries W0 in _w0
                 assert wrapped._w0 is not None
                 base.weight.copy_(wrapped._w0)
             if name in deltas:
                 base.weight.add_(deltas[name].to(base.weight))
-            setattr(parent, child, base)
+            replace_submodule(plain, name, base)
         return plain
 
     @torch.no_grad()

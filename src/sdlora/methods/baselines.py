@@ -144,6 +144,8 @@ class SimpleCIL(Method):
     never grown. Logits are ``scale * cos(feature, prototype)`` (``scale`` does not change the argmax).
     """
 
+    prototypes: Tensor  # a registered buffer, declared for the type checker
+
     trains = False
     scale = 1.0
 

@@ -49,11 +49,13 @@ from torch import Tensor, nn
 
 from ..backbones import Backbone
 from ..config import MethodConfig
+from ..lora.surgery import qkv_slices, replace_submodule
 from .base import LowRankUpdate, Method, TaskContext, register_method
 
 __all__ = ["InfLoRA", "InfLoRALinear", "InfLoRAOptions", "down_projection", "gpm_update", "project_out"]
 
-_FUSED = {"k": 1, "v": 2}
+#: InfLoRA adapts the key and value projections (of a fused qkv Linear: those row slices)
+_PROJECTIONS = ("k", "v")
 
 
 @dataclass
@@ -168,13 +170,18 @@ class InfLoRALinear(nn.Module):
     subspace. Parameters: ``B_cur[<slice>]`` (d_s, r), zero-initialised, the only trained adapter part.
     """
 
+    # Registered buffers, declared for the type checker (nn.Module.__getattr__ would type them Tensor | Module).
+    A_frozen: Tensor
+    A_cur: Tensor
+    memory: Tensor
+
     def __init__(self, base: nn.Linear, slices: list[tuple[str, int, int]]) -> None:
         super().__init__()
         self.base = base
         self.base.requires_grad_(False)
         self.in_features = base.in_features
         self.slices = list(slices)
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        kw: dict[str, Any] = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.register_buffer("A_frozen", torch.zeros(0, self.in_features, **kw))
         for name, start, stop in self.slices:
             self.register_buffer(f"B_frozen_{name}", torch.zeros(stop - start, 0, **kw))
@@ -278,8 +285,7 @@ class InfLoRA(Method):
             plan = [(n, m) for n, m in modules.items() if n.endswith("attn.qkv") and isinstance(m, nn.Linear)]
             entries = []
             for name, m in plan:
-                d = m.out_features // 3
-                entries.append((name, [(p, i * d, (i + 1) * d) for p, i in _FUSED.items()]))
+                entries.append((name, qkv_slices(m, _PROJECTIONS)))
         else:
             plan = [
                 (n, m)
@@ -290,9 +296,9 @@ class InfLoRA(Method):
         if not entries:
             raise ValueError("inflora needs attention key/value projections (blocks.*.attn.qkv or attn.{k,v}_proj)")
         for name, slices in entries:
-            parent_name, _, child = name.rpartition(".")
-            parent = self.model.get_submodule(parent_name) if parent_name else self.model
-            setattr(parent, child, InfLoRALinear(getattr(parent, child), slices))
+            base = self.model.get_submodule(name)
+            assert isinstance(base, nn.Linear)
+            replace_submodule(self.model, name, InfLoRALinear(base, slices))
             self._layer_names.append(name)
         self.num_tasks = 0
 
@@ -364,12 +370,12 @@ class InfLoRA(Method):
         plain = copy.deepcopy(self.model)
         with torch.no_grad():
             for name, layer in zip(self._layer_names, self.layers()):
-                parent_name, _, child = name.rpartition(".")
-                parent = plain.get_submodule(parent_name) if parent_name else plain
-                base = getattr(parent, child).base
+                copied = plain.get_submodule(name)
+                assert isinstance(copied, InfLoRALinear)
+                base = copied.base
                 if fold:
                     base.weight.add_(layer.delta_weight().to(base.weight))
-                setattr(parent, child, base)
+                replace_submodule(plain, name, base)
         return plain
 
     def low_rank_update(self) -> LowRankUpdate:
