@@ -176,7 +176,7 @@ def test_missing_earlier_test_set_is_reported_and_skipped(tmp_path, capsys):
     assert main(["learn", str(two), "--data", str(first), "--name", "batch 1"]) == 0
     shutil.rmtree(first / "test")  # the first learned folder's test images are gone
     report = learn(two, _folder(tmp_path / "new2", ["c6", "c7"]))
-    assert [t for t, _ in report.skipped] == [2] and "not available" in report.skipped[0][1]
+    assert [t for t, _ in report.skipped] == [2] and "is not available" in report.skipped[0][1]
     res = _results(two)
     assert res["completed_tasks"] == 4 and res["class_names"] == ALL
     assert res["accuracy_matrix"][3][2] is None and res["accuracy_matrix"][3][3] is not None
@@ -187,7 +187,7 @@ def test_missing_earlier_test_set_is_reported_and_skipped(tmp_path, capsys):
     c0 = tmp_path / "first4" / "test" / "c0"
     shutil.copy(next(c0.glob("*.png")), c0 / "x.png")
     report = learn(two, _extra(tmp_path))
-    assert {t for t, _ in report.skipped} == {0, 1, 2} and "changed" in report.skipped[0][1]
+    assert {t for t, _ in report.skipped} == {0, 1, 2} and "has changed" in report.skipped[0][1]
     assert main(["report", str(two)]) == 0
 
 

@@ -149,8 +149,6 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
     report = learn(args.run_dir, args.data, name=args.name, device=args.device)
     print(format_task_table(report.results))
-    for task, reason in report.skipped:
-        print(f"task {task + 1} not evaluated: {reason}")
     print(
         f"learned {report.name!r} as task {report.task + 1}: {len(report.class_names)} new classes "
         f"({', '.join(report.class_names)}); run directory: {args.run_dir}"

@@ -41,11 +41,23 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from . import __version__
+from .backbones import create_backbone
 from .config import RunConfig, load_config
 from .data import DataConfig, DatasetBundle, build_dataset
+from .engine import DistInfo, RunState, Runtime, TaskData, run_task, select_device
 from .fileio import atomic_write_json
 from .methods import Method, create_method
+from .predict import run_class_names
+from .report import on_run_event
 from .results import RESULTS_FILE, RunEvent, load_results, parse_results
+from .rundir import (
+    RunError,
+    committed_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
 
 __all__ = ["LearnError", "LearnReport", "learn"]
 
@@ -94,11 +106,6 @@ def _with_eval_transform(data: DatasetBundle) -> Dataset:
     return train_eval
 
 
-def _family(cfg: RunConfig) -> str:
-    """The dataset family of a run (what ``NEW_ROOT`` must be)."""
-    return "image"
-
-
 def _folder_config(cfg: RunConfig, root: Path, fmt: str | None = None) -> DataConfig:
     """An image-folder data config for ``root`` with the run's image settings and no per-class caps."""
     return DataConfig(
@@ -114,8 +121,6 @@ def _folder_config(cfg: RunConfig, root: Path, fmt: str | None = None) -> DataCo
 
 
 def _load_new_data(cfg: RunConfig, root: Path, mean: Any, std: Any) -> DatasetBundle:
-    if _family(cfg) != "image":  # pragma: no cover - text runs arrive with the HF backbones
-        raise LearnError(f"sdlora learn does not support {cfg.data.name!r} runs yet")
     if not root.is_dir():
         raise LearnError(f"--data {root}: not a folder (expected {root}/<class>/<images> or train/ and test/)")
     try:
@@ -144,51 +149,68 @@ def _check_new_names(known: list[str], new: list[str], root: Path) -> None:
 
 
 @dataclass
-class _EarlierTest:
-    """Test data of earlier tasks, as available now."""
+class _Source:
+    """Where the test data of some earlier tasks comes from: the run's own dataset or one learned folder."""
 
-    datasets: list[Dataset]
-    skipped: list[tuple[int, str]]
+    what: str  # for messages
+    data: DataConfig
+    identity: dict[str, Any]
+    tasks: list[int]
+    positions: dict[int, int]  # label in that dataset -> class position in the run
+
+
+def _earlier_sources(cfg: RunConfig, results: dict[str, Any]) -> list[_Source]:
+    """The sources of every earlier task's test data, with the class positions of their labels."""
+    learned = {int(r["task"]): r for r in results.get("learned_tasks") or []}
+    base = _Source(f"the run's {cfg.data.name} test split", cfg.data, results.get("data_identity") or {}, [], {})
+    folders: list[_Source] = []
+    pos = 0
+    for t, ids in enumerate(results["tasks"]):
+        rec = learned.get(t)
+        if rec is None:
+            src, labels = base, [int(c) for c in ids]
+        else:
+            root = Path(rec["root"])
+            src = _Source(
+                f"the test split of learned task {t + 1} ({root})",
+                _folder_config(cfg, root, rec.get("format")),
+                rec.get("identity") or {},
+                [],
+                {},
+            )
+            folders.append(src)
+            labels = list(range(len(ids)))  # a learned folder labels its classes 0.. in name order
+        src.tasks.append(t)
+        for label in labels:
+            src.positions[label] = pos
+            pos += 1
+    return ([base] if base.tasks else []) + folders
 
 
 def _earlier_tests(
-    cfg: RunConfig, results: dict[str, Any], mean: Any, std: Any, position_of: dict[tuple[str, int], int]
-) -> _EarlierTest:
-    """Rebuild the test split of every earlier task: the run's dataset and each learned folder, each checked against
-    the digest the run recorded. Unavailable or changed ones are skipped (with the reason)."""
-    tasks = results["tasks"]
-    learned = {int(r["task"]): r for r in results.get("learned_tasks") or []}
-    base_tasks = [t for t in range(len(tasks)) if t not in learned]
-    out = _EarlierTest([], [])
+    cfg: RunConfig, sources: list[_Source], mean: Any, std: Any
+) -> tuple[list[Dataset], list[tuple[int, str]]]:
+    """Rebuild each source's test split and check it against the digest the run recorded.
 
-    def add(source: str, data_cfg: DataConfig, identity: dict[str, Any], task_ids: list[int]) -> None:
+    Returns:
+        ``(datasets, skipped)``: ``(x, position)`` test datasets, and ``(task, reason)`` for every earlier task
+        whose test data is missing, unreadable or changed (reported and left out, never fatal).
+    """
+    datasets: list[Dataset] = []
+    skipped: list[tuple[int, str]] = []
+    for src in sources:
         try:
-            data = build_dataset(data_cfg, mean=mean, std=std, seed=cfg.seed)
+            data = build_dataset(src.data, mean=mean, std=std, seed=cfg.seed)
         except Exception as e:  # missing or unreadable data: reported, not fatal
-            reason = f"{source} test data not available ({e})"
-            out.skipped.extend((t, reason) for t in task_ids)
-            return
-        want = identity.get("test_sha256")
-        got = data.identity.get("test_sha256") if data.identity else None
-        if want and got != want:
-            reason = f"{source} test data changed since it was recorded (file list sha256 differs)"
-            out.skipped.extend((t, reason) for t in task_ids)
-            return
-        mapping = {c: position_of[(source, c)] for t in task_ids for c in _ids(tasks[t], source, learned.get(t))}
-        out.datasets.append(_Positions(data.test, data.test_targets, mapping))
-
-    if base_tasks:
-        add("run", cfg.data, results.get("data_identity") or {}, base_tasks)
-    for t, rec in sorted(learned.items()):
-        add(f"learned:{t}", _folder_config(cfg, Path(rec["root"]), rec.get("format")), rec.get("identity") or {}, [t])
-    return out
-
-
-def _ids(task_ids: list[int], source: str, record: dict[str, Any] | None) -> list[int]:
-    """Labels of a task's classes in its own dataset: the run's ids, or 0.. for a learned folder."""
-    if record is None:
-        return [int(c) for c in task_ids]
-    return list(range(len(record["class_names"])))
+            skipped.extend((t, f"{src.what} is not available ({e})") for t in src.tasks)
+            continue
+        want = src.identity.get("test_sha256")
+        if want and data.identity.get("test_sha256") != want:
+            reason = f"{src.what} has changed since the run recorded it (its file list sha256 differs)"
+            skipped.extend((t, reason) for t in src.tasks)
+            continue
+        datasets.append(_Positions(data.test, data.test_targets, src.positions))
+    return datasets, skipped
 
 
 def learn(
@@ -213,11 +235,6 @@ def learn(
         LearnError: the run is not finished, a class name is already known, or the folder is unusable.
         RunError: not a run directory, no or a damaged checkpoint, or training diverged.
     """
-    from .engine import DistInfo, RunState, Runtime, TaskData, run_task, select_device
-    from .report import on_run_event
-    from .rundir import RunError, committed_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint
-    from .rundir import seed_everything as _seed
-
     t_start = time.time()
     out = Path(run_dir)
     root = Path(data_root).expanduser().resolve()
@@ -243,8 +260,6 @@ def learn(
     mean, std = results["backbone"]["mean"], results["backbone"]["std"]
     new = _load_new_data(cfg, root, mean, std)
     seen = sum(len(t) for t in results["tasks"])
-    from .predict import run_class_names
-
     known = run_class_names(out, cfg, seen)
     _check_new_names(known, new.class_names, root)
     label = name or root.name
@@ -270,9 +285,7 @@ def learn(
             dev,
         )
         # The run's method as after its last task, and the global RNG as the engine would continue with it.
-        from .backbones import create_backbone
-
-        _seed(cfg.seed)
+        seed_everything(cfg.seed)
         backbone = create_backbone(cfg.backbone, cfg.data.image_size)
         method: Method = create_method(cfg.method, backbone).to(dev)
         method.load_state(tensors, record["method"])
@@ -284,17 +297,9 @@ def learn(
         # ids 0..K-1 and earlier learned ones), so an id never names two classes.
         next_id = max(int(c) for c in results["class_order"]) + 1
         new_ids = list(range(next_id, next_id + new.num_classes))
-        position_of: dict[tuple[str, int], int] = {}
-        learned = {int(r["task"]): r for r in results.get("learned_tasks") or []}
-        pos = 0
-        for t, ids in enumerate(results["tasks"]):
-            source = f"learned:{t}" if t in learned else "run"
-            for k, c in enumerate(ids):
-                position_of[(source, k if t in learned else int(c))] = pos
-                pos += 1
-        earlier = _earlier_tests(cfg, results, mean, std, position_of)
-        for t, reason in earlier.skipped:
-            log.warning("task %d is not evaluated: %s", t + 1, reason)
+        earlier, skipped_at = _earlier_tests(cfg, _earlier_sources(cfg, results), mean, std)
+        for t, reason in skipped_at:
+            log.warning("task %d is not evaluated in the new row: %s", t + 1, reason)
         start, end = seen, seen + new.num_classes
         mapping = {c: start + c for c in range(new.num_classes)}
         task_of_position = [t for t, ids in enumerate(results["tasks"]) for _ in ids] + [task] * new.num_classes
@@ -304,15 +309,15 @@ def learn(
             class_end=end,
             train=_Positions(new.train, new.train_targets, mapping),
             statistics=_Positions(_with_eval_transform(new), new.train_targets, mapping),
-            test=ConcatDataset([*earlier.datasets, _Positions(new.test, new.test_targets, mapping)]),
+            test=ConcatDataset([*earlier, _Positions(new.test, new.test_targets, mapping)]),
             task_of_position=task_of_position,
         )
         rt = Runtime(train=tcfg, seed=cfg.seed, device=dev, workers=cfg.data.num_workers)
-        skipped = sorted({t for t, _ in earlier.skipped})
+        skipped = sorted({t for t, _ in skipped_at})
         entry = run_task(method, state, data, rt, num_tasks=task + 1, not_evaluated=skipped)
         entry["learned"] = {"name": label, "root": str(root), "classes": list(new.class_names)}
         if skipped:
-            entry["not_evaluated"] = {str(t): r for t, r in earlier.skipped}
+            entry["not_evaluated"] = {str(t): r for t, r in skipped_at}
 
         record_new = {
             "task": task,
@@ -363,4 +368,4 @@ def learn(
     finally:
         _pkg_log.removeHandler(file_handler)
         file_handler.close()
-    return LearnReport(task, label, list(new.class_names), list(earlier.skipped), new_results)
+    return LearnReport(task, label, list(new.class_names), skipped_at, new_results)
