@@ -149,10 +149,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
     report = learn(args.run_dir, args.data, name=args.name, device=args.device)
     print(format_task_table(report.results))
-    print(
-        f"learned {report.name!r} as task {report.task + 1}: {len(report.class_names)} new classes "
-        f"({', '.join(report.class_names)}); run directory: {args.run_dir}"
-    )
+    print(f"run directory: {args.run_dir}")
     return 0
 
 
