@@ -47,7 +47,7 @@ from .data import DataConfig, DatasetBundle, build_dataset
 from .engine import DistInfo, RunState, Runtime, TaskData, run_task, select_device
 from .fileio import atomic_write_json
 from .methods import Method, create_method
-from .predict import run_class_names
+from .predict import check_device, run_class_names
 from .report import on_run_event
 from .results import RESULTS_FILE, RunEvent, load_results, parse_results
 from .rundir import (
@@ -236,6 +236,8 @@ def learn(
         RunError: not a run directory, no or a damaged checkpoint, or training diverged.
     """
     t_start = time.time()
+    if device is not None:
+        check_device(device)
     out = Path(run_dir)
     root = Path(data_root).expanduser().resolve()
     if not (out / "config.yaml").exists():

@@ -36,6 +36,7 @@ __all__ = [
     "Prediction",
     "PredictError",
     "Predictor",
+    "check_device",
     "collect_inputs",
     "format_predictions",
     "load_run",
@@ -119,6 +120,23 @@ def _num_seen(method: Method) -> int:
     raise PredictError("the run's method has no classes yet")
 
 
+def check_device(device: str) -> str:
+    """``device`` if this machine has it (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+
+    Raises:
+        ValueError: another spelling, or CUDA asked for where there is none (the message says what to pass).
+    """
+    if device in ("auto", "cpu"):
+        return device
+    if not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def load_run(run_dir: str | os.PathLike, device: str = "auto") -> LoadedRun:
     """Rebuild a run for inference (see :class:`LoadedRun`).
 
@@ -132,7 +150,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto") -> LoadedRun:
     from .engine import DistInfo, select_device
     from .rundir import build_method_from_run
 
-    dev = select_device(device, DistInfo())
+    dev = select_device(check_device(device), DistInfo())
     method, cfg, record = build_method_from_run(run_dir, device=str(dev))
     method.merge_for_inference()
     info = method.backbone_info
