@@ -105,6 +105,17 @@ def test_learn_adds_a_component_and_a_magnitude(tmp_path):
     assert {p.label for p in preds} <= set(ALL[:6])
 
 
+def test_dataset_classes_the_run_never_reached_make_room(tmp_path):
+    """A scenario cut short (num_tasks) leaves dataset classes unseen: learned classes take their positions."""
+    one = _run(tmp_path, "one", _folder(tmp_path / "first4", ALL[:4]), scenario={"num_tasks": 1})
+    assert _results(one)["class_names"] == ALL[:4] and _results(one)["status"] == "finished"
+    learn(one, _folder(tmp_path / "new", ["c4", "c5"]))
+    res = _results(one)
+    assert res["class_names"] == ["c0", "c1", "c4", "c5"] and res["tasks"] == [[0, 1], [4, 5]]
+    assert res["class_order"] == [0, 1, 4, 5] and res["learned_tasks"][0]["class_ids"] == [4, 5]
+    assert load_run(one, device="cpu").class_names == res["class_names"]
+
+
 def test_known_class_names_and_unfinished_runs_are_refused(tmp_path, capsys):
     two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
     snapshot = (two / "results.json").read_bytes()
