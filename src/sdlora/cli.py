@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "export",
         help="write what a run learned for other tools (merged backbone, or a PEFT LoRA adapter)",
-        description="Write what a run learned (newest checkpoint) for use outside sdlora.",
+        description="Write what a run learned (its newest committed checkpoint) for use outside sdlora.",
         epilog=EXPORT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
