@@ -120,27 +120,33 @@ def _folder_config(cfg: RunConfig, root: Path, fmt: str | None = None) -> DataCo
     )
 
 
-def _load_new_data(cfg: RunConfig, root: Path, mean: Any, std: Any) -> DatasetBundle:
+def _load_new_data(cfg: RunConfig, root: Path, shown: str, mean: Any, std: Any) -> DatasetBundle:
     if not root.is_dir():
-        raise LearnError(f"--data {root}: not a folder (expected {root}/<class>/<images> or train/ and test/)")
+        raise LearnError(
+            f"--data {shown}: not a folder (expected {shown}/<class>/<images>, or train/ and test/ inside it)"
+        )
     try:
         data = build_dataset(_folder_config(cfg, root), mean=mean, std=std, seed=cfg.seed)
     except (FileNotFoundError, ValueError) as e:
-        raise LearnError(f"--data {root}: {e}") from None
+        raise LearnError(f"--data {shown}: {e}") from None
     counts_train = np.bincount(data.train_targets, minlength=data.num_classes)
     counts_test = np.bincount(data.test_targets, minlength=data.num_classes)
     empty = [data.class_names[c] for c in range(data.num_classes) if counts_test[c] == 0 or counts_train[c] == 0]
     if empty:
         raise LearnError(
-            f"--data {root}: classes {empty} need at least one training and one test image (a single tree is split "
+            f"--data {shown}: classes {empty} need at least one training and one test image (a single tree is split "
             f"with test_fraction={cfg.data.test_fraction}; a class needs two images there)"
         )
     return data
 
 
-def _check_new_names(known: list[str], new: list[str], root: Path) -> None:
+def _check_new_names(known: list[str], new: list[str], root: str) -> None:
     seen = {n.strip().casefold(): n for n in known}
-    clash = [f"{n!r} (known as {seen[n.strip().casefold()]!r})" for n in new if n.strip().casefold() in seen]
+    clash = [
+        repr(n) if seen[n.strip().casefold()] == n else f"{n!r} (known as {seen[n.strip().casefold()]!r})"
+        for n in new
+        if n.strip().casefold() in seen
+    ]
     if clash:
         raise LearnError(
             f"--data {root}: the run already knows the class(es) {', '.join(clash)}; sdlora learn adds new classes "
@@ -260,10 +266,10 @@ def learn(
             f"{results['completed_tasks']} tasks; the run directory is inconsistent"
         )
     mean, std = results["backbone"]["mean"], results["backbone"]["std"]
-    new = _load_new_data(cfg, root, mean, std)
+    new = _load_new_data(cfg, root, str(data_root), mean, std)
     seen = sum(len(t) for t in results["tasks"])
     known = run_class_names(out, cfg, seen)
-    _check_new_names(known, new.class_names, root)
+    _check_new_names(known, new.class_names, str(data_root))
     label = name or root.name
 
     file_handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
