@@ -285,7 +285,7 @@ def learn(
             label,
             new.num_classes,
             ", ".join(new.class_names),
-            root,
+            data_root,
             len(new.train_targets),
             len(new.test_targets),
             task + 1,
