@@ -138,3 +138,19 @@ def test_invalid_input(correct, total, message):
         compute_metrics(correct, total)
     with pytest.raises(ValueError, match=message):
         accuracy_matrix(correct, total)
+
+
+def test_earlier_tasks_not_evaluated_are_left_out():
+    """``None`` below the diagonal: that task's test data was not available for this row (sdlora learn)."""
+    correct = [[90], [80, 70], [None, 75, 50]]
+    m = compute_metrics(correct, TOTAL_3)
+    assert m["accuracy_matrix"][2] == [None, 75.0, 50.0] and m["accuracy_matrix"][1] == [80.0, 70.0, None]
+    assert m["acc_after_task"] == pytest.approx([90.0, 75.0, 62.5])  # (75 + 50) / 200 in the last row
+    assert m["mean_task_acc"] == pytest.approx(62.5)
+    assert m["forgetting"] == pytest.approx(-5.0) and m["bwt"] == pytest.approx(5.0)  # task 1 only
+    assert math.isnan(accuracy_matrix(correct, TOTAL_3)[2, 0])
+    # the others unchanged by a missing entry in a later row
+    full = compute_metrics(CORRECT_3, TOTAL_3)
+    assert m["acc_after_task"][:2] == full["acc_after_task"][:2]
+    only_new = compute_metrics([[90], [None, 70]], [100, 100])
+    assert only_new["forgetting"] is None and only_new["bwt"] is None and only_new["acc"] == 70.0

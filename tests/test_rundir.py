@@ -19,6 +19,7 @@ from sdlora.rundir import (
     CONFIG_HEADER,
     LOCK_FILE,
     RunError,
+    committed_checkpoint,
     config_changes,
     latest_checkpoint,
     load_checkpoint,
@@ -83,6 +84,20 @@ def test_checkpoints_commit_and_detect_damage(tmp_path):
     ck.write_text("{")
     with pytest.raises(RunError, match="corrupt checkpoint"):
         load_checkpoint(ck)
+
+
+def test_committed_checkpoint_is_the_one_results_json_describes(tmp_path):
+    """A checkpoint newer than the record (a ``sdlora learn`` killed before its commit) is not loaded."""
+    assert committed_checkpoint(tmp_path) is None
+    for task in range(3):
+        save_checkpoint(tmp_path, task, _Tiny(float(task)), {}, keep=None)
+    assert committed_checkpoint(tmp_path).name == "task_002.json"  # no record: the newest
+    atomic_write_json(tmp_path / "results.json", {"completed_tasks": 2})
+    assert committed_checkpoint(tmp_path).name == "task_001.json"
+    atomic_write_json(tmp_path / "results.json", {"completed_tasks": 3})
+    assert committed_checkpoint(tmp_path) == latest_checkpoint(tmp_path)
+    atomic_write_json(tmp_path / "results.json", {"completed_tasks": 0})
+    assert committed_checkpoint(tmp_path) is None
 
 
 def test_rng_state_roundtrip():

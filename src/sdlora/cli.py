@@ -1,4 +1,5 @@
-"""Command-line interface: ``sdlora run | demo | compare | check-data | export | report | diagnose | list``.
+"""Command-line interface: ``sdlora run | demo | compare | check-data | export | predict | learn | report | diagnose |
+list``.
 
 Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, data, run directory). The reason goes to
 stderr in one line (``sdlora: error: ...``), also when it happened in a DataLoader worker process.
@@ -135,145 +136,71 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0 if check.ok else 2
 
 
-def load_hint(rebuild: dict[str, Any], weights: str) -> str:
-    """One line of Python (after ``import timm, safetensors.torch``) that builds the bare architecture described by
-    ``rebuild`` (``Backbone.rebuild``) and loads the exported weights into it."""
-    args = ", ".join(f"{k}={v!r}" for k, v in rebuild["kwargs"].items())  # Python literals (JSON's true is not)
-    if "timm_class" in rebuild:
-        build = f"{rebuild['timm_class']}({args})"
-    else:
-        build = f"timm.create_model({rebuild['timm_model']!r}, pretrained=False{', ' + args if args else ''})"
-    return f"{build}.load_state_dict(safetensors.torch.load_file({weights!r}))"
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from .backbones.hf import HFFeatureExtractor
-    from .configtools import ConfigError
-    from .rundir import build_method_from_run
+    from .export import export_merged, export_peft
 
-    method, cfg, record = build_method_from_run(args.run_dir)
-    plain = method.export_backbone()
-    is_hf = isinstance(plain, HFFeatureExtractor)
-    fmt = args.format if args.format != "auto" else ("hf" if is_hf else "safetensors")
-    if fmt == "hf" and not is_hf:
-        raise ConfigError(f"--format hf needs a Hugging Face (hf:) backbone; this run used {cfg.backbone.name!r}")
-    if fmt == "safetensors" and is_hf:
-        raise ConfigError(
-            f"the run's backbone {cfg.backbone.name!r} is a Hugging Face model: export it with --format hf "
-            "(a save_pretrained directory that AutoModel.from_pretrained loads)"
-        )
-    if fmt == "hf":
-        assert isinstance(plain, HFFeatureExtractor)
-        return _export_hf(plain, cfg, record, method.backbone_info, Path(args.out))
-    return _export_safetensors(plain, cfg, record, method.backbone_info, Path(args.out))
-
-
-def _export_safetensors(plain: Any, cfg: Any, record: dict[str, Any], info: dict[str, Any], out: Path) -> int:
-    import json
-
-    from safetensors.torch import save
-
-    from .fileio import atomic_write_bytes
-
-    state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
-    rebuild = info.get("rebuild")
-    if rebuild is None:  # a backbone that does not say how to rebuild it: its timm architecture, as timm names it
-        arch = (getattr(plain, "pretrained_cfg", None) or {}).get("architecture") or type(plain).__name__
-        rebuild = {
-            "timm_model": arch,
-            "kwargs": {"num_classes": 0, "img_size": cfg.data.image_size, **cfg.backbone.kwargs},
-        }
-    mean, std = info.get("mean", [0.0, 0.0, 0.0]), info.get("std", [1.0, 1.0, 1.0])
-    metadata = {
-        "format": "sdlora-merged-backbone/1",
-        "backbone": str(cfg.backbone.name),
-        # How to build the architecture before load_state_dict (the sdlora backbone name may be an alias).
-        "timm_architecture": str(rebuild.get("timm_model") or rebuild.get("timm_class")),
-        "timm_kwargs": json.dumps(rebuild["kwargs"]),
-        "load_with": load_hint(rebuild, "<this file>"),
-        # The input the weights expect: the run's test-time preprocessing (data/transforms.py).
-        "image_size": str(cfg.data.image_size),
-        "input_normalize": str(info.get("normalize")),
-        "input_mean": json.dumps(mean),
-        "input_std": json.dumps(std),
-        "input": (
-            f"RGB, shorter side resized to floor({cfg.data.image_size} * 256 / 224) (bicubic), center crop "
-            f"{cfg.data.image_size}, scaled to [0, 1], then (x - mean) / std with input_mean and input_std"
-        ),
-        "weights_tag": str(info.get("tag")),
-        "method": cfg.method.name,
-        "completed_tasks": str(record["task"] + 1),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, save(state, metadata=metadata))
-    print(f"wrote {out}: {len(state)} tensors of the merged backbone after task {record['task'] + 1}")
-    print(f"inputs: {cfg.data.image_size} px RGB in [0, 1], normalised with mean {mean} and std {std}")
-    print(f"load with: import timm, safetensors.torch; {load_hint(rebuild, str(out))}")
+    if args.format == "peft":
+        summary = export_peft(args.run_dir, args.out, include_base=not args.no_base)
+    else:
+        if args.no_base:
+            raise ValueError("--no-base applies to --format peft only (the merged format is the whole backbone)")
+        summary = export_merged(args.run_dir, args.out, fmt=args.format)
+    print(f"wrote {summary.path}: {summary.description}")
+    for note in summary.notes:
+        print(note)
+    print(f"load with: {summary.load_hint}")
     return 0
 
 
-#: Marker file of a directory written by ``sdlora export --format hf`` (an earlier export may be replaced).
-HF_EXPORT_MARKER = "sdlora_export.json"
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import PredictError, Predictor, collect_inputs, format_predictions, load_run, write_predictions
 
-
-def _export_hf(plain: Any, cfg: Any, record: dict[str, Any], info: dict[str, Any], out: Path) -> int:
-    """Write the merged ``transformers`` model with ``save_pretrained`` (plus its tokenizer for text) into ``out``.
-
-    The directory is written next to ``out`` and renamed into place; an existing ``out`` is replaced only when it
-    holds an earlier sdlora export (its marker file), never other files.
-    """
-    import shutil
-    import tempfile
-
-    from .configtools import ConfigError
-    from .fileio import atomic_write_json
-
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / HF_EXPORT_MARKER).is_file())):
-        raise ConfigError(
-            f"{out} exists and is not an earlier sdlora export; choose a new --out directory for the hf format"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        plain.hf.save_pretrained(str(tmp))
-        if plain.modality == "text":
-            from .backbones.hf import load_tokenizer
-
-            load_tokenizer(cfg.backbone).save_pretrained(str(tmp))
-        meta = {
-            "format": "sdlora-merged-hf/1",
-            "backbone": str(cfg.backbone.name),
-            "weights_tag": info.get("tag"),
-            "weights_sha256": info.get("weights_sha256"),
-            "model_class": type(plain.hf).__name__,
-            "modality": plain.modality,
-            "pooling": plain.pooling,
-            "max_length": cfg.data.max_length if plain.modality == "text" else None,
-            "image_size": cfg.data.image_size if plain.modality == "image" else None,
-            "method": cfg.method.name,
-            "completed_tasks": record["task"] + 1,
-        }
-        atomic_write_json(tmp / HF_EXPORT_MARKER, meta)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    pooled = (
-        "mean of last_hidden_state over the tokens attention_mask keeps"
-        if plain.pooling == "mean" and plain.modality == "text"
-        else "mean of last_hidden_state over the patch tokens"
-        if plain.pooling == "mean"
-        else "last_hidden_state[:, 0]"
+    files, problems = collect_inputs(args.inputs)
+    if problems and args.strict:
+        spec, reason = problems[0]
+        raise PredictError(f"input {spec}: {reason} (without --strict it is skipped)")
+    if not files:
+        detail = "; ".join(f"{s}: {r}" for s, r in problems)
+        raise PredictError(f"no input to classify ({detail})" if detail else "no input to classify")
+    run = load_run(args.run_dir, device=args.device)
+    log.info(
+        "%s: %s after %d task(s), %d classes, %d input(s) on %s",
+        args.run_dir,
+        run.config.method.name,
+        run.completed_tasks,
+        len(run.class_names),
+        len(files),
+        run.device,
     )
-    print(f"wrote {out}: merged {type(plain.hf).__name__} after task {record['task'] + 1} ({cfg.method.name})")
-    print(f"load with: transformers.AutoModel.from_pretrained({str(out)!r}); features = {pooled}")
+    predictor = Predictor(run, batch_size=args.batch_size, workers=args.workers)
+    preds = []
+    failures: list[tuple[str, str]] = list(problems)
+    for batch, bad in predictor.iter_batches(files, args.top_k, strict=args.strict):
+        failures.extend(bad)
+        if args.out:
+            preds.extend(batch)
+        elif batch:
+            print(format_predictions(batch), flush=True)
+    if failures:
+        shown = "\n  ".join(f"{path}: {reason}" for path, reason in failures[:20])
+        more = f"\n  ... and {len(failures) - 20} more" if len(failures) > 20 else ""
+        log.warning("skipped %d unreadable input(s):\n  %s%s", len(failures), shown, more)
+    if args.out:
+        write_predictions(preds, args.out)
+        print(f"wrote {len(preds)} prediction(s) to {args.out}")
+    n_done = len(files) - (len(failures) - len(problems))
+    if n_done == 0:
+        raise PredictError(f"none of the {len(files)} input file(s) could be read")
+    return 0
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    from .learn import learn
+    from .report import format_task_table
+
+    report = learn(args.run_dir, args.data, name=args.name, device=args.device)
+    print(format_task_table(report.results))
+    print(f"run directory: {args.run_dir}")
     return 0
 
 
@@ -309,6 +236,24 @@ def cmd_list(args: argparse.Namespace) -> int:
     )
     print("presets:   " + ", ".join(preset_names()))
     return 0
+
+
+EXPORT_EPILOG = """formats:
+  merged  the backbone with everything learned folded into its weights. Any method.
+          timm backbones: FILE.safetensors (same keys as the original backbone; the metadata names
+          the timm architecture, its arguments and the input normalisation; the printed line loads it).
+          hf: backbones: a DIRECTORY written by save_pretrained (with the tokenizer of text models)
+          that transformers.AutoModel.from_pretrained loads.
+  safetensors / hf   merged, insisting on that form (refused when the backbone is the other kind).
+  peft    DIRECTORY: a standard PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors)
+          that computes exactly what sdlora computes: after task t each adapted projection's update
+          sum_k s_k B_k A_k is one LoRA of rank sum_k r_k (lora_alpha = r, scaling 1; fused qkv with
+          zero k rows). Also classifier.safetensors (the timm classifier for num_classes = classes
+          seen, loads strictly), labels.txt (class names in logit order), base_model.safetensors
+          (the backbone before training; --no-base leaves it out), sdlora_export.json and a README
+          with the loading code (PeftModel.from_pretrained). Low-rank methods only (SD-LoRA family,
+          seq_lora, ablations, inflora). Tested with peft 0.21.2.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,17 +305,60 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="every file of the dataset, not only the per-class subsets")
     sp.set_defaults(fn=cmd_check_data)
 
-    sp = sub.add_parser("export", help="write the merged backbone of a run (safetensors, or a transformers directory)")
+    sp = sub.add_parser(
+        "export",
+        help="write what a run learned for other tools (merged backbone, or a PEFT LoRA adapter)",
+        description="Write what a run learned (its newest committed checkpoint) for use outside sdlora.",
+        epilog=EXPORT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sp.add_argument("run_dir")
-    sp.add_argument("--out", required=True, help="FILE.safetensors, or a directory for --format hf")
+    sp.add_argument("--out", required=True, help="FILE.safetensors (merged timm backbone) or a DIRECTORY (hf, peft)")
     sp.add_argument(
         "--format",
-        choices=["auto", "safetensors", "hf"],
-        default="auto",
-        help="safetensors: timm state dict; hf: save_pretrained directory of a Hugging Face backbone (auto: hf for "
-        "hf backbones, else safetensors)",
+        choices=("merged", "safetensors", "hf", "peft"),
+        default="merged",
+        help="what to write (default merged)",
+    )
+    sp.add_argument(
+        "--no-base", action="store_true", help="peft: leave out base_model.safetensors (you have the weights)"
     )
     sp.set_defaults(fn=cmd_export)
+
+    sp = sub.add_parser(
+        "predict",
+        help="classify images with a trained run (merged model, class names from the training data)",
+        description="Classify images with what a run learned: top-k class names and scores (softmax of the logits "
+        "over the classes seen so far), the run's test transform, everything folded into the backbone.",
+    )
+    sp.add_argument("run_dir")
+    sp.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    sp.add_argument("--top-k", type=int, default=1, help="classes per input (default 1)")
+    sp.add_argument("--out", help="write FILE.csv or FILE.jsonl instead of printing")
+    sp.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default 64)")
+    sp.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    sp.add_argument("--workers", type=int, default=0, help="processes decoding images (default 0: this one)")
+    sp.add_argument("--strict", action="store_true", help="stop at the first unreadable input instead of skipping")
+    sp.set_defaults(fn=cmd_predict)
+
+    sp = sub.add_parser(
+        "learn",
+        help="teach a finished run the new classes found in a folder (one more task, no earlier training data)",
+        description="The run's model learns one more task made of the classes found in --data, with the run's "
+        "method and training settings and none of the earlier training data. The accuracy matrix gains a row and a "
+        "column (earlier test sets that are missing are reported and skipped); results, tables, plots and a new "
+        "checkpoint are written; predict and export then know the new classes. Class names the run already knows "
+        "are refused. Repeatable; an interrupted learn leaves the run as it was.",
+    )
+    sp.add_argument("run_dir", help="a finished run directory")
+    sp.add_argument(
+        "--data",
+        required=True,
+        help="the new classes: an image folder DIR/<class>/<images> or DIR/train/<class>/... + DIR/test/<class>/...",
+    )
+    sp.add_argument("--name", help="label of the new task in the run's record (default: the folder's name)")
+    sp.add_argument("--device", help="where to train (default: the run's train.device)")
+    sp.set_defaults(fn=cmd_learn)
 
     sp = sub.add_parser("report", help="table and plots for one or several run directories")
     sp.add_argument("run_dirs", nargs="+")

@@ -409,7 +409,8 @@ class RunState:
     """What the task loop carries from one task to the next; saved in every checkpoint.
 
     Attributes:
-        correct: ``correct[i][j]``: correctly classified test samples of task ``j`` after training task ``i``.
+        correct: ``correct[i][j]``: correctly classified test samples of task ``j`` after training task ``i``;
+            ``None`` for an earlier task whose test data was not available then (``sdlora learn``).
         totals: test samples of every task seen so far (the totals of earlier tasks never change).
         trainable_per_task: scalars that learned in each task (``method.parameter_counts()["trainable"]`` right
             after ``begin_task``).
@@ -420,7 +421,7 @@ class RunState:
         session_start: ``time.time()`` when this session started (not saved).
     """
 
-    correct: list[list[int]] = field(default_factory=list)
+    correct: list[list[int | None]] = field(default_factory=list)
     totals: list[int] = field(default_factory=list)
     trainable_per_task: list[int] = field(default_factory=list)
     task_log: list[dict[str, Any]] = field(default_factory=list)
@@ -457,7 +458,7 @@ class RunState:
         try:
             eng = record["engine"]
             state = cls(
-                correct=[list(map(int, row)) for row in eng["correct"]],
+                correct=[[None if v is None else int(v) for v in row] for row in eng["correct"]],
                 totals=[int(t) for t in eng["totals"]],
                 trainable_per_task=[int(n) for n in eng["trainable_per_task"]],
                 task_log=list(eng["task_log"]),
@@ -538,7 +539,15 @@ def task_data(scenario: Scenario, data: DatasetBundle, t: int) -> TaskData:
     )
 
 
-def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, num_tasks: int) -> dict[str, Any]:
+def run_task(
+    method: Method,
+    state: RunState,
+    task: TaskData,
+    rt: Runtime,
+    *,
+    num_tasks: int,
+    not_evaluated: Sequence[int] = (),
+) -> dict[str, Any]:
     """Learn one task and evaluate on every task so far; updates ``state`` in place.
 
     ``begin_task`` -> training epochs -> ``end_task`` -> ``after_task`` (optional classifier alignment) -> (under
@@ -552,6 +561,8 @@ def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, nu
         task: the task's data.
         rt: train settings, seed, device, processes.
         num_tasks: tasks planned (``TaskContext.num_tasks``; e.g. InfLoRA's threshold schedule reads it).
+        not_evaluated: earlier tasks whose test samples ``task.test`` does not hold (their test data is gone):
+            their entry in the new row is ``None`` and their recorded test totals are kept (``sdlora learn``).
 
     Returns:
         The task's log entry (also appended to ``state.task_log``): ``task``, ``classes`` ``[start, end)``,
@@ -563,6 +574,8 @@ def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, nu
     t = task.task
     if t != state.next_task:
         raise RunError(f"cannot run task {t + 1}: the run's next task is task {state.next_task + 1}")
+    if any(not 0 <= j < t for j in not_evaluated):
+        raise ValueError(f"not_evaluated must name earlier tasks (0..{t - 1}), got {sorted(not_evaluated)}")
     t0 = time.time()
     tcfg, device, info = rt.train, rt.device, rt.info
 
@@ -615,7 +628,11 @@ def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, nu
         **train_stats,
         "method_report": end_report,
     }
-    state.correct.append(correct)
+    row: list[int | None] = list(correct)
+    for j in not_evaluated:
+        row[j] = None
+        total[j] = state.totals[j]
+    state.correct.append(row)
     state.totals = total  # totals of earlier tasks do not change
     state.trainable_per_task.append(trainable)
     state.task_log.append(entry)
@@ -631,7 +648,7 @@ def run_task(method: Method, state: RunState, task: TaskData, rt: Runtime, *, nu
             task.class_end - 1,
             task.class_end,
             metrics["acc_after_task"][-1],
-            " ".join(f"{v:.1f}" for v in metrics["accuracy_matrix"][-1][: t + 1]),
+            " ".join("-" if v is None else f"{v:.1f}" for v in metrics["accuracy_matrix"][-1][: t + 1]),
             t_train,
         )
     return entry

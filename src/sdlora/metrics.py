@@ -7,6 +7,11 @@ set sizes ``total[j]``. From these:
 
 ``R[i][j] = 100 * correct[i][j] / total[j]``, the accuracy (percent) on task ``j`` after training task ``i``.
 
+An earlier task's test data may be unavailable when a later row is computed (``sdlora learn`` on a machine
+where an old test set is gone): ``correct[i][j] = None`` for ``j < i`` marks "not evaluated". Such entries are
+``None`` in the matrix and left out of the pooled accuracy, the mean task accuracy, forgetting and BWT; the
+diagonal (a task right after its own training) is always required.
+
 Everything is indexed by integer task position. The official SD-LoRA code rebuilt this matrix from string keys such
 as ``'20-29'`` sorted as strings, so with 100 classes or more ``'100-109'`` sorted before ``'20-29'`` and the
 reported forgetting mixed up tasks; storing counts by integer index makes that impossible here.
@@ -34,8 +39,10 @@ def _as_count(value: Any, where: str) -> int:
     raise ValueError(f"{where} must be an integer count, got {value!r}")
 
 
-def _validate(correct: Sequence[Sequence[Any]], total: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Check the inputs and return ``(counts, totals)`` as int64 arrays, counts of shape ``(T, T)`` (0 above diag)."""
+def _validate(correct: Sequence[Sequence[Any]], total: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Check the inputs and return ``(counts, totals, evaluated)``: int64 counts of shape ``(T, T)`` (0 above the
+    diagonal and where not evaluated), int64 totals, and the boolean mask of evaluated entries (lower triangle
+    minus the ``None`` entries below the diagonal)."""
     if isinstance(correct, np.ndarray) and correct.ndim != 2:
         raise ValueError(f"correct must be 2-D (rows = after task i), got an array of shape {correct.shape}")
     n = len(correct)
@@ -49,6 +56,7 @@ def _validate(correct: Sequence[Sequence[Any]], total: Sequence[Any]) -> tuple[n
         j = int(bad[0])
         raise ValueError(f"total[{j}] = {totals[j]}: every task needs at least one test sample")
     counts = np.zeros((n, n), dtype=np.int64)
+    evaluated = np.tril(np.ones((n, n), dtype=bool))
     for i in range(n):
         row = correct[i]
         # Entries above the diagonal (j > i) are undefined (task j not trained yet) and are ignored if present.
@@ -57,13 +65,16 @@ def _validate(correct: Sequence[Sequence[Any]], total: Sequence[Any]) -> tuple[n
                 f"correct[{i}] has {len(row)} entries; after task {i} it needs tasks 0..{i} (lower-triangular)"
             )
         for j in range(i + 1):
+            if row[j] is None and j < i:  # an earlier task whose test data was not available for this row
+                evaluated[i, j] = False
+                continue
             c = _as_count(row[j], f"correct[{i}][{j}]")
             if c < 0:
                 raise ValueError(f"correct[{i}][{j}] = {c} is negative")
             if c > totals[j]:
                 raise ValueError(f"correct[{i}][{j}] = {c} exceeds total[{j}] = {totals[j]}")
             counts[i, j] = c
-    return counts, totals
+    return counts, totals, evaluated
 
 
 def accuracy_matrix(correct: Sequence[Sequence[Any]], total: Sequence[Any]) -> np.ndarray:
@@ -81,12 +92,13 @@ def accuracy_matrix(correct: Sequence[Sequence[Any]], total: Sequence[Any]) -> n
         for ``j <= i`` and NaN above the diagonal.
 
     Raises:
-        ValueError: If a row is shorter than ``i + 1``, a count is not an integer, negative or larger than its
-            total, a total is not positive, ``total`` is shorter than ``correct``, or ``correct`` is empty.
+        ValueError: If a row is shorter than ``i + 1``, a count is not an integer (``None`` is allowed below the
+            diagonal: not evaluated, NaN here), negative or larger than its total, a total is not positive,
+            ``total`` is shorter than ``correct``, or ``correct`` is empty.
     """
-    counts, totals = _validate(correct, total)
+    counts, totals, evaluated = _validate(correct, total)
     acc: np.ndarray = 100.0 * counts / totals[None, :]
-    acc[np.triu_indices(len(totals), k=1)] = np.nan
+    acc[~evaluated] = np.nan
     return acc
 
 
@@ -117,35 +129,38 @@ def compute_metrics(correct: Sequence[Sequence[Any]], total: Sequence[Any]) -> d
         total: Test samples per task (at least ``T`` entries).
 
     Returns:
-        A JSON-able dict with keys ``accuracy_matrix`` (list of lists, ``None`` above the diagonal),
+        A JSON-able dict with keys ``accuracy_matrix`` (list of lists, ``None`` above the diagonal and where not
+        evaluated),
         ``acc_after_task``, ``acc``, ``aaa``, ``mean_task_acc``, ``forgetting``, ``bwt`` and
         ``test_samples_per_task``. All numbers are plain Python floats/ints, accuracies in percent.
 
     Raises:
         ValueError: For invalid inputs (see :func:`accuracy_matrix`).
     """
-    counts, totals = _validate(correct, total)
+    counts, totals, evaluated = _validate(correct, total)
     n = len(totals)
-    R = 100.0 * counts / totals[None, :]  # (T, T); entries above the diagonal are 0 and never read below
-    lower = np.tril(np.ones((n, n), dtype=bool))
+    R = 100.0 * counts / totals[None, :]  # (T, T); entries not evaluated are 0 and never read below
 
-    # Pooled over the samples of all seen tasks: row sums over j <= i of counts, over cumulative sums of totals.
-    acc_after_task = 100.0 * counts.sum(axis=1) / np.cumsum(totals)
+    # Pooled over the samples of all seen (and evaluated) tasks: row sums of counts over the matching totals.
+    acc_after_task = 100.0 * counts.sum(axis=1) / (evaluated * totals[None, :]).sum(axis=1)
     last = R[n - 1]
+    last_ok = evaluated[n - 1]
+    forgetting: float | None = None
+    bwt: float | None = None
     if n > 1:
-        # best[j] = max over rows j..T-2 of column j; rows above j are masked out (task j not learned yet).
-        best = np.where(lower[: n - 1, : n - 1], R[: n - 1, : n - 1], -np.inf).max(axis=0)
-        forgetting: float | None = float(np.mean(best - last[: n - 1]))
-        bwt: float | None = float(np.mean(last[: n - 1] - np.diag(R)[: n - 1]))
-    else:
-        forgetting = bwt = None
+        # best[j] = max over rows j..T-2 of column j; rows above j (task j not learned yet) and entries not
+        # evaluated are masked out. Old tasks not evaluated in the last row have no forgetting to report.
+        best = np.where(evaluated[: n - 1, : n - 1], R[: n - 1, : n - 1], -np.inf).max(axis=0)
+        old = last_ok[: n - 1]
+        forgetting = float(np.mean((best - last[: n - 1])[old])) if old.any() else None
+        bwt = float(np.mean((last[: n - 1] - np.diag(R)[: n - 1])[old])) if old.any() else None
 
     return {
-        "accuracy_matrix": [[float(R[i, j]) if j <= i else None for j in range(n)] for i in range(n)],
+        "accuracy_matrix": [[float(R[i, j]) if evaluated[i, j] else None for j in range(n)] for i in range(n)],
         "acc_after_task": [float(a) for a in acc_after_task],
         "acc": float(acc_after_task[-1]),
         "aaa": float(acc_after_task.mean()),
-        "mean_task_acc": float(last.mean()),
+        "mean_task_acc": float(last[last_ok].mean()),
         "forgetting": forgetting,
         "bwt": bwt,
         "test_samples_per_task": [int(t) for t in totals],

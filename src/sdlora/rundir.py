@@ -52,6 +52,7 @@ __all__ = [
     "RESUME_FREE_KEYS",
     "RunError",
     "build_method_from_run",
+    "committed_checkpoint",
     "config_changes",
     "ensure_run_dir",
     "latest_checkpoint",
@@ -515,6 +516,30 @@ def _schema_problem(record: Any, path: Path) -> str | None:
     return None
 
 
+def committed_checkpoint(out: Path) -> Path | None:
+    """The checkpoint that ``results.json`` describes: the newest one whose task the record counts as completed.
+
+    ``sdlora learn`` writes its checkpoint before ``results.json`` (the commit point of a learn); a learn killed in
+    between leaves a checkpoint of a task the record does not have, which must not be loaded (its classes have no
+    names, its row no place in the matrix). The engine writes ``results.json`` before each checkpoint, so for a
+    run it made this is :func:`latest_checkpoint`. Without a readable ``results.json`` it is the newest checkpoint.
+    """
+    done = sorted((out / "checkpoints").glob("task_*.json")) if (out / "checkpoints").exists() else []
+    try:
+        completed = int(read_json(out / RESULTS_FILE)["completed_tasks"])
+    except Exception:  # no or unreadable record: nothing to check against
+        return done[-1] if done else None
+    committed = [p for p in done if _checkpoint_task(p) < completed]
+    return committed[-1] if committed else None
+
+
+def _checkpoint_task(path: Path) -> int:
+    try:
+        return int(path.stem.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read and verify a checkpoint: ``(tensors, record)`` with the record as :func:`save_checkpoint` wrote it.
 
@@ -545,7 +570,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------- rebuild a method
 def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Method, RunConfig, dict[str, Any]]:
-    """Rebuild a run's method from its ``config.yaml`` and newest checkpoint (for export, inspection, prediction).
+    """Rebuild a run's method from its ``config.yaml`` and newest committed checkpoint (:func:`committed_checkpoint`;
+    for export, inspection, prediction).
 
     Returns:
         ``(method, cfg, record)``: the method with the checkpoint's state on ``device``, the run's config and the
@@ -562,7 +588,7 @@ def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tu
     if not (out / "config.yaml").exists():
         raise RunError(f"{out} is not a run directory (no config.yaml)")
     cfg, _ = load_config(str(out / "config.yaml"))
-    ck = latest_checkpoint(out)
+    ck = committed_checkpoint(out)
     if ck is None:
         raise RunError(f"{out} has no checkpoint yet (checkpoints/task_*.json); finish a task first")
     tensors, record = load_checkpoint(ck)

@@ -114,6 +114,43 @@ def test_merge_equals_unmerged_and_unmerge_restores(x, n_tasks, protocol):
         assert torch.equal(model(x), ref)
 
 
+@pytest.mark.parametrize("end_last", [True, False])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AdapterConfig(rank_schedule=[3, 2], kd=True, kd_tau=1.0),
+        AdapterConfig(rank=2, protocol="paper", per_layer_magnitudes=True),
+    ],
+)
+def test_lora_factors_are_the_update_and_unload_gives_w0(x, cfg, end_last):
+    """One plain LoRA per layer (B @ A) is the layer's whole update, KD increments and the current component
+    included; ``unload`` returns the backbone before injection, also while merged."""
+    model = make(cfg)
+    w0 = {n: layer.base.weight.detach().clone() for n, layer in zip(model._layer_names, model.layers())}
+    run_tasks(model, 3, end_last=end_last)
+    if cfg.kd:
+        assert any(u.extra.abs().sum() > 0 for _, u in model.named_units())  # kd_tau 1 absorbs every later direction
+    alphas = model.alphas().detach()
+    factors = model.lora_factors()
+    assert list(factors) == model._layer_names
+    for name, layer in zip(model._layer_names, model.layers()):
+        a, b = factors[name]
+        ranks = [st[0].shape[0] for st in (u.stacked(alphas, *layer._scale_args()) for u in layer.units) if st]
+        assert a.shape == (sum(ranks), layer.in_features) and b.shape == (layer.out_features, sum(ranks))
+        torch.testing.assert_close(b @ a, layer.delta_weight(alphas), atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        ref = model(x)
+        model.merge()
+        plain = model.unload()
+    assert not any(type(m).__name__ == "SDLoRALinear" for m in plain.modules())
+    for name in model._layer_names:
+        assert torch.equal(plain.get_submodule(name).weight, w0[name])
+    with torch.no_grad():  # W0 + B @ A in the plain copy gives the adapted function
+        for name, (a, b) in factors.items():
+            plain.get_submodule(name).weight.add_(b @ a)
+        torch.testing.assert_close(plain(x), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_merged_weights_load_into_fresh_timm_model(x):
     model = SDLoRAModel(
         timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, patch_size=8, depth=2),

@@ -743,6 +743,27 @@ class SDLoRALinear(nn.Module):
         return y
 
     # ------------------------------------------------------------------------------------------- merge
+    def lora_factors(self, alphas: Tensor) -> tuple[Tensor, Tensor] | None:
+        """This layer's whole update as one plain LoRA: ``(A (R, in), B (out, R))`` with ``W - W0 = B @ A``.
+
+        Each unit's ``stacked`` factors and per-rank scales (frozen and current components, KD increments
+        included) are laid side by side: ``A = [A_u1; A_u2; ...]`` and B holds ``B_u * s_u`` in the unit's output
+        rows and zeros elsewhere (e.g. the k rows of a fused qkv), so R is the sum of the units' ranks. ``None``
+        when no unit has a component yet.
+        """
+        stacks = [(u, u.stacked(alphas, *self._scale_args())) for u in self.units]
+        parts = [(u, st) for u, st in stacks if st is not None]
+        if not parts:
+            return None
+        a_all = torch.cat([a for _, (a, _, _) in parts], 0).detach()
+        b_all = a_all.new_zeros(self.out_features, a_all.shape[0])
+        offset = 0
+        for u, (a, b, s) in parts:
+            r = a.shape[0]
+            b_all[u.start : u.stop, offset : offset + r] = b.detach() * s.detach().to(b.dtype)
+            offset += r
+        return a_all, b_all
+
     def delta_weight(self, alphas: Tensor) -> Tensor:
         """Dense update ``W - W0`` (paper Eq. 4 summed over components), shape (out_features, in_features)."""
         dw = torch.zeros_like(self.base.weight)

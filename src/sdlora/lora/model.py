@@ -394,18 +394,45 @@ class SDLoRAModel(nn.Module):
         its ``state_dict()`` keys are those of the original backbone (e.g. loadable by
         ``timm.create_model(name, pretrained=False)``)."""
         alphas = self.alphas().detach()
-        deltas = {n: layer.delta_weight(alphas) for n, layer in zip(self._layer_names, self.layers())}
+        return self._plain_copy({n: layer.delta_weight(alphas) for n, layer in zip(self._layer_names, self.layers())})
+
+    @torch.no_grad()
+    def unload(self) -> nn.Module:
+        """A copy of the backbone as it was before injection (plain ``nn.Linear`` layers holding W0): the base
+        model that :meth:`lora_factors` applies to. This object is left unchanged."""
+        return self._plain_copy({})
+
+    def _plain_copy(self, deltas: dict[str, Tensor]) -> nn.Module:
         plain = copy.deepcopy(self.backbone)
-        for name, delta in deltas.items():
+        for name in self._layer_names:
             wrapped = plain.get_submodule(name)
             assert isinstance(wrapped, SDLoRALinear)
             base = wrapped.base
             if wrapped.merged:  # the copy carries W0 in _w0
                 assert wrapped._w0 is not None
                 base.weight.copy_(wrapped._w0)
-            base.weight.add_(delta.to(base.weight))
+            if name in deltas:
+                base.weight.add_(deltas[name].to(base.weight))
             replace_submodule(plain, name, base)
         return plain
+
+    @torch.no_grad()
+    def lora_factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The adapter's function as one plain LoRA per adapted layer: ``{layer name: (A, B)}`` with
+        ``W = W0 + B @ A`` (``SDLoRALinear.lora_factors``), over the backbone returned by :meth:`unload`.
+
+        After task t each layer's update is ``sum_k s_k B_k A_k``, the scales s_k being those the forward uses
+        (magnitude, KD increment and normaliser of every component; the current one's as it is now), so
+        ``B = [s_1 B_1 ... s_t B_t]`` and ``A = [A_1; ...; A_t]`` have rank ``sum_k r_k``. Layers without any
+        component are left out. Tensors are detached copies on the adapter's device.
+        """
+        alphas = self.alphas().detach()
+        out: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, layer in zip(self._layer_names, self.layers()):
+            factors = layer.lora_factors(alphas)
+            if factors is not None:
+                out[name] = factors
+        return out
 
     # ------------------------------------------------------------------------------------ adapter state
     def adapter_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

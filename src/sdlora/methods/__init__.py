@@ -8,6 +8,15 @@ from . import (
     ranpac,  # noqa: F401  (registers ranpac)
     sdlora,  # noqa: F401  (registers sdlora, sdlora_rr, sdlora_kd)
 )
-from .base import METHODS, Method, NoOptions, TaskContext, create_method, parse_options, register_method
+from .base import METHODS, LowRankUpdate, Method, NoOptions, TaskContext, create_method, parse_options, register_method
 
-__all__ = ["METHODS", "Method", "NoOptions", "TaskContext", "create_method", "parse_options", "register_method"]
+__all__ = [
+    "METHODS",
+    "LowRankUpdate",
+    "Method",
+    "NoOptions",
+    "TaskContext",
+    "create_method",
+    "parse_options",
+    "register_method",
+]

@@ -21,7 +21,16 @@ from ..configtools import ConfigError, from_dict
 from ..data import Batch
 from ..heads import IncrementalLinear
 
-__all__ = ["METHODS", "Method", "NoOptions", "TaskContext", "create_method", "parse_options", "register_method"]
+__all__ = [
+    "METHODS",
+    "LowRankUpdate",
+    "Method",
+    "NoOptions",
+    "TaskContext",
+    "create_method",
+    "parse_options",
+    "register_method",
+]
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -102,6 +111,20 @@ class TaskContext:
     @property
     def num_new(self) -> int:
         return self.class_end - self.class_start
+
+
+@dataclass
+class LowRankUpdate:
+    """What a LoRA-style method learned in the backbone, as plain LoRA factors (for export to PEFT).
+
+    Attributes:
+        base: a copy of the backbone before anything was learned (plain modules, pretrained weights W0).
+        factors: ``{module name in base: (A (r, d_in), B (d_out, r))}``; the learned model is ``base`` with every
+            named ``nn.Linear`` weight replaced by ``W0 + B @ A`` (modules not named are unchanged).
+    """
+
+    base: nn.Module
+    factors: dict[str, tuple[Tensor, Tensor]]
 
 
 class Method(nn.Module):
@@ -202,6 +225,32 @@ class Method(nn.Module):
     def export_backbone(self) -> nn.Module:
         """A plain backbone (same class as the original) with everything learned folded in."""
         return self.model
+
+    def low_rank_update(self) -> LowRankUpdate | None:
+        """The learned backbone update as plain LoRA factors over the untouched backbone, exactly the function
+        ``features`` computes; ``None`` (the default) when the method's update is not low-rank or it keeps the
+        backbone unchanged. Used by ``sdlora export --format peft``."""
+        return None
+
+    def classifier(self) -> tuple[Tensor, Tensor] | None:
+        """``(weight (classes, features), bias (classes,))`` such that ``forward(x) == features(x) @ weight.T +
+        bias``, rows in label-position order; ``None`` when the method's logits are not a linear map of the
+        features."""
+        if not self.head.num_blocks:
+            return None
+        w = torch.cat([w.detach() for w in self.head.weights], 0)
+        b = torch.cat([b.detach() for b in self.head.biases], 0)
+        return w, b
+
+    @torch.no_grad()
+    def merge_for_inference(self) -> None:
+        """Fold what was learned into the backbone so that ``forward`` costs what the bare backbone costs. After
+        this the method is for inference only (its state may no longer be saved or trained). The default swaps
+        in ``export_backbone()``; methods whose ``export_backbone`` is their model already change nothing."""
+        plain = self.export_backbone()
+        if plain is not self.model:
+            self.model = plain
+        self.eval()
 
     # ---------------------------------------------------------------------------------------- accounting
     def parameter_counts(self) -> dict[str, int]:

@@ -54,7 +54,7 @@ from ..backbones import Backbone
 from ..config import MethodConfig
 from ..lora.layer import add_rows
 from ..lora.surgery import qkv_slices, replace_submodule
-from .base import Method, TaskContext, register_method
+from .base import LowRankUpdate, Method, TaskContext, register_method
 
 __all__ = ["InfLoRA", "InfLoRALinear", "InfLoRAOptions", "down_projection", "gpm_update", "project_out"]
 
@@ -244,6 +244,17 @@ class InfLoRALinear(nn.Module):
             y = add_rows(y, start, stop, F.linear(z, b.to(z.dtype)))
         return y
 
+    def lora_factors(self) -> tuple[Tensor, Tensor] | None:
+        """Every task's update as one plain LoRA ``(A (R', d_in), B (d_out, R'))``, ``W - W0 = B @ A``: the shared
+        A and each slice's B in its output rows (zeros elsewhere). ``None`` before any rank was added."""
+        a = torch.cat([self.A_frozen, self.A_cur], 0) if self.in_task else self.A_frozen
+        if a.shape[0] == 0:
+            return None
+        b_all = a.new_zeros(self.base.out_features, a.shape[0]).detach()
+        for name, start, stop in self.slices:
+            b_all[start:stop] = self.factors(name)[1].detach()
+        return a.detach().clone(), b_all
+
     def delta_weight(self) -> Tensor:
         """Dense ``W - W0`` (every task's ``B_t A_t`` on its slices)."""
         dw = torch.zeros_like(self.base.weight)
@@ -372,15 +383,28 @@ class InfLoRA(Method):
         }
 
     def export_backbone(self) -> nn.Module:
+        return self._plain_copy(fold=True)
+
+    def _plain_copy(self, fold: bool) -> nn.Module:
+        """A copy of the backbone with plain ``nn.Linear`` layers holding ``W0`` (+ the learned update if ``fold``)."""
         plain = copy.deepcopy(self.model)
         with torch.no_grad():
             for name, layer in zip(self._layer_names, self.layers()):
                 copied = plain.get_submodule(name)
                 assert isinstance(copied, InfLoRALinear)
                 base = copied.base
-                base.weight.add_(layer.delta_weight().to(base.weight))
+                if fold:
+                    base.weight.add_(layer.delta_weight().to(base.weight))
                 replace_submodule(plain, name, base)
         return plain
+
+    def low_rank_update(self) -> LowRankUpdate:
+        factors = {}
+        for name, layer in zip(self._layer_names, self.layers()):
+            f = layer.lora_factors()
+            if f is not None:
+                factors[name] = f
+        return LowRankUpdate(base=self._plain_copy(fold=False), factors=factors)
 
     def parameter_counts(self) -> dict[str, int]:
         """``stored`` counts the head, every task's A and B and the input-subspace memory (which InfLoRA keeps

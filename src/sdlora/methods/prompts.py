@@ -98,6 +98,11 @@ class PromptMethod(Method):
             "keys and head"
         )
 
+    @torch.no_grad()
+    def merge_for_inference(self) -> None:
+        """Nothing to fold: the prompts are chosen per input (the query pass), so inference keeps both passes."""
+        self.eval()
+
     def prompted_blocks(self) -> list[PrefixAttention]:
         return list(self._wrappers)
 

@@ -220,6 +220,10 @@ class RanPAC(Method):
         with torch.autocast(device_type=f.device.type, enabled=False):
             return self.project(f) @ self.weight.t()
 
+    def classifier(self) -> tuple[Tensor, Tensor] | None:
+        """None: the logits are linear in the random features ``ReLU(f W)``, not in the backbone's features."""
+        return None
+
     # ------------------------------------------------------------------------------------- lifecycle
     def begin_task(self, ctx: TaskContext) -> None:
         if self.weight.shape[0] != ctx.class_start:

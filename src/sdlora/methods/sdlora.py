@@ -12,7 +12,7 @@ from ..alignment import AlignConfig
 from ..backbones import Backbone
 from ..config import MethodConfig
 from ..lora import RR_SCHEDULE, AdapterConfig, SDLoRAModel
-from .base import Method, TaskContext, register_method
+from .base import LowRankUpdate, Method, TaskContext, register_method
 
 __all__ = ["SDLoRA", "SDLoRACA", "SDLoRAKD", "SDLoRARR"]
 
@@ -53,6 +53,16 @@ class SDLoRA(Method):
 
     def export_backbone(self) -> nn.Module:
         return self.adapter.merge_and_unload()
+
+    def low_rank_update(self) -> LowRankUpdate:
+        return LowRankUpdate(base=self.adapter.unload(), factors=self.adapter.lora_factors())
+
+    @torch.no_grad()
+    def merge_for_inference(self) -> None:
+        """Fold every component into the wrapped weights in place (``SDLoRAModel.merge``): no copy of the
+        backbone, and each adapted layer then costs what the bare layer costs."""
+        self.adapter.merge()
+        self.eval()
 
     def parameter_counts(self) -> dict[str, int]:
         counts = super().parameter_counts()

@@ -1,0 +1,379 @@
+"""Teach a finished run new classes: ``sdlora learn RUN_DIR --data NEW_ROOT [--name LABEL]``.
+
+The run's model learns one more task made of the classes found in ``NEW_ROOT``, with the run's method and
+training settings and none of the earlier training data (rehearsal-free: only what the method itself keeps).
+It is the engine's next task (:func:`sdlora.engine.run_task`) on a finished run: the model, the run state and the
+global RNG come from the run's last checkpoint, so learning a folder of classes gives what the engine would have
+given had those classes been the scenario's next task.
+
+Data. ``NEW_ROOT`` belongs to the run's dataset family: for image runs an image folder, either pre-split
+(``NEW_ROOT/train/<class>/...`` and ``NEW_ROOT/test/<class>/...``) or one tree ``NEW_ROOT/<class>/...`` split per
+class with the run's ``data.test_fraction`` and seed. Every image is used (the run's ``train_per_class`` and
+``test_per_class`` caps are not applied), with the run's image size, augmentation and normalisation. A class name
+the run already knows (compared case-insensitively) is refused: this is class-incremental learning, not
+fine-tuning.
+
+Evaluation. The new row of the accuracy matrix covers the new task and every earlier one: the run's own test
+split (rebuilt from its config and checked against the ``data_identity`` digest the run recorded) and the test
+split of each earlier learned folder (recorded in ``results.json`` under ``learned_tasks`` with its path and
+digest). A test set that is missing or has changed is reported and skipped (``None`` in the matrix, left out of
+the pooled metrics), never fatal.
+
+Commit. Training and evaluation happen in memory. Then the new checkpoint is written (atomically), then
+``results.json`` (atomically: the commit point), then the tables and plots. A learn that fails or is killed
+before the commit leaves ``results.json`` as it was; a checkpoint it may have written is newer than the
+run's record, is ignored by everything that loads the run (:func:`sdlora.rundir.committed_checkpoint`) and is
+replaced when ``learn`` is run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from . import __version__
+from .backbones import create_backbone
+from .config import RunConfig, load_config
+from .data import DataConfig, DatasetBundle, build_dataset
+from .engine import DistInfo, RunState, Runtime, TaskData, run_task, select_device
+from .fileio import atomic_write_json
+from .methods import Method, create_method
+from .predict import check_device, run_class_names
+from .report import on_run_event
+from .results import RESULTS_FILE, RunEvent, load_results, parse_results
+from .rundir import (
+    RunError,
+    committed_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    seed_everything,
+)
+
+__all__ = ["LearnError", "LearnReport", "learn"]
+
+log = logging.getLogger(__name__)
+_pkg_log = logging.getLogger("sdlora")
+
+
+class LearnError(ValueError):
+    """The run cannot learn these classes (unfinished run, known class names, unusable data folder)."""
+
+
+@dataclass
+class LearnReport:
+    """What :func:`learn` did: the new task (0-based), its label and classes, the skipped earlier test sets
+    (``(task, reason)``) and the run's new record."""
+
+    task: int
+    name: str
+    class_names: list[str]
+    skipped: list[tuple[int, str]]
+    results: dict[str, Any]
+
+
+class _Positions(Dataset):
+    """``(x, position)`` samples: a dataset's labels mapped to class positions through ``mapping``."""
+
+    def __init__(self, dataset: Dataset, labels: np.ndarray, mapping: dict[int, int]) -> None:
+        self.dataset = dataset
+        self.indices = np.flatnonzero(np.isin(labels, list(mapping)))
+        self.mapping = mapping
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = self.dataset[int(self.indices[i])]
+        return x, self.mapping[int(y)]
+
+
+def _with_eval_transform(data: DatasetBundle) -> Dataset:
+    import copy
+
+    train_eval = copy.copy(data.train)
+    if hasattr(train_eval, "transform") and hasattr(data.test, "transform"):
+        train_eval.transform = data.test.transform  # statistics use evaluation transforms
+    return train_eval
+
+
+def _folder_config(cfg: RunConfig, root: Path, fmt: str | None = None) -> DataConfig:
+    """An image-folder data config for ``root`` with the run's image settings and no per-class caps."""
+    return DataConfig(
+        name="imagefolder",
+        root=str(root),
+        format=fmt,
+        image_size=cfg.data.image_size,
+        test_fraction=cfg.data.test_fraction,
+        augment=cfg.data.augment,
+        download=False,
+        num_workers=cfg.data.num_workers,
+    )
+
+
+def _load_new_data(cfg: RunConfig, root: Path, shown: str, mean: Any, std: Any) -> DatasetBundle:
+    if not root.is_dir():
+        raise LearnError(
+            f"--data {shown}: not a folder (expected {shown}/<class>/<images>, or train/ and test/ inside it)"
+        )
+    try:
+        data = build_dataset(_folder_config(cfg, root), mean=mean, std=std, seed=cfg.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise LearnError(f"--data {shown}: {e}") from None
+    counts_train = np.bincount(data.train_targets, minlength=data.num_classes)
+    counts_test = np.bincount(data.test_targets, minlength=data.num_classes)
+    empty = [data.class_names[c] for c in range(data.num_classes) if counts_test[c] == 0 or counts_train[c] == 0]
+    if empty:
+        raise LearnError(
+            f"--data {shown}: classes {empty} need at least one training and one test image (a single tree is split "
+            f"with test_fraction={cfg.data.test_fraction}; a class needs two images there)"
+        )
+    return data
+
+
+def _check_new_names(known: list[str], new: list[str], root: str) -> None:
+    seen = {n.strip().casefold(): n for n in known}
+    clash = [
+        repr(n) if seen[n.strip().casefold()] == n else f"{n!r} (known as {seen[n.strip().casefold()]!r})"
+        for n in new
+        if n.strip().casefold() in seen
+    ]
+    if clash:
+        raise LearnError(
+            f"--data {root}: the run already knows the class(es) {', '.join(clash)}; sdlora learn adds new classes "
+            "(class-incremental), it does not fine-tune known ones. Remove or rename those folders."
+        )
+
+
+@dataclass
+class _Source:
+    """Where the test data of some earlier tasks comes from: the run's own dataset or one learned folder."""
+
+    what: str  # for messages
+    data: DataConfig
+    identity: dict[str, Any]
+    tasks: list[int]
+    positions: dict[int, int]  # label in that dataset -> class position in the run
+
+
+def _earlier_sources(cfg: RunConfig, results: dict[str, Any]) -> list[_Source]:
+    """The sources of every earlier task's test data, with the class positions of their labels."""
+    learned = {int(r["task"]): r for r in results.get("learned_tasks") or []}
+    base = _Source(f"the run's {cfg.data.name} test split", cfg.data, results.get("data_identity") or {}, [], {})
+    folders: list[_Source] = []
+    pos = 0
+    for t, ids in enumerate(results["tasks"]):
+        rec = learned.get(t)
+        if rec is None:
+            src, labels = base, [int(c) for c in ids]
+        else:
+            root = Path(rec["root"])
+            src = _Source(
+                f"the test split of learned task {t + 1} ({root})",
+                _folder_config(cfg, root, rec.get("format")),
+                rec.get("identity") or {},
+                [],
+                {},
+            )
+            folders.append(src)
+            labels = list(range(len(ids)))  # a learned folder labels its classes 0.. in name order
+        src.tasks.append(t)
+        for label in labels:
+            src.positions[label] = pos
+            pos += 1
+    return ([base] if base.tasks else []) + folders
+
+
+def _earlier_tests(
+    cfg: RunConfig, sources: list[_Source], mean: Any, std: Any
+) -> tuple[list[Dataset], list[tuple[int, str]]]:
+    """Rebuild each source's test split and check it against the digest the run recorded.
+
+    Returns:
+        ``(datasets, skipped)``: ``(x, position)`` test datasets, and ``(task, reason)`` for every earlier task
+        whose test data is missing, unreadable or changed (reported and left out, never fatal).
+    """
+    datasets: list[Dataset] = []
+    skipped: list[tuple[int, str]] = []
+    for src in sources:
+        try:
+            data = build_dataset(src.data, mean=mean, std=std, seed=cfg.seed)
+        except Exception as e:  # missing or unreadable data: reported, not fatal
+            skipped.extend((t, f"{src.what} is not available ({e})") for t in src.tasks)
+            continue
+        want = src.identity.get("test_sha256")
+        if want and data.identity.get("test_sha256") != want:
+            reason = f"{src.what} has changed since the run recorded it (its file list sha256 differs)"
+            skipped.extend((t, reason) for t in src.tasks)
+            continue
+        datasets.append(_Positions(data.test, data.test_targets, src.positions))
+    return datasets, skipped
+
+
+def learn(
+    run_dir: str | os.PathLike,
+    data_root: str | os.PathLike,
+    *,
+    name: str | None = None,
+    device: str | None = None,
+) -> LearnReport:
+    """Teach the run in ``run_dir`` the classes found in ``data_root`` as one more task (module docstring).
+
+    Args:
+        run_dir: a finished run directory.
+        data_root: the new classes (an image folder for image runs).
+        name: a label for the new task (default: the folder's name).
+        device: where to train (default: the run's ``train.device``).
+
+    Returns:
+        The :class:`LearnReport`.
+
+    Raises:
+        LearnError: the run is not finished, a class name is already known, or the folder is unusable.
+        RunError: not a run directory, no or a damaged checkpoint, or training diverged.
+    """
+    t_start = time.time()
+    if device is not None:
+        check_device(device)
+    out = Path(run_dir)
+    root = Path(data_root).expanduser().resolve()
+    if not (out / "config.yaml").exists():
+        raise RunError(f"{out} is not a run directory (no config.yaml)")
+    results = load_results(out)
+    if results.get("status") != "finished":
+        raise LearnError(
+            f"{out} holds an unfinished run ({results['completed_tasks']} of {results['num_tasks']} tasks); finish it "
+            "first (sdlora run CONFIG --out RUN_DIR --resume), then learn new classes"
+        )
+    cfg, _ = load_config(str(out / "config.yaml"))
+    ck = committed_checkpoint(out)
+    if ck is None:
+        raise RunError(f"{out} has no checkpoint (train.checkpoint was off?): nothing to continue from")
+    tensors, record = load_checkpoint(ck)
+    task = int(record["task"]) + 1
+    if task != int(results["completed_tasks"]):
+        raise RunError(
+            f"{out}: the newest checkpoint is after task {task} but results.json records "
+            f"{results['completed_tasks']} tasks; the run directory is inconsistent"
+        )
+    mean, std = results["backbone"]["mean"], results["backbone"]["std"]
+    new = _load_new_data(cfg, root, str(data_root), mean, std)
+    seen = sum(len(t) for t in results["tasks"])
+    known = run_class_names(out, cfg, seen)
+    _check_new_names(known, new.class_names, str(data_root))
+    label = name or root.name
+
+    file_handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    _pkg_log.addHandler(file_handler)
+    try:
+        tcfg = cfg.train
+        if tcfg.threads is not None:
+            torch.set_num_threads(tcfg.threads)
+        dev = select_device(device or tcfg.device, DistInfo())
+        log.info(
+            "learn %r: %d new classes (%s) from %s, %d train / %d test images, as task %d of run %s on %s",
+            label,
+            new.num_classes,
+            ", ".join(new.class_names),
+            data_root,
+            len(new.train_targets),
+            len(new.test_targets),
+            task + 1,
+            out,
+            dev,
+        )
+        # The run's method as after its last task, and the global RNG as the engine would continue with it.
+        seed_everything(cfg.seed)
+        backbone = create_backbone(cfg.backbone, cfg.data.image_size)
+        method: Method = create_method(cfg.method, backbone).to(dev)
+        method.load_state(tensors, record["method"])
+        method.to(dev)
+        restore_rng_state(tensors, record["rng"])
+        state = RunState.from_checkpoint(record, session_start=t_start)
+
+        # Class ids: learned classes continue the run's id space, after every id used so far (the run's dataset
+        # ids 0..K-1 and earlier learned ones), so an id never names two classes.
+        next_id = max(int(c) for c in results["class_order"]) + 1
+        new_ids = list(range(next_id, next_id + new.num_classes))
+        earlier, skipped_at = _earlier_tests(cfg, _earlier_sources(cfg, results), mean, std)
+        for t, reason in skipped_at:
+            log.warning("task %d is not evaluated in the new row: %s", t + 1, reason)
+        start, end = seen, seen + new.num_classes
+        mapping = {c: start + c for c in range(new.num_classes)}
+        task_of_position = [t for t, ids in enumerate(results["tasks"]) for _ in ids] + [task] * new.num_classes
+        data = TaskData(
+            task=task,
+            class_start=start,
+            class_end=end,
+            train=_Positions(new.train, new.train_targets, mapping),
+            statistics=_Positions(_with_eval_transform(new), new.train_targets, mapping),
+            test=ConcatDataset([*earlier, _Positions(new.test, new.test_targets, mapping)]),
+            task_of_position=task_of_position,
+        )
+        rt = Runtime(train=tcfg, seed=cfg.seed, device=dev, workers=cfg.data.num_workers)
+        skipped = sorted({t for t, _ in skipped_at})
+        entry = run_task(method, state, data, rt, num_tasks=task + 1, not_evaluated=skipped)
+        entry["learned"] = {"name": label, "root": str(root), "classes": list(new.class_names)}
+        if skipped:
+            entry["not_evaluated"] = {str(t): r for t, r in skipped_at}
+
+        record_new = {
+            "task": task,
+            "name": label,
+            "root": str(root),
+            "format": new.info.get("format"),
+            "class_names": list(new.class_names),
+            "class_ids": new_ids,
+            "train_count": len(new.train_targets),
+            "test_count": len(new.test_targets),
+            "identity": new.identity,
+            "learned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "sdlora_version": __version__,
+        }
+        old = parse_results(results, str(out / RESULTS_FILE))
+        metrics = state.metrics()
+        # Positions after the seen ones belonged to dataset classes the run never learned (a scenario cut short
+        # with num_tasks); the run now continues with the learned classes there instead.
+        updated = dataclasses.replace(
+            old,
+            status="finished",
+            class_order=[*old.class_order[:seen], *new_ids],
+            class_names=[*known, *new.class_names],
+            tasks=[*old.tasks, new_ids],
+            num_tasks=task + 1,
+            completed_tasks=task + 1,
+            **metrics,
+            trainable_params_per_task=list(state.trainable_per_task),
+            stored_params_total=int(method.parameter_counts()["stored"]),
+            task_log=list(state.task_log),
+            wall_time_s=round(state.wall_time_s, 3),
+            learned_tasks=[*old.learned_tasks, record_new],
+        )
+        new_results = updated.to_dict()
+        # Commit: checkpoint first (ignored until results.json names its task), then results.json.
+        save_checkpoint(out, task, method, state.to_checkpoint(), keep=None)
+        atomic_write_json(out / RESULTS_FILE, new_results)
+        on_run_event(RunEvent("task_end", out, task, new_results))
+        on_run_event(RunEvent("run_end", out, task, new_results))
+        log.info(
+            "learned %r as task %d: acc on %d seen classes %.2f%%, on the new classes %.2f%%",
+            label,
+            task + 1,
+            end,
+            metrics["acc_after_task"][-1],
+            metrics["accuracy_matrix"][-1][task],
+        )
+    finally:
+        _pkg_log.removeHandler(file_handler)
+        file_handler.close()
+    return LearnReport(task, label, list(new.class_names), skipped_at, new_results)

@@ -1,0 +1,406 @@
+"""Classify new inputs with what a run learned: ``sdlora predict RUN_DIR INPUTS...``.
+
+:func:`load_run` rebuilds a run's method from its newest checkpoint, folds everything learned into the backbone
+(``Method.merge_for_inference``: inference at the cost of the bare backbone) and reads the names of the classes
+seen so far. :class:`Predictor` decodes image files with the run's test transform (the one the run evaluated
+with), batches them and returns the top-k classes of each. Inputs that cannot be read are reported by name and
+skipped (or stop the call, ``strict=True``); they never abort a long job half-way with a traceback.
+
+Scores are the softmax of the method's logits over every class seen so far (for SimpleCIL, of its scaled cosine
+similarities), so they rank classes; they are not calibrated probabilities.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .config import RunConfig
+from .data import ImageTransform, read_image_file
+from .data.readers import IMG_EXTENSIONS
+from .fileio import atomic_write_text, read_json, to_jsonable
+from .methods import Method
+
+__all__ = [
+    "LoadedRun",
+    "Prediction",
+    "PredictError",
+    "Predictor",
+    "check_device",
+    "collect_inputs",
+    "format_predictions",
+    "load_run",
+    "run_class_names",
+    "write_predictions",
+]
+
+log = logging.getLogger(__name__)
+
+
+class PredictError(ValueError):
+    """Inputs that cannot be classified (none readable, an unreadable one under ``strict``, a bad output path)."""
+
+
+# ----------------------------------------------------------------------------------------------- the run
+@dataclass
+class LoadedRun:
+    """A run's method ready for inference, and what it needs to read inputs.
+
+    Attributes:
+        run_dir: the run directory.
+        method: the method after its newest checkpoint, merged for inference, in eval mode, on ``device``.
+        config: the run's config.
+        record: the checkpoint record (``task``: 0-based index of the last finished task).
+        class_names: names of the classes seen so far, in logit order.
+        transform: the run's test transform (uint8 image -> model input).
+        device: where the method lives.
+    """
+
+    run_dir: Path
+    method: Method
+    config: RunConfig
+    record: dict[str, Any]
+    class_names: list[str]
+    transform: ImageTransform
+    device: torch.device
+
+    @property
+    def completed_tasks(self) -> int:
+        return int(self.record["task"]) + 1
+
+
+def run_class_names(run_dir: str | os.PathLike, cfg: RunConfig, num_seen: int) -> list[str]:
+    """Names of the first ``num_seen`` class positions of a run.
+
+    From ``results.json``'s ``class_names`` (position order) when the run recorded them; for runs written before
+    that, from the dataset's names mapped through the recorded ``class_order`` (which needs the dataset). When
+    neither is available the classes are called ``class_<original id>``, with a warning.
+    """
+    results_path = Path(run_dir) / "results.json"
+    results: dict[str, Any] = {}
+    if results_path.exists():
+        try:
+            results = read_json(results_path)
+        except ValueError as e:
+            log.warning("cannot read %s (%s): class names come from the dataset", results_path, e)
+    names = results.get("class_names") or []
+    if len(names) >= num_seen:
+        return [str(n) for n in names[:num_seen]]
+    order = [int(c) for c in results.get("class_order") or []]
+    try:
+        from .data import DATASETS
+
+        raw = DATASETS[cfg.data.name].loader(cfg.data, cfg.seed)
+        by_id = list(raw.class_names)
+        if len(order) >= num_seen:
+            return [str(by_id[c]) for c in order[:num_seen]]
+    except Exception as e:  # the dataset is not on this machine: names are a convenience here
+        log.warning("the run does not record its class names and its dataset cannot be read (%s)", e)
+    ids = order[:num_seen] if len(order) >= num_seen else list(range(num_seen))
+    log.warning("class names unknown for %s: predictions are called class_<original id>", run_dir)
+    return [f"class_{c}" for c in ids]
+
+
+def _num_seen(method: Method) -> int:
+    prototypes = getattr(method, "prototypes", None)
+    if method.head.num_blocks:
+        return int(method.head.num_classes)
+    if isinstance(prototypes, Tensor):
+        return int(prototypes.shape[0])
+    raise PredictError("the run's method has no classes yet")
+
+
+def check_device(device: str) -> str:
+    """``device`` if this machine has it (``auto``, ``cpu``, ``cuda``, ``cuda:N``).
+
+    Raises:
+        ValueError: another spelling, or CUDA asked for where there is none (the message says what to pass).
+    """
+    if device in ("auto", "cpu"):
+        return device
+    if not (device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load_run(run_dir: str | os.PathLike, device: str = "auto") -> LoadedRun:
+    """Rebuild a run for inference (see :class:`LoadedRun`).
+
+    Args:
+        run_dir: a run directory with at least one finished task.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        RunError: not a run directory, no checkpoint yet, a damaged checkpoint, or CUDA asked for but absent.
+    """
+    from .engine import DistInfo, select_device
+    from .rundir import build_method_from_run
+
+    dev = select_device(check_device(device), DistInfo())
+    method, cfg, record = build_method_from_run(run_dir, device=str(dev))
+    method.merge_for_inference()
+    info = method.backbone_info
+    transform = ImageTransform(cfg.data.image_size, train=False, mean=info["mean"], std=info["std"])
+    names = run_class_names(run_dir, cfg, _num_seen(method))
+    return LoadedRun(Path(run_dir), method, cfg, record, names, transform, dev)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def _is_glob(spec: str) -> bool:
+    return any(ch in spec for ch in "*?[")
+
+
+def _images_under(directory: str) -> tuple[list[str], list[str]]:
+    """Image files under ``directory`` (recursive, sorted) and the other files found there."""
+    images: list[str] = []
+    others: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            (images if f.lower().endswith(IMG_EXTENSIONS) else others).append(os.path.join(dirpath, f))
+    return images, others
+
+
+def collect_inputs(specs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Expand files, folders (recursively, image extensions only) and glob patterns into a list of files.
+
+    A file named explicitly is always tried, whatever its extension (so a mislabelled file is reported rather
+    than silently ignored); files inside folders count only with an image extension (``IMG_EXTENSIONS``), the
+    others are listed in one log line. Duplicates are kept once, in first-seen order.
+
+    Returns:
+        ``(files, problems)``: the files to classify, and ``(spec, reason)`` for specs that name nothing
+        (missing paths, globs without a match, empty folders).
+    """
+    files: list[str] = []
+    seen: set[str] = set()
+    problems: list[tuple[str, str]] = []
+    ignored: list[str] = []
+
+    def add(path: str) -> None:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for spec in specs:
+        if os.path.isdir(spec):
+            images, others = _images_under(spec)
+            ignored.extend(others)
+            if not images:
+                problems.append((spec, f"folder holds no image files ({', '.join(IMG_EXTENSIONS)})"))
+            for p in images:
+                add(p)
+        elif os.path.exists(spec):
+            add(spec)
+        elif _is_glob(spec):
+            hits = sorted(glob.glob(spec, recursive=True))
+            if not hits:
+                problems.append((spec, "pattern matches no file"))
+            for hit in hits:
+                if os.path.isdir(hit):
+                    images, others = _images_under(hit)
+                    ignored.extend(others)
+                    for p in images:
+                        add(p)
+                else:
+                    add(hit)
+        else:
+            problems.append((spec, "no such file or folder"))
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f" ... (+{len(ignored) - 5} more)" if len(ignored) > 5 else "")
+        log.info("ignored %d file(s) without an image extension inside folders: %s", len(ignored), shown)
+    return files, problems
+
+
+class _ImageFiles(Dataset):
+    """``(index, input tensor or None, reason)`` for each file: a decode error becomes a reason, not an exception,
+    so one bad file in a DataLoader worker does not stop the others."""
+
+    def __init__(self, paths: Sequence[str], transform: ImageTransform) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, Tensor | None, str]:
+        try:
+            return i, self.transform(read_image_file(self.paths[i])), ""
+        except Exception as e:  # any decoder error names the file in the caller's report
+            cause = e.__cause__ if isinstance(e, ValueError) and e.__cause__ is not None else e
+            return i, None, str(cause) or type(cause).__name__
+
+
+def _collate(items: list[tuple[int, Tensor | None, str]]) -> tuple[list[int], Tensor | None, list[tuple[int, str]]]:
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, reason) for i, x, reason in items if x is None]
+    x = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], x, bad
+
+
+# ------------------------------------------------------------------------------------------- predictions
+@dataclass
+class Prediction:
+    """The top-k classes of one input, best first: ``labels[j]`` (its ``indices[j]`` logit) with ``scores[j]``."""
+
+    input: str
+    labels: list[str]
+    scores: list[float]
+    indices: list[int] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return self.labels[0]
+
+    @property
+    def score(self) -> float:
+        return self.scores[0]
+
+
+class Predictor:
+    """Classify image files with a loaded run.
+
+    Args:
+        run: from :func:`load_run`.
+        batch_size: inputs per forward pass.
+        workers: DataLoader worker processes decoding images (0: in this process).
+    """
+
+    def __init__(self, run: LoadedRun, batch_size: int = 64, workers: int = 0) -> None:
+        if batch_size <= 0:
+            raise PredictError(f"--batch-size must be positive, got {batch_size}")
+        if workers < 0:
+            raise PredictError(f"--workers must be >= 0, got {workers}")
+        self.run = run
+        self.batch_size = batch_size
+        self.workers = workers
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        """Logits of a batch of model inputs (as the engine evaluates: autocast when the run trained with AMP)."""
+        run = self.run
+        x = x.to(run.device, non_blocking=True)
+        if run.config.train.amp and run.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return run.method(x).float()
+        return run.method(x).float()
+
+    def iter_batches(
+        self, paths: Sequence[str], top_k: int, strict: bool = False, progress: bool = True
+    ) -> Iterator[tuple[list[Prediction], list[tuple[str, str]]]]:
+        """Yield ``(predictions, failures)`` per batch, in input order; ``failures`` are ``(path, reason)``.
+
+        Raises:
+            PredictError: ``strict`` and a file cannot be read (the message names it); ``top_k`` < 1.
+        """
+        if top_k < 1:
+            raise PredictError(f"--top-k must be at least 1, got {top_k}")
+        names = self.run.class_names
+        k = min(top_k, len(names))
+        loader = DataLoader(
+            _ImageFiles(paths, self.run.transform),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.workers,
+            collate_fn=_collate,
+        )
+        from tqdm import tqdm
+
+        quiet = not progress or not sys.stderr.isatty() or len(loader) < 2
+        for idx, x, bad in tqdm(loader, total=len(loader), desc="predict", leave=False, disable=quiet):
+            failures = [(paths[i], reason) for i, reason in bad]
+            if strict and failures:
+                path, reason = failures[0]
+                raise PredictError(f"cannot read input {path}: {reason} (without --strict it is skipped)")
+            preds: list[Prediction] = []
+            if x is not None:
+                probs = torch.softmax(self.logits(x), dim=1)
+                top = probs.topk(k, dim=1)
+                for row, i in enumerate(idx):
+                    pos = top.indices[row].tolist()
+                    preds.append(Prediction(paths[i], [names[p] for p in pos], top.values[row].tolist(), pos))
+            yield preds, failures
+
+    def predict(
+        self, paths: Sequence[str], top_k: int = 1, strict: bool = False, progress: bool = True
+    ) -> tuple[list[Prediction], list[tuple[str, str]]]:
+        """All predictions and all failures (see :meth:`iter_batches`)."""
+        preds: list[Prediction] = []
+        failures: list[tuple[str, str]] = []
+        for p, f in self.iter_batches(paths, top_k, strict, progress):
+            preds.extend(p)
+            failures.extend(f)
+        return preds, failures
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _csv_text(preds: Sequence[Prediction]) -> str:
+    import csv
+    import io
+
+    k = max((len(p.labels) for p in preds), default=1)
+    header = ["input", "label", "score"]
+    for j in range(2, k + 1):
+        header += [f"label_{j}", f"score_{j}"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for p in preds:
+        row: list[Any] = [p.input]
+        for label, score in zip(p.labels, p.scores):
+            row += [label, f"{score:.6f}"]
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _jsonl_text(preds: Sequence[Prediction]) -> str:
+    import json
+
+    lines = []
+    for p in preds:
+        top = [{"label": lab, "score": s, "index": i} for lab, s, i in zip(p.labels, p.scores, p.indices)]
+        record = {"input": p.input, "label": p.label, "score": p.score, "top_k": top}
+        lines.append(json.dumps(to_jsonable(record), ensure_ascii=False))
+    return "".join(line + "\n" for line in lines)
+
+
+def write_predictions(preds: Sequence[Prediction], out: str | os.PathLike) -> None:
+    """Write predictions to ``out`` (``.csv`` or ``.jsonl``), atomically.
+
+    CSV columns: ``input, label, score`` then ``label_j, score_j`` for j = 2..k. JSONL: one object per input,
+    ``{"input", "label", "score", "top_k": [{"label", "score", "index"}, ...]}``.
+
+    Raises:
+        PredictError: another extension, or the folder of ``out`` does not exist.
+    """
+    path = Path(out)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise PredictError(f"--out must end in .csv or .jsonl, got {path.name!r}")
+    if not path.parent.is_dir():
+        raise PredictError(f"--out: folder {path.parent} does not exist")
+    atomic_write_text(path, _csv_text(preds) if suffix == ".csv" else _jsonl_text(preds))
+
+
+def format_predictions(preds: Sequence[Prediction]) -> str:
+    """One line per input for the terminal: ``input<TAB>label (score)[, label_2 (score_2) ...]``."""
+    return "\n".join(
+        f"{p.input}\t" + ", ".join(f"{lab} ({s:.3f})" for lab, s in zip(p.labels, p.scores)) for p in preds
+    )

@@ -1,0 +1,248 @@
+"""``sdlora export --format peft``: the adapter as a plain PEFT LoRA computes exactly what sdlora computes.
+
+The PEFT side is vanilla ``peft`` (``PeftModel.from_pretrained``) on the timm backbone built as sdlora builds it;
+the classifier loads strictly into that timm model with ``num_classes`` = classes seen.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# the tiny-method and tiny-adapter helpers of tests/methods and tests/lora
+for _sub in ("methods", "lora"):
+    if str(Path(__file__).parent / _sub) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).parent / _sub))
+from method_helpers import make_ctx, random_batches, run_tiny, tiny_method, two_task_config  # noqa: E402
+
+from sdlora.backbones import BackboneConfig, create_backbone  # noqa: E402
+from sdlora.config import RunConfig  # noqa: E402
+from sdlora.configtools import from_dict  # noqa: E402
+from sdlora.export import PEFT_VERSION_TESTED, ExportError, peft_adapter, write_peft_export  # noqa: E402
+from sdlora.methods import LowRankUpdate  # noqa: E402
+
+peft = pytest.importorskip("peft")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+
+def _config(method: dict) -> RunConfig:
+    from engine_helpers import tiny_config
+
+    return from_dict(RunConfig, tiny_config(method=method))
+
+
+def _absorbable_in_first_unit(method) -> None:
+    """Current factors: an exact multiple of the first earlier component in the first unit (SD-LoRA-KD absorbs
+    it into that component's magnitude), random elsewhere (kept as a new component)."""
+    units = method.adapter.named_units()
+    with torch.no_grad():
+        for i, (_, u) in enumerate(units):
+            r = u.A_cur.shape[0]
+            if i == 0:
+                r0 = u.comp_ranks[0]
+                assert r == r0
+                u.A_cur.copy_(u.A_frozen[:r0])
+                u.B_cur.copy_(-1.7 * u.B_frozen[:, :r0])
+            else:
+                u.B_cur.normal_(0, 0.3)
+
+
+def _sdlora_tasks(n_tasks: int, end_last: bool = True):
+    """sdlora_kd with RR-style mixed ranks (2, 2, 1) over ``n_tasks`` hand-run tasks of two classes each; task 2
+    is absorbed by KD in the first unit only, so ranks differ between modules and a KD increment is non-zero."""
+    fields = {"adapter": {"rank_schedule": [2, 2, 1], "kd_tau": 1e-4}}
+    method = tiny_method("sdlora_kd", seed=7, **fields)
+    for t in range(n_tasks):
+        ctx = make_ctx(t, 2 * t, 2 * t + 2, random_batches(2 * t, 2 * t + 2, seed=t), num_tasks=3)
+        method.begin_task(ctx)
+        if t == 1:
+            _absorbable_in_first_unit(method)
+        else:
+            with torch.no_grad():
+                for _, u in method.adapter.named_units():
+                    u.B_cur.normal_(0, 0.3)
+        with torch.no_grad():
+            method.adapter.alpha_cur.fill_(0.6 + 0.3 * t)
+            for w in method.head.weights:
+                w.normal_(0, 0.5)
+        if t < n_tasks - 1 or end_last:
+            method.end_task(ctx)
+    return method, _config({"name": "sdlora_kd", **fields})
+
+
+def _load_with_peft(export: Path, num_classes: int) -> torch.nn.Module:
+    """What a user does: the timm backbone as sdlora builds it (random-init tiny ViT, seed 7), num_classes = seen,
+    base weights and classifier loaded strictly, then vanilla PeftModel.from_pretrained."""
+    torch.manual_seed(123)  # the weights come from the export, not from this init
+    model = create_backbone(BackboneConfig(name="vit_test_tiny", pretrained=False), 32).model
+    model.reset_classifier(num_classes)
+    state = {**load_file(str(export / "base_model.safetensors")), **load_file(str(export / "classifier.safetensors"))}
+    model.load_state_dict(state, strict=True)
+    return peft.PeftModel.from_pretrained(model, str(export)).eval()
+
+
+@pytest.mark.parametrize(("n_tasks", "end_last"), [(1, True), (3, True), (3, False)])
+def test_peft_export_equals_sdlora(tmp_path, n_tasks, end_last):
+    method, cfg = _sdlora_tasks(n_tasks, end_last)
+    method.eval()
+    units = method.adapter.named_units()
+    if n_tasks == 3:
+        # the setting the test is about: mixed ranks across modules and a KD increment in the first unit
+        assert units[0][1].extra.abs().sum() > 0
+        assert len({sum(u.comp_ranks) for _, u in units}) > 1
+    names = [f"c{i}" for i in range(2 * n_tasks)]
+    out = tmp_path / "peft"
+    write_peft_export(method, out, config=cfg, completed_tasks=n_tasks, class_names=names)
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    if n_tasks == 3:
+        assert adapter_cfg["rank_pattern"] and adapter_cfg["alpha_pattern"] == adapter_cfg["rank_pattern"]
+    assert (out / "labels.txt").read_text().splitlines() == names
+    meta = json.loads((out / "sdlora_export.json").read_text())
+    assert meta["num_classes"] == len(names) and meta["peft_version_tested"] == PEFT_VERSION_TESTED
+
+    model = _load_with_peft(out, len(names))
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        want_logits, want_features = method(x), method.features(x)
+        got_logits = model(x)
+        got_features = model.forward_head(model.forward_features(x), pre_logits=True)
+        merged = model.merge_and_unload()(x)
+    torch.testing.assert_close(got_features, want_features, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged, want_logits, atol=1e-5, rtol=1e-5)
+    # The adapter changes the function (the comparison above is not between two bare backbones).
+    assert (want_features - method.low_rank_update().base(x)).abs().max() > 1e-3
+
+
+def test_peft_scaling_is_one_and_ranks_are_per_module():
+    method, _ = _sdlora_tasks(3)
+    update = method.low_rank_update()
+    config, tensors = peft_adapter(update)
+    assert config["lora_alpha"] == config["r"] and not config["use_rslora"]
+    for name, (a, _) in update.factors.items():
+        rank = a.shape[0]
+        key = next((k for k in config["rank_pattern"] if name.endswith(k.replace("\\", ""))), None)
+        assert (config["rank_pattern"][key] if key else config["r"]) == rank
+        assert tensors[f"base_model.model.{name}.lora_A.weight"].shape == (rank, 32)
+        assert tensors[f"base_model.model.{name}.lora_B.weight"].shape == (96, rank)
+        # fused qkv: the k rows of B are zero (only q and v are adapted)
+        assert tensors[f"base_model.model.{name}.lora_B.weight"][32:64].abs().max() == 0
+
+
+def test_separate_projections_hf_style(tmp_path):
+    """Separate query/value Linears (the HF transformers layout): one LoRA per projection, no zero rows."""
+    from lora_helpers import SeparateQV, randomise_current
+
+    from sdlora.lora import AdapterConfig, SDLoRAModel
+
+    torch.manual_seed(0)
+    net = SeparateQV(12)
+    model = SDLoRAModel(net, AdapterConfig(rank_schedule=[3, 2], kd=True), default_targets=["query", "value"])
+    for t in range(3):
+        model.begin_task()
+        randomise_current(model)
+        with torch.no_grad():
+            model.alpha_cur.fill_(0.5 + t)
+        model.end_task()
+    config, tensors = peft_adapter(LowRankUpdate(model.unload(), model.lora_factors()))
+    assert sorted(config["target_modules"]) == ["query", "value"]
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    loaded = peft.PeftModel.from_pretrained(model.unload(), str(out)).eval()
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_inflora_exports_to_peft(tmp_path):
+    method = tiny_method("inflora", seed=7, options={"rank": 3, "lamb": 0.9, "lame": 1.0})
+    for t in range(2):
+        ctx = make_ctx(t, 2 * t, 2 * t + 2, random_batches(2 * t, 2 * t + 2, seed=t))
+        method.begin_task(ctx)
+        with torch.no_grad():
+            for layer in method.layers():
+                for p in layer.B_cur.values():
+                    p.normal_(0, 0.3)
+        method.end_task(ctx)
+    method.eval()
+    cfg = _config({"name": "inflora", "options": {"rank": 3, "lamb": 0.9, "lame": 1.0}})
+    out = tmp_path / "peft"
+    write_peft_export(method, out, config=cfg, completed_tasks=2, class_names=["a", "b", "c", "d"])
+    model = _load_with_peft(out, 4)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), method(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["full_ft", "simplecil"])
+def test_peft_export_refuses_methods_without_a_low_rank_update(tmp_path, name):
+    method = tiny_method(name)
+    method.begin_task(make_ctx(0, 0, 2, random_batches(0, 2)))
+    with pytest.raises(ExportError, match="--format merged"):
+        write_peft_export(method, tmp_path / "x", config=_config({"name": name}), completed_tasks=1, class_names=[])
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_directory_is_replaced_only_when_it_is_an_earlier_export(tmp_path):
+    method, cfg = _sdlora_tasks(1)
+    out = tmp_path / "peft"
+    write_peft_export(method, out, config=cfg, completed_tasks=1, class_names=["a", "b"], include_base=False)
+    assert not (out / "base_model.safetensors").exists()
+    meta = json.loads((out / "sdlora_export.json").read_text())
+    assert set(meta["files"]) == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "classifier.safetensors",
+        "labels.txt",
+    }
+    write_peft_export(method, out, config=cfg, completed_tasks=1, class_names=["x", "y"])
+    assert (out / "labels.txt").read_text() == "x\ny\n" and (out / "base_model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["peft"]  # no temporary or old directory left
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an earlier sdlora PEFT export"):
+        write_peft_export(method, other, config=cfg, completed_tasks=1, class_names=["a", "b"])
+    assert (other / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ExportError, match="class names"):
+        write_peft_export(method, tmp_path / "n", config=cfg, completed_tasks=1, class_names=["a"])
+
+
+def test_cli_export_peft_from_a_run(tmp_path, capsys):
+    from sdlora.cli import main
+
+    run = tmp_path / "run"
+    cfg = two_task_config("sdlora_rr")
+    cfg["method"]["adapter"] = {"rank": 2, "rank_schedule": [3, 2]}
+    run_tiny(run, cfg)
+    assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    assert "PEFT LoRA adapter" in capsys.readouterr().out
+    from sdlora.engine import build_method_from_run
+
+    method, _, _ = build_method_from_run(run)
+    method.eval()
+    labels = (tmp_path / "peft" / "labels.txt").read_text().splitlines()
+    assert len(labels) == 4
+    torch.manual_seed(0)
+    model = create_backbone(BackboneConfig(name="vit_test_tiny", pretrained=False), 32).model
+    model.reset_classifier(len(labels))
+    d = tmp_path / "peft"
+    base = load_file(str(d / "base_model.safetensors"))
+    model.load_state_dict({**base, **load_file(str(d / "classifier.safetensors"))})
+    model = peft.PeftModel.from_pretrained(model, str(d)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), method(x), atol=1e-5, rtol=1e-5)
+    # merged export unchanged; the help explains both formats
+    assert main(["export", str(run), "--out", str(tmp_path / "m.safetensors")]) == 0
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    helptext = capsys.readouterr().out
+    assert "merged" in helptext and "PEFT LoRA adapter" in helptext and PEFT_VERSION_TESTED in helptext
+    assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "m.safetensors")]) == 2

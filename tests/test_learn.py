@@ -1,0 +1,211 @@
+"""``sdlora learn``: a finished run learns the classes of a folder as its next task.
+
+The reference for "right" is the engine itself: a 2-task run that then learns a folder of two more classes must
+end exactly where a 3-task run over all the classes ends (same accuracy matrix, same checkpointed state).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine_helpers import tiny_config, write_config
+from sdlora.cli import main
+from sdlora.engine import build_method_from_run, state_fingerprint
+from sdlora.learn import LearnError, learn
+from sdlora.predict import Predictor, load_run
+from sdlora.rundir import load_checkpoint
+
+ALL = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"]
+
+
+def _folder(root: Path, classes: list[str], train: int = 5, test: int = 3) -> Path:
+    """A pre-split image folder; class ``cK`` has its own colour, the same pixels whichever folder holds it."""
+    for split, n in (("train", train), ("test", test)):
+        for name in classes:
+            k = ALL.index(name)
+            rng = np.random.default_rng([k, n])
+            for i in range(n):
+                img = rng.integers(0, 80, size=(20, 20, 3)).astype(np.int64)
+                img[..., k % 3] += 40 + 20 * k
+                (root / split / name).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _run(base: Path, name: str, root: Path, method: str = "sdlora", **sections) -> Path:
+    cfg = tiny_config(
+        method={"name": method, "adapter": {"rank": 2}},
+        data={"name": "imagefolder", "root": str(root), "train_per_class": None, "test_per_class": None},
+        scenario={"shuffle": False, **sections.pop("scenario", {})},
+        train={"epochs": 2, "threads": 1, **sections.pop("train", {})},
+        **sections,
+    )
+    out = base / name
+    assert main(["-q", "run", str(write_config(base / f"{name}.yaml", cfg)), "--out", str(out)]) == 0
+    return out
+
+
+def _results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "sdlora",
+        "sdlora_kd",
+        "simplecil",
+        "inflora",
+        pytest.param("sdlora_rr", marks=pytest.mark.slow),
+        pytest.param("seq_lora", marks=pytest.mark.slow),
+        pytest.param("full_ft", marks=pytest.mark.slow),
+        pytest.param("sdlora_ablation_first", marks=pytest.mark.slow),
+        pytest.param("sdlora_ablation_single", marks=pytest.mark.slow),
+        pytest.param("sdlora_ablation_fixed", marks=pytest.mark.slow),
+    ],
+)
+def test_learn_is_the_engines_next_task(tmp_path, method):
+    full = _run(tmp_path, "full", _folder(tmp_path / "all", ALL[:6]), method, scenario={"num_tasks": 3})
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]), method)
+    before = _results(two)
+    report = learn(two, _folder(tmp_path / "new", ["c4", "c5"]), name="late classes")
+    after, reference = _results(two), _results(full)
+    assert report.task == 2 and report.class_names == ["c4", "c5"] and not report.skipped
+    lower = [row[: i + 1] for i, row in enumerate(after["accuracy_matrix"])]
+    assert lower[:2] == [row[: i + 1] for i, row in enumerate(before["accuracy_matrix"])]  # old rows unchanged
+    assert after["accuracy_matrix"] == reference["accuracy_matrix"]
+    assert after["trainable_params_per_task"] == reference["trainable_params_per_task"]
+    assert after["class_names"] == ALL[:6] and after["completed_tasks"] == after["num_tasks"] == 3
+    assert after["status"] == "finished" and after["learned_tasks"][0]["name"] == "late classes"
+    # the new checkpoint holds the state the engine reached after its own third task
+    assert state_fingerprint(build_method_from_run(two)[0]) == state_fingerprint(build_method_from_run(full)[0])
+    # derived files follow: the CSV table has the new row, predict and export know the new classes
+    assert len((two / "accuracy_matrix.csv").read_text().strip().splitlines()) == 4
+    assert load_run(two, device="cpu").class_names == ALL[:6]
+
+
+def test_learn_adds_a_component_and_a_magnitude(tmp_path):
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]), "sdlora")
+    method = build_method_from_run(two)[0]
+    assert method.adapter.num_tasks == 2 and method.adapter.alphas().numel() == 2
+    learn(two, _folder(tmp_path / "new", ["c4", "c5"]))
+    method = build_method_from_run(two)[0]
+    assert method.adapter.num_tasks == 3 and method.adapter.alphas().numel() == 3
+    assert all(len(u.comp_ranks) == 3 for _, u in method.adapter.named_units())
+    assert method.head.num_classes == 6
+    preds, _ = Predictor(load_run(two, device="cpu")).predict(
+        [str(p) for p in sorted((tmp_path / "new" / "test").rglob("*.png"))]
+    )
+    assert {p.label for p in preds} <= set(ALL[:6])
+
+
+def test_dataset_classes_the_run_never_reached_make_room(tmp_path):
+    """A scenario cut short (num_tasks) leaves dataset classes unseen: learned classes take their positions."""
+    one = _run(tmp_path, "one", _folder(tmp_path / "first4", ALL[:4]), scenario={"num_tasks": 1})
+    assert _results(one)["class_names"] == ALL[:4] and _results(one)["status"] == "finished"
+    learn(one, _folder(tmp_path / "new", ["c4", "c5"]))
+    res = _results(one)
+    assert res["class_names"] == ["c0", "c1", "c4", "c5"] and res["tasks"] == [[0, 1], [4, 5]]
+    assert res["class_order"] == [0, 1, 4, 5] and res["learned_tasks"][0]["class_ids"] == [4, 5]
+    assert load_run(one, device="cpu").class_names == res["class_names"]
+
+
+def test_known_class_names_and_unfinished_runs_are_refused(tmp_path, capsys):
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    snapshot = (two / "results.json").read_bytes()
+    clash = _folder(tmp_path / "clash", ["c4"])
+    (clash / "train" / "C1").mkdir()
+    (clash / "test" / "C1").mkdir()
+    for split in ("train", "test"):
+        shutil.copy(next((clash / split / "c4").glob("*.png")), clash / split / "C1" / "a.png")
+    with pytest.raises(LearnError, match=r"already knows the class\(es\) 'C1' \(known as 'c1'\)"):
+        learn(two, clash)
+    assert main(["learn", str(two), "--data", str(tmp_path / "nowhere")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    partial = _run(tmp_path, "partial", tmp_path / "first4", scenario={"num_tasks": 1})
+    results = _results(partial)
+    results["status"], results["num_tasks"] = "running", 2  # as if killed before its second task
+    (partial / "results.json").write_text(json.dumps(results))
+    with pytest.raises(LearnError, match="unfinished run"):
+        learn(partial, _folder(tmp_path / "new", ["c4", "c5"]))
+    assert (two / "results.json").read_bytes() == snapshot
+
+
+def test_killed_learn_leaves_the_run_as_it_was_and_can_be_rerun(tmp_path, monkeypatch):
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    new = _folder(tmp_path / "new", ["c4", "c5"])
+    reference = tmp_path / "reference"
+    shutil.copytree(two, reference)
+    learn(reference, new)
+    files = {p.relative_to(two): p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"}
+
+    # 1) interrupted while training: nothing of the run changes
+    import sdlora.engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(sdlora.engine, "_train_task", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            learn(two, new)
+    now = {p.relative_to(two): p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"}
+    assert now == files
+
+    # 2) killed after the checkpoint was written, before results.json (the commit): the run still loads as before
+    import sdlora.learn
+
+    with monkeypatch.context() as m:
+        m.setattr(sdlora.learn, "atomic_write_json", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            learn(two, new)
+    assert (two / "checkpoints" / "task_002.json").exists()  # written, not committed
+    assert (two / "results.json").read_bytes() == files[Path("results.json")]
+    method, _, record = build_method_from_run(two)
+    assert record["task"] == 1 and method.head.num_classes == 4
+    assert len(load_run(two, device="cpu").class_names) == 4
+    assert main(["export", str(two), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "labels.txt").read_text().split() == ALL[:4]
+
+    # 3) learn again: the same result as an uninterrupted learn
+    learn(two, new)
+    assert _results(two)["accuracy_matrix"] == _results(reference)["accuracy_matrix"]
+    _, rec_a = load_checkpoint(two / "checkpoints" / "task_002.json")
+    _, rec_b = load_checkpoint(reference / "checkpoints" / "task_002.json")
+    assert rec_a["tensors_sha256"] == rec_b["tensors_sha256"]
+
+
+def test_missing_earlier_test_set_is_reported_and_skipped(tmp_path, capsys):
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    first = _folder(tmp_path / "new1", ["c4", "c5"])
+    assert main(["learn", str(two), "--data", str(first), "--name", "batch 1"]) == 0
+    shutil.rmtree(first / "test")  # the first learned folder's test images are gone
+    report = learn(two, _folder(tmp_path / "new2", ["c6", "c7"]))
+    assert [t for t, _ in report.skipped] == [2] and "is not available" in report.skipped[0][1]
+    res = _results(two)
+    assert res["completed_tasks"] == 4 and res["class_names"] == ALL
+    assert res["accuracy_matrix"][3][2] is None and res["accuracy_matrix"][3][3] is not None
+    assert res["accuracy_matrix"][2][2] is not None  # the earlier row keeps its value
+    assert res["test_samples_per_task"][2] == 6  # recorded when it was learned
+    assert [r["name"] for r in res["learned_tasks"]] == ["batch 1", "new2"]
+    # the run's own test data changed: its two tasks are skipped too, the learn still succeeds
+    c0 = tmp_path / "first4" / "test" / "c0"
+    shutil.copy(next(c0.glob("*.png")), c0 / "x.png")
+    report = learn(two, _extra(tmp_path))
+    assert {t for t, _ in report.skipped} == {0, 1, 2} and "has changed" in report.skipped[0][1]
+    assert main(["report", str(two)]) == 0
+
+
+def _extra(tmp_path: Path) -> Path:
+    """A folder with one more class (reuses c7's pixels under a new name)."""
+    root = tmp_path / "new3"
+    src = tmp_path / "new2"
+    for split in ("train", "test"):
+        shutil.copytree(src / split / "c7", root / split / "late")
+    return root
