@@ -19,7 +19,7 @@ from sdlora.cli import main
 from sdlora.engine import build_method_from_run, state_fingerprint
 from sdlora.learn import LearnError, learn
 from sdlora.predict import Predictor, load_run
-from sdlora.rundir import load_checkpoint
+from sdlora.rundir import RunError, load_checkpoint, run_dir_lock
 
 ALL = ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"]
 
@@ -134,6 +134,16 @@ def test_known_class_names_and_unfinished_runs_are_refused(tmp_path, capsys):
     (partial / "results.json").write_text(json.dumps(results))
     with pytest.raises(LearnError, match="unfinished run"):
         learn(partial, _folder(tmp_path / "new", ["c4", "c5"]))
+    assert (two / "results.json").read_bytes() == snapshot
+
+
+def test_learn_waits_for_no_one_while_another_process_writes_the_run(tmp_path):
+    """One writer per run directory: a learn on a run that is locked (a run, resume or learn going on) is refused
+    and changes nothing."""
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    snapshot = (two / "results.json").read_bytes()
+    with run_dir_lock(two), pytest.raises(RunError, match="is in use by process"):
+        learn(two, _folder(tmp_path / "new", ["c4", "c5"]))
     assert (two / "results.json").read_bytes() == snapshot
 
 

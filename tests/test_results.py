@@ -40,7 +40,16 @@ def _record(**changes) -> dict:
 
 def test_required_keys_are_the_fields_without_default():
     fields = {f.name: f for f in dataclasses.fields(RunResults)}
-    optional = {"status", "name", "class_names", "task_log", "reference", "data_identity", "learned_tasks", "inference_passes"}
+    optional = {
+        "status",
+        "name",
+        "class_names",
+        "task_log",
+        "reference",
+        "data_identity",
+        "learned_tasks",
+        "inference_passes",
+    }
     assert set(REQUIRED_KEYS) == set(fields) - optional
     # The record written to results.json keeps the field order (the order the file has always had).
     assert list(_record()) == list(fields)

@@ -58,6 +58,7 @@ from .rundir import (
     committed_checkpoint,
     load_checkpoint,
     restore_rng_state,
+    run_dir_lock,
     save_checkpoint,
     seed_everything,
 )
@@ -291,6 +292,22 @@ def learn(
     root = Path(data_root).expanduser().resolve()
     if not (out / "config.yaml").exists():
         raise RunError(f"{out} is not a run directory (no config.yaml)")
+    # One writer per run directory: a learn never runs while a run, resume, overwrite or another learn writes it.
+    with run_dir_lock(out):
+        return _learn_locked(out, root, data_root, name=name, device=device, t_start=t_start)
+
+
+def _learn_locked(
+    out: Path,
+    root: Path,
+    data_root: str | os.PathLike,
+    *,
+    name: str | None,
+    device: str | None,
+    t_start: float,
+) -> LearnReport:
+    """The body of :func:`learn`, run while holding the run directory's lock (``data_root`` as the user gave it,
+    for messages; ``root`` resolved)."""
     results = load_results(out)
     if results.get("status") != "finished":
         raise LearnError(
