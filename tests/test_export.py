@@ -311,12 +311,10 @@ def test_hf_peft_export_loads_on_the_transformers_model(
     cfg = from_dict(RunConfig, cfg_dict)
     units = method.adapter.named_units()
     if n_tasks == 3:
-        assert units[0][1].extra.abs().sum() > 0 and len({sum(u.comp_ranks) for _, u in units}) > 1
+        assert units[0][1].kd_increment.abs().sum() > 0 and len({sum(u.comp_ranks) for _, u in units}) > 1
     names = [f"c{i}" for i in range(2 * n_tasks)]
     out = tmp_path / "peft"
-    write_peft_export(
-        method, out, config=cfg, completed_tasks=n_tasks, class_names=names, include_base=include_base
-    )
+    write_peft_export(method, out, config=cfg, completed_tasks=n_tasks, class_names=names, include_base=include_base)
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     meta = json.loads((out / "sdlora_export.json").read_text())
     # module names as the transformers model names them (no sdlora wrapper prefix)

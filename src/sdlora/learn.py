@@ -347,13 +347,14 @@ def _learn_locked(
             torch.set_num_threads(tcfg.threads)
         dev = select_device(device or tcfg.device, DistInfo())
         log.info(
-            "learn %r: %d new classes (%s) from %s, %d train / %d test images, as task %d of run %s on %s",
+            "learn %r: %d new classes (%s) from %s, %d train / %d test %s, as task %d of run %s on %s",
             label,
             new.num_classes,
             ", ".join(new.class_names),
             data_root,
             len(new.train_targets),
             len(new.test_targets),
+            "texts" if text else "images",
             task + 1,
             out,
             dev,

@@ -434,9 +434,7 @@ class Predictor:
             preds.append(Prediction(name, [names[p] for p in pos], top.values[row].tolist(), pos, text))
         return preds
 
-    def iter_texts(
-        self, texts: Sequence[TextInput], top_k: int, progress: bool = True
-    ) -> Iterator[list[Prediction]]:
+    def iter_texts(self, texts: Sequence[TextInput], top_k: int, progress: bool = True) -> Iterator[list[Prediction]]:
         """Yield the predictions of each batch of ``texts`` (a text run), in input order.
 
         Each batch is tokenised with the run's tokenizer and ``data.max_length`` (truncated and padded as the
