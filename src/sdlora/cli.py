@@ -271,6 +271,12 @@ EXPORT_EPILOG = """formats:
           (the backbone before training; --no-base leaves it out), sdlora_export.json and a README
           with the loading code (PeftModel.from_pretrained). Low-rank methods only (SD-LoRA family,
           seq_lora, ablations, inflora). Tested with peft 0.21.2.
+          hf: backbones: the adapter applies to the transformers model itself (module names as
+          AutoModel names them): PeftModel.from_pretrained(AutoModel.from_pretrained(DIR/base), DIR).
+          base/ is the untrained model (save_pretrained; --no-base: the run's original model is named
+          instead), classifier.safetensors an nn.Linear(hidden_size, classes), text runs add the
+          tokenizer (AutoTokenizer.from_pretrained(DIR)); the README shows the pooling (cls or mean of
+          last_hidden_state, as the run recorded) that gives sdlora's features.
 """
 
 
@@ -368,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "learn",
-        help="teach a finished run the new classes found in a folder (one more task, no earlier training data)",
+        help="teach a finished run the new classes found in a folder or text file (one more task, no earlier "
+        "training data)",
         description="The run's model learns one more task made of the classes found in --data, with the run's "
         "method and training settings and none of the earlier training data. The accuracy matrix gains a row and a "
         "column (earlier test sets that are missing are reported and skipped); results, tables, plots and a new "
@@ -379,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--data",
         required=True,
-        help="the new classes: an image folder DIR/<class>/<images> or DIR/train/<class>/... + DIR/test/<class>/...",
+        help="the new classes: an image folder DIR/<class>/<images> or DIR/train/<class>/... + DIR/test/<class>/...; "
+        "text runs: a .csv/.tsv/.jsonl file with the run's text and label columns (split here) or a directory "
+        "holding train.<ext> and test.<ext>",
     )
     sp.add_argument("--name", help="label of the new task in the run's record (default: the folder's name)")
     sp.add_argument("--device", help="where to train (default: the run's train.device)")
