@@ -160,9 +160,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from collections.abc import Iterator
+
     from .predict import (
         PredictError,
+        Prediction,
         Predictor,
+        TextInput,
         collect_inputs,
         collect_texts,
         format_predictions,
@@ -171,7 +175,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
 
     run = load_run(args.run_dir, device=args.device)
-    texts = []
+    texts: list[TextInput] = []
     if run.modality == "text":
         texts, problems = collect_texts(args.inputs, run.config.data)
         files: list[str] = []
@@ -196,6 +200,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(run, batch_size=args.batch_size, workers=args.workers)
     preds = []
     failures: list[tuple[str, str]] = list(problems)
+    batches: Iterator[tuple[list[Prediction], list[tuple[str, str]]]]
     if texts:
         batches = ((batch, []) for batch in predictor.iter_texts(texts, args.top_k))
     else:

@@ -507,6 +507,7 @@ def write_peft_export(
 
     extractor = update.base if isinstance(update.base, HFFeatureExtractor) else None
     info = method.backbone_info
+    base_name: str | None
     if extractor is not None:
         update, base_name = _hf_update(update, extractor, cfg)
         arch = None
@@ -581,7 +582,8 @@ def write_peft_export(
             atomic_write_bytes(tmp / fname, blob)
         if extractor is not None:
             if include_base:
-                update.base.save_pretrained(str(tmp / "base"))
+                hf_model: Any = extractor.hf  # a transformers PreTrainedModel (W0: the unadapted copy)
+                hf_model.save_pretrained(str(tmp / "base"))
             if extractor.modality == "text":
                 from .backbones.hf import load_tokenizer
 
