@@ -125,12 +125,19 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from .data.check import check_dataset
 
     cfg, _ = load_config(args.config, args.set)
+
+    def tokenizer() -> Any:  # only a text dataset asks for it (loads the tokenizer, not the model)
+        from .backbones.hf import load_tokenizer
+
+        return load_tokenizer(cfg.backbone)
+
     check = check_dataset(
         cfg.data,
         cfg.seed,
         lambda n: cfg.scenario.make(n, cfg.seed).tasks,
         workers=args.workers,
         all_files=args.all,
+        tokenizer=tokenizer,
     )
     print(check.format())
     return 0 if check.ok else 2
@@ -297,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "check-data",
-        help="decode every image file a config would read and check that every class has training and test images",
+        help="decode every image file (or tokenise every text) a config would read and check that every class has "
+        "training and test samples",
     )
     sp.add_argument("config", help="YAML file or preset name")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

@@ -67,3 +67,31 @@ def test_check_in_memory_dataset(tmp_path):
     check = check_dataset(DataConfig(name="synthetic", image_size=16, synthetic_classes=4), seed=1)
     assert check.ok and check.files_checked == 0
     assert check.train_counts == [16] * 4 and check.test_counts == [8] * 4
+
+
+def test_check_reads_and_tokenises_a_text_dataset(tmp_path, tiny_bert_dir):
+    """check-data on a text config: every row read and tokenised with the backbone's tokenizer (truncation counted);
+    a bad row is named by file and line; without a tokenizer the check says what it needs."""
+    from transformers import AutoTokenizer
+
+    from hf_helpers import class_texts, write_jsonl
+
+    path = write_jsonl(tmp_path / "d.jsonl", class_texts(3, 8))
+    cfg = DataConfig(name="text_jsonl", root=str(path), max_length=4, test_fraction=0.25)
+    asked = []
+
+    def tokenizer():
+        asked.append(1)
+        return AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+
+    check = check_dataset(cfg, seed=0, tokenizer=tokenizer)
+    assert check.ok and asked == [1] and sum(check.train_counts) + sum(check.test_counts) == 24
+    report = check.format()
+    assert report.splitlines()[0].endswith("train / 6 test texts")
+    assert "train texts per class" in report and "tokenised" in report
+    assert check.info["tokens"]["at_max_length"] > 0  # max_length 4 truncates these texts
+    with pytest.raises(ValueError, match="needs the backbone's tokenizer"):
+        check_dataset(cfg, seed=0)
+    path.write_text(path.read_text() + "{not json\n")
+    with pytest.raises(ValueError, match=rf"{path}:25: invalid JSON"):
+        check_dataset(cfg, seed=0, tokenizer=tokenizer)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import DataConfig, build_dataset
+from .base import DataConfig, build_dataset, load_raw_dataset
 from .datasets import FileImageDataset, read_image_file
 
 __all__ = ["DataCheck", "check_dataset", "check_image_files", "coverage_problems"]
@@ -113,18 +113,27 @@ class DataCheck:
     def format(self) -> str:
         """A plain-text report: the dataset, every bad file and every problem, one per line."""
         info = self.info
+        text = info.get("modality") == "text"
+        unit = "texts" if text else "images"
         lines = [
             f"dataset {info.get('name')} ({info.get('root') or 'no root'}, {info.get('split', 'split n/a')}): "
-            f"{len(self.class_names)} classes, {sum(self.train_counts)} train / {sum(self.test_counts)} test images"
+            f"{len(self.class_names)} classes, {sum(self.train_counts)} train / {sum(self.test_counts)} test {unit}"
         ]
         for split, counts in (("train", self.train_counts), ("test", self.test_counts)):
             if counts:
                 lo, hi = int(np.argmin(counts)), int(np.argmax(counts))
                 lines.append(
-                    f"  {split} images per class: min {counts[lo]} ({self.class_names[lo]!r}), "
+                    f"  {split} {unit} per class: min {counts[lo]} ({self.class_names[lo]!r}), "
                     f"max {counts[hi]} ({self.class_names[hi]!r})"
                 )
-        if self.files_checked:
+        if text:
+            tok = info.get("tokens", {})
+            lines.append(
+                f"every row read and tokenised: {tok.get('mean_tokens')} tokens on average, longest "
+                f"{tok.get('max_tokens')}; {tok.get('at_max_length')} text(s) fill data.max_length = "
+                f"{tok.get('max_length')} (truncated, or exactly that long)"
+            )
+        elif self.files_checked:
             lines.append(f"decoded {self.files_checked} image files: {len(self.bad_files)} unreadable")
         else:
             lines.append("images are held in memory (decoded when the dataset was loaded)")
@@ -151,8 +160,10 @@ def check_dataset(
     *,
     workers: int | None = None,
     all_files: bool = False,
+    tokenizer: Callable[[], Any] | None = None,
 ) -> DataCheck:
-    """Load the dataset of ``cfg`` and decode every image file a run would read.
+    """Load the dataset of ``cfg`` and decode every image file a run would read (text datasets: read and tokenise
+    every row, so bad rows are named and the token statistics, truncation included, are in ``info``).
 
     Args:
         cfg: Data configuration.
@@ -161,13 +172,21 @@ def check_dataset(
             :func:`coverage_problems`; None: all classes as one task.
         workers: Decoding processes (None: ``cfg.num_workers``).
         all_files: Decode every file of the dataset, not only the per-class subsets the config selects.
+        tokenizer: Returns the backbone's tokenizer; called only for a text dataset (which needs it).
 
     Raises:
-        FileNotFoundError, ValueError: The dataset itself cannot be listed (missing root, bad split files ...).
+        FileNotFoundError, ValueError: The dataset itself cannot be listed (missing root, bad split files, bad
+            rows ...), or it is a text dataset and no ``tokenizer`` was given.
     """
     if all_files:
         cfg = dataclasses.replace(cfg, train_per_class=None, test_per_class=None)
-    bundle = build_dataset(cfg, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed=seed)
+    raw = load_raw_dataset(cfg, seed)
+    tok = None
+    if raw.train.is_text:
+        if tokenizer is None:
+            raise ValueError(f"dataset {cfg.name!r} holds text: checking it needs the backbone's tokenizer")
+        tok = tokenizer()
+    bundle = build_dataset(cfg, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), seed=seed, tokenizer=tok, raw=raw)
     n = bundle.num_classes
     check = DataCheck(
         info=bundle.info,

@@ -31,6 +31,15 @@ from .prefix import PrefixAttention, inject_prefix_attention
 __all__ = ["CodaPrompt", "CodaPromptOptions", "L2P", "L2POptions", "PromptMethod", "gram_schmidt_extend"]
 
 
+def _check_pool(pool_size: int, prompt_length: int) -> None:
+    if pool_size <= 0:
+        raise ValueError(f"pool_size must be positive, got {pool_size}")
+    if prompt_length <= 0 or prompt_length % 2:
+        raise ValueError(
+            f"prompt_length must be a positive even number (half key, half value prefixes), got {prompt_length}"
+        )
+
+
 def _check_layers(layers: list[int]) -> None:
     if not layers:
         raise ValueError("layers must name at least one block (0-based indices)")
@@ -135,13 +144,7 @@ class L2POptions:
     key_loss_weight: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.pool_size <= 0:
-            raise ValueError(f"pool_size must be positive, got {self.pool_size}")
-        if self.prompt_length <= 0 or self.prompt_length % 2:
-            raise ValueError(
-                f"prompt_length must be a positive even number (half key, half value prefixes), got "
-                f"{self.prompt_length}"
-            )
+        _check_pool(self.pool_size, self.prompt_length)
         if not 0 < self.top_k <= self.pool_size:
             raise ValueError(f"top_k must be in 1..pool_size ({self.pool_size}), got {self.top_k}")
         _check_layers(self.layers)
@@ -263,13 +266,7 @@ class CodaPromptOptions:
     ortho_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.pool_size <= 0:
-            raise ValueError(f"pool_size must be positive, got {self.pool_size}")
-        if self.prompt_length <= 0 or self.prompt_length % 2:
-            raise ValueError(
-                f"prompt_length must be a positive even number (half key, half value prefixes), got "
-                f"{self.prompt_length}"
-            )
+        _check_pool(self.pool_size, self.prompt_length)
         _check_layers(self.layers)
         if self.ortho_weight < 0:
             raise ValueError(f"ortho_weight must be >= 0, got {self.ortho_weight}")
