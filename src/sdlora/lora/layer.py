@@ -279,7 +279,8 @@ COMPUTE_MODES = ("auto", "fold", "factored", "stacked", "loop")
 
 #: Multiply-add rate of the ``factored`` route's GEMMs (one dimension is the stored rank R, a few hundred) relative
 #: to the ``fold`` route's square ``d x T x d`` one. Measured 0.66-0.75 on this project's CPU (1 thread, T = 1600,
-#: d = 384, R = 40-390; benchmarks/README.md); ``auto`` divides the factored cost by it. Skinny GEMMs run below
+#: d = 384, R = 40-390; a GEMM micro-benchmark made while writing this, not kept); ``auto`` divides the factored
+#: cost by it. Skinny GEMMs run below
 #: the square rate on every BLAS; the exact factor of a GPU is not measured.
 FACTORED_EFFICIENCY = 0.7
 
