@@ -1,7 +1,9 @@
 """``sdlora export --format peft``: the adapter as a plain PEFT LoRA computes exactly what sdlora computes.
 
 The PEFT side is vanilla ``peft`` (``PeftModel.from_pretrained``) on the timm backbone built as sdlora builds it;
-the classifier loads strictly into that timm model with ``num_classes`` = classes seen.
+the classifier loads strictly into that timm model with ``num_classes`` = classes seen. For Hugging Face backbones
+it is ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), DIR)`` on the transformers model itself, run
+with the code of the export's README.
 """
 
 from __future__ import annotations
@@ -51,13 +53,21 @@ def _absorbable_in_first_unit(method) -> None:
                 u.B_cur.normal_(0, 0.3)
 
 
-def _sdlora_tasks(n_tasks: int, end_last: bool = True):
+#: SD-LoRA-KD with RR-style mixed ranks: the setting in which the export is least trivial.
+KD_RR = {"adapter": {"rank_schedule": [2, 2, 1], "kd_tau": 1e-4}}
+
+
+def _sdlora_tasks(n_tasks: int, end_last: bool = True, method=None):
     """sdlora_kd with RR-style mixed ranks (2, 2, 1) over ``n_tasks`` hand-run tasks of two classes each; task 2
-    is absorbed by KD in the first unit only, so ranks differ between modules and a KD increment is non-zero."""
-    fields = {"adapter": {"rank_schedule": [2, 2, 1], "kd_tau": 1e-4}}
-    method = tiny_method("sdlora_kd", seed=7, **fields)
+    is absorbed by KD in the first unit only, so ranks differ between modules and a KD increment is non-zero.
+    ``method``: an sdlora_kd method with :data:`KD_RR` on another backbone (default: the tiny timm ViT)."""
+    fields = KD_RR
+    images = method is None
+    if method is None:
+        method = tiny_method("sdlora_kd", seed=7, **fields)
     for t in range(n_tasks):
-        ctx = make_ctx(t, 2 * t, 2 * t + 2, random_batches(2 * t, 2 * t + 2, seed=t), num_tasks=3)
+        batches = random_batches(2 * t, 2 * t + 2, seed=t) if images else []
+        ctx = make_ctx(t, 2 * t, 2 * t + 2, batches, num_tasks=3)
         method.begin_task(ctx)
         if t == 1:
             _absorbable_in_first_unit(method)
@@ -246,3 +256,85 @@ def test_cli_export_peft_from_a_run(tmp_path, capsys):
     helptext = capsys.readouterr().out
     assert "merged" in helptext and "PEFT LoRA adapter" in helptext and PEFT_VERSION_TESTED in helptext
     assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "m.safetensors")]) == 2
+
+
+# ------------------------------------------------------------------------------------- Hugging Face backbones
+def _hf_kd_method(model_dir: Path):
+    from sdlora.config import MethodConfig
+    from sdlora.methods import create_method
+
+    torch.manual_seed(7)
+    backbone = create_backbone(BackboneConfig(name=f"hf:{model_dir}"), 32)
+    return create_method(from_dict(MethodConfig, {"name": "sdlora_kd", **KD_RR}), backbone)
+
+
+def _readme_code(export: Path, x: torch.Tensor | None = None) -> dict:
+    """Run the Python block of the export's README in ``export`` (``d = "."``), with ``x`` for image models."""
+    import os
+    import re
+
+    code = re.search(r"```python\n(.*?)```", (export / "README.md").read_text(), re.S).group(1)
+    if x is not None:
+        code, n = re.subn(r"^x = \.\.\..*$", "x = _x", code, flags=re.M)
+        assert n == 1
+    cwd = os.getcwd()
+    os.chdir(export)
+    try:
+        namespace: dict = {"_x": x}
+        exec(compile(code, str(export / "README.md"), "exec"), namespace)
+    finally:
+        os.chdir(cwd)
+    return namespace
+
+
+@pytest.mark.parametrize(
+    ("modality", "n_tasks", "include_base"),
+    [("text", 1, True), ("text", 3, True), ("text", 3, False), ("image", 1, True), ("image", 3, True)],
+)
+def test_hf_peft_export_loads_on_the_transformers_model(
+    tmp_path, tiny_bert_dir, tiny_vit_dir, modality, n_tasks, include_base
+):
+    from transformers import AutoModel
+
+    from engine_helpers import tiny_config
+    from hf_helpers import hf_text_config
+    from sdlora.rundir import text_encoder_for_run
+
+    model_dir = tiny_bert_dir if modality == "text" else tiny_vit_dir
+    method, _ = _sdlora_tasks(n_tasks, method=_hf_kd_method(model_dir))
+    method.eval()
+    if modality == "text":
+        cfg_dict = hf_text_config(model_dir, tmp_path / "unused.jsonl", method="sdlora_kd")
+    else:
+        cfg_dict = tiny_config(method={"name": "sdlora_kd"}, backbone={"name": f"hf:{model_dir}"})
+    cfg_dict["method"] = {"name": "sdlora_kd", **KD_RR}
+    cfg = from_dict(RunConfig, cfg_dict)
+    units = method.adapter.named_units()
+    if n_tasks == 3:
+        assert units[0][1].kd_increment.abs().sum() > 0 and len({sum(u.comp_ranks) for _, u in units}) > 1
+    names = [f"c{i}" for i in range(2 * n_tasks)]
+    out = tmp_path / "peft"
+    write_peft_export(method, out, config=cfg, completed_tasks=n_tasks, class_names=names, include_base=include_base)
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    meta = json.loads((out / "sdlora_export.json").read_text())
+    # module names as the transformers model names them (no sdlora wrapper prefix)
+    hf_modules = dict(AutoModel.from_pretrained(str(model_dir)).named_modules())
+    assert adapter_cfg["target_modules"] and all(t in hf_modules for t in adapter_cfg["target_modules"])
+    assert bool(adapter_cfg["rank_pattern"]) == (n_tasks == 3)
+    assert (out / "base").is_dir() == include_base and meta["library"] == "transformers"
+    assert meta["pooling"] == ("mean" if modality == "text" else "cls")
+    assert adapter_cfg["base_model_name_or_path"] == str(model_dir.resolve())
+
+    if modality == "text":
+        ns = _readme_code(out)
+        x = text_encoder_for_run(cfg)(ns["texts"])
+    else:
+        x = torch.rand(3, 3, 32, 32)
+        ns = _readme_code(out, x)
+    assert ns["labels"] == names
+    with torch.no_grad():
+        want_features, want_logits = method.features(x), method(x)
+        torch.testing.assert_close(ns["features"], want_features, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ns["logits"], want_logits, atol=1e-5, rtol=1e-5)
+        # the adapter changes the function (not two bare backbones compared)
+        assert (want_features - method.low_rank_update().base(x)).abs().max() > 1e-3

@@ -219,3 +219,68 @@ def _extra(tmp_path: Path) -> Path:
     for split in ("train", "test"):
         shutil.copytree(src / split / "c7", root / split / "late")
     return root
+
+
+# ------------------------------------------------------------------------------------------------- text runs
+def _text_dir(root: Path, classes: list[int], train: int = 6, test: int = 2) -> Path:
+    """A pre-split text directory (train.jsonl, test.jsonl); class ``cK``'s texts are the same in every directory."""
+    from hf_helpers import class_texts, write_jsonl
+
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", train, 0), ("test", test, 1)):
+        rows = [(t, f"c{c}") for t, c in class_texts(6, n, seed=seed) if c in classes]
+        write_jsonl(root / f"{split}.jsonl", rows)
+    return root
+
+
+def _text_run(base: Path, name: str, root: Path, model_dir: Path, **scenario) -> Path:
+    from hf_helpers import hf_text_config
+
+    cfg = hf_text_config(model_dir, root, scenario={"shuffle": False, **scenario})
+    out = base / name
+    assert main(["-q", "run", str(write_config(base / f"{name}.yaml", cfg)), "--out", str(out)]) == 0
+    return out
+
+
+def test_text_learn_is_the_engines_next_task(tmp_path, tiny_bert_dir, capsys):
+    full = _text_run(tmp_path, "full", _text_dir(tmp_path / "all", [0, 1, 2, 3, 4, 5]), tiny_bert_dir, num_tasks=3)
+    two = _text_run(tmp_path, "two", _text_dir(tmp_path / "first4", [0, 1, 2, 3]), tiny_bert_dir)
+    before = _results(two)
+    report = learn(two, _text_dir(tmp_path / "new", [4, 5]), name="late texts")
+    after, reference = _results(two), _results(full)
+    assert report.task == 2 and report.class_names == ["c4", "c5"] and not report.skipped
+    assert [row[: i + 1] for i, row in enumerate(after["accuracy_matrix"])][:2] == [
+        row[: i + 1] for i, row in enumerate(before["accuracy_matrix"])
+    ]
+    assert after["accuracy_matrix"] == reference["accuracy_matrix"]
+    assert state_fingerprint(build_method_from_run(two)[0]) == state_fingerprint(build_method_from_run(full)[0])
+    assert after["class_names"] == [f"c{i}" for i in range(6)]
+    assert after["learned_tasks"][0]["dataset"] == "text_jsonl"
+    # predict knows the new classes
+    from sdlora.predict import collect_texts
+
+    loaded = load_run(two, device="cpu")
+    texts, _ = collect_texts([str(tmp_path / "new" / "test.jsonl")], loaded.config.data)
+    assert len(texts) == 4 and loaded.class_names == after["class_names"]
+    # known class names (from a single file, split here) are refused, the run is unchanged
+    snapshot = (two / "results.json").read_bytes()
+    clash = tmp_path / "clash.csv"
+    clash.write_text("text,label\nthe cat,C1\na cat,C1\nthe boat,late\na boat,late\n")
+    with pytest.raises(LearnError, match=r"already knows the class\(es\) 'C1' \(known as 'c1'\).*rename their labels"):
+        learn(two, clash)
+    assert main(["learn", str(two), "--data", str(tmp_path / "first4" / "../all")]) == 2  # a folder of jsonl: fine
+    assert "already knows" in capsys.readouterr().err
+    assert main(["learn", str(two), "--data", str(tmp_path)]) == 2
+    assert "this is a text run" in capsys.readouterr().err
+    assert (two / "results.json").read_bytes() == snapshot
+    # the run's own test data changed: its tasks are reported and skipped; a single CSV file is split here
+    with open(tmp_path / "first4" / "test.jsonl", "a") as f:
+        f.write('{"text": "one more cat", "label": "c0"}\n')
+    late = tmp_path / "late.csv"
+    late.write_text("text,label\n" + "".join(f"tree {w},late\n" for w in ("a", "the", "old", "new", "red", "blue")))
+    report = learn(two, late)
+    assert {t for t, _ in report.skipped} == {0, 1} and "has changed" in report.skipped[0][1]
+    res = _results(two)
+    assert res["accuracy_matrix"][3][:2] == [None, None] and res["accuracy_matrix"][3][2] is not None
+    assert res["learned_tasks"][1]["dataset"] == "text_csv" and res["learned_tasks"][1]["name"] == "late"
+    assert res["learned_tasks"][1]["test_count"] == 2 and res["class_names"][-1] == "late"

@@ -155,3 +155,125 @@ def test_simplecil_run_predicts(tmp_path):
     loaded = load_run(run, device="cpu")
     preds, _ = Predictor(loaded).predict([str(p) for p in sorted((data / "test").rglob("*.png"))])
     assert {p.label for p in preds} <= set(CLASSES[:2]) and len(preds) == 4
+
+
+# ------------------------------------------------------------------------------------ Hugging Face backbones
+TEXT_CLASSES = ["c0", "c1", "c2", "c3"]
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, tiny_bert_dir) -> Path:
+    """A two-task SD-LoRA run on a tiny BERT over a text file of four classes (split here)."""
+    from hf_helpers import class_texts, hf_text_config, write_jsonl
+
+    base = tmp_path_factory.mktemp("predict-text")
+    data = write_jsonl(base / "d.jsonl", [(t, TEXT_CLASSES[c]) for t, c in class_texts(4, 8, seed=3)])
+    run = base / "run"
+    assert (
+        main(["-q", "run", str(write_config(base / "c.yaml", hf_text_config(tiny_bert_dir, data))), "--out", str(run)])
+        == 0
+    )
+    return run
+
+
+def _engine_eval(method, x) -> torch.Tensor:
+    method.eval()
+    with torch.no_grad():
+        return method(x)
+
+
+def test_text_predict_equals_the_engine_evaluation(text_run, tmp_path):
+    from sdlora.backbones.hf import load_tokenizer
+    from sdlora.data import load_raw_dataset
+    from sdlora.predict import collect_texts
+
+    results = json.loads((text_run / "results.json").read_text())
+    method, cfg, _ = build_method_from_run(text_run)
+    tokenizer = load_tokenizer(cfg.backbone)
+    data = build_dataset(cfg.data, mean=[0.0] * 3, std=[1.0] * 3, seed=cfg.seed, tokenizer=tokenizer)
+    texts = load_raw_dataset(cfg.data, cfg.seed).test.texts
+    assert texts is not None and len(texts) == len(data.test) == 8
+    # The engine's evaluation: the unmerged method on the run's tokenised test split; it is the accuracy recorded.
+    batch = {k: torch.stack([data.test[i][0][k] for i in range(len(texts))]) for k in data.test[0][0]}
+    engine_logits = _engine_eval(method, batch)
+    position = {c: i for i, c in enumerate(results["class_order"])}
+    labels = [position[int(t)] for t in data.test_targets]
+    correct = [0, 0]
+    for pred, y in zip(engine_logits.argmax(1).tolist(), labels):
+        correct[y // 2] += int(pred == y)
+    assert [100.0 * c / 4 for c in correct] == pytest.approx(results["accuracy_matrix"][-1], abs=1e-6)
+    # predict on the same texts, one per line of a file (blank lines skipped, line numbers kept)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"{t}\n\n" for t in texts), encoding="utf-8")
+    loaded = load_run(text_run, device="cpu")
+    assert loaded.modality == "text" and loaded.method.adapter.merged
+    items, problems = collect_texts([str(notes)], loaded.config.data)
+    assert not problems and [i.source for i in items] == [f"{notes}:{2 * k + 1}" for k in range(8)]
+    preds = Predictor(loaded, batch_size=3).predict_texts(items, top_k=2)
+    assert [p.indices[0] for p in preds] == engine_logits.argmax(1).tolist()
+    top = torch.softmax(engine_logits, 1).topk(2, 1)
+    torch.testing.assert_close(torch.tensor([p.scores for p in preds]), top.values, atol=1e-5, rtol=1e-5)
+    names = [TEXT_CLASSES[c] for c in results["class_order"][:4]]
+    assert loaded.class_names == names and [p.text for p in preds] == texts
+
+
+def test_text_predict_cli_tables_and_unreadable_files(text_run, tmp_path, capsys):
+    texts = ["the cat and a dog", ("a new boat " * 12).strip(), "old food"]
+    (tmp_path / "a.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    (tmp_path / "b.csv").write_text("id,text\n1,the cat and a dog\n2,old food\n", encoding="utf-8")
+    (tmp_path / "c.jsonl").write_text('{"text": "old food", "label": "ignored"}\n', encoding="utf-8")
+    (tmp_path / "bin.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "nocol.csv").write_text("sentence\nhello\n")
+    inputs = [str(tmp_path / n) for n in ("a.txt", "b.csv", "c.jsonl", "bin.txt", "empty.txt", "nocol.csv")]
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(text_run), *inputs, "--top-k", "2", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 3 unreadable input(s)" in err and "Traceback" not in err
+    assert "bin.txt: not UTF-8" in err and "empty.txt: no text" in err
+    assert "nocol.csv:1: header has no column 'text'" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["input"] for r in rows] == [
+        f"{tmp_path}/a.txt:1", f"{tmp_path}/a.txt:2", f"{tmp_path}/a.txt:3",
+        f"{tmp_path}/b.csv:2", f"{tmp_path}/b.csv:3", f"{tmp_path}/c.jsonl:1",
+    ]  # fmt: skip
+    assert [r["text"] for r in rows] == [*texts, texts[0], texts[2], texts[2]]
+    # the same text gets the same prediction whichever file holds it (and whichever batch)
+    assert rows[0]["top_k"] == rows[3]["top_k"] and rows[2]["top_k"] == rows[4]["top_k"] == rows[5]["top_k"]
+    assert all(len(r["top_k"]) == 2 and r["label"] in TEXT_CLASSES for r in rows)
+    # terminal: file:line, the text cut short, the labels
+    assert main(["predict", str(text_run), str(tmp_path / "a.txt")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 and lines[1].startswith(f"{tmp_path}/a.txt:2\t'a new boat") and "...'\t" in lines[1]
+    csv_out = tmp_path / "p.csv"
+    assert main(["predict", str(text_run), str(tmp_path / "b.csv"), "--out", str(csv_out)]) == 0
+    assert csv_out.read_text().splitlines()[0] == "input,text,label,score"
+    # --strict: the unreadable file is named, nothing written; nothing readable at all: exit 2
+    assert main(["predict", str(text_run), inputs[0], inputs[3], "--strict", "--out", str(tmp_path / "s.csv")]) == 2
+    assert "bin.txt" in capsys.readouterr().err and not (tmp_path / "s.csv").exists()
+    assert main(["predict", str(text_run), inputs[4]]) == 2
+    assert "no input to classify" in capsys.readouterr().err
+
+
+def test_hf_vision_predict_uses_the_runs_preprocessing(tmp_path, tiny_vit_dir):
+    """An HF ViT whose image processor normalises with its own mean/std: predict equals the engine's evaluation."""
+    data = tmp_path / "data"
+    _write_folder(data / "train", dict.fromkeys(CLASSES[:2], 4), seed=0)
+    _write_folder(data / "test", dict.fromkeys(CLASSES[:2], 3), seed=1)
+    cfg = tiny_config(
+        backbone={"name": f"hf:{tiny_vit_dir}", "pretrained": True, "normalize": "backbone"},
+        data={"name": "imagefolder", "root": str(data), "train_per_class": None, "test_per_class": None},
+        scenario={"init_cls": 1, "increment": 1},
+        train={"epochs": 2, "threads": 1},
+    )
+    run = tmp_path / "run"
+    assert main(["-q", "run", str(write_config(tmp_path / "c.yaml", cfg)), "--out", str(run)]) == 0
+    method, rcfg, _ = build_method_from_run(run)
+    info = method.backbone_info
+    assert info["mean"] != [0.0, 0.0, 0.0] and info["library"] == "transformers"
+    ds = build_dataset(rcfg.data, mean=info["mean"], std=info["std"], seed=rcfg.seed)
+    engine_logits = _engine_eval(method, torch.stack([ds.test[i][0] for i in range(len(ds.test))]))
+    preds, failures = Predictor(load_run(run, device="cpu")).predict(list(ds.test.paths), top_k=2)
+    assert not failures and [p.indices[0] for p in preds] == engine_logits.argmax(1).tolist()
+    top = torch.softmax(engine_logits, 1).topk(2, 1)
+    torch.testing.assert_close(torch.tensor([p.scores for p in preds]), top.values, atol=1e-5, rtol=1e-5)

@@ -160,29 +160,52 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import PredictError, Predictor, collect_inputs, format_predictions, load_run, write_predictions
+    from collections.abc import Iterator
 
-    files, problems = collect_inputs(args.inputs)
+    from .predict import (
+        PredictError,
+        Prediction,
+        Predictor,
+        TextInput,
+        collect_inputs,
+        collect_texts,
+        format_predictions,
+        load_run,
+        write_predictions,
+    )
+
+    run = load_run(args.run_dir, device=args.device)
+    texts: list[TextInput] = []
+    if run.modality == "text":
+        texts, problems = collect_texts(args.inputs, run.config.data)
+        files: list[str] = []
+    else:
+        files, problems = collect_inputs(args.inputs)
     if problems and args.strict:
         spec, reason = problems[0]
         raise PredictError(f"input {spec}: {reason} (without --strict it is skipped)")
-    if not files:
+    if not files and not texts:
         detail = "; ".join(f"{s}: {r}" for s, r in problems)
         raise PredictError(f"no input to classify ({detail})" if detail else "no input to classify")
-    run = load_run(args.run_dir, device=args.device)
     log.info(
-        "%s: %s after %d task(s), %d classes, %d input(s) on %s",
+        "%s: %s after %d task(s), %d classes, %d %s on %s",
         args.run_dir,
         run.config.method.name,
         run.completed_tasks,
         len(run.class_names),
-        len(files),
+        len(texts) or len(files),
+        "text(s)" if texts else "input(s)",
         run.device,
     )
     predictor = Predictor(run, batch_size=args.batch_size, workers=args.workers)
     preds = []
     failures: list[tuple[str, str]] = list(problems)
-    for batch, bad in predictor.iter_batches(files, args.top_k, strict=args.strict):
+    batches: Iterator[tuple[list[Prediction], list[tuple[str, str]]]]
+    if texts:
+        batches = ((batch, []) for batch in predictor.iter_texts(texts, args.top_k))
+    else:
+        batches = predictor.iter_batches(files, args.top_k, strict=args.strict)
+    for batch, bad in batches:
         failures.extend(bad)
         if args.out:
             preds.extend(batch)
@@ -196,7 +219,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_predictions(preds, args.out)
         print(f"wrote {len(preds)} prediction(s) to {args.out}")
     n_done = len(files) - (len(failures) - len(problems))
-    if n_done == 0:
+    if not texts and n_done == 0:
         raise PredictError(f"none of the {len(files)} input file(s) could be read")
     return 0
 
@@ -260,6 +283,12 @@ EXPORT_EPILOG = """formats:
           (the backbone before training; --no-base leaves it out), sdlora_export.json and a README
           with the loading code (PeftModel.from_pretrained). Low-rank methods only (SD-LoRA family,
           seq_lora, ablations, inflora). Tested with peft 0.21.2.
+          hf: backbones: the adapter applies to the transformers model itself (module names as
+          AutoModel names them): PeftModel.from_pretrained(AutoModel.from_pretrained(DIR/base), DIR).
+          base/ is the untrained model (save_pretrained; --no-base: the run's original model is named
+          instead), classifier.safetensors an nn.Linear(hidden_size, classes), text runs add the
+          tokenizer (AutoTokenizer.from_pretrained(DIR)); the README shows the pooling (cls or mean of
+          last_hidden_state, as the run recorded) that gives sdlora's features.
 """
 
 
@@ -335,12 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "predict",
-        help="classify images with a trained run (merged model, class names from the training data)",
+        help="classify images (or texts, for a text run) with a trained run (merged model, class names from the "
+        "training data)",
         description="Classify images with what a run learned: top-k class names and scores (softmax of the logits "
-        "over the classes seen so far), the run's test transform, everything folded into the backbone.",
+        "over the classes seen so far), the run's test transform, everything folded into the backbone. On a text "
+        "run the inputs are text files: every non-empty line is one text (a .csv/.tsv/.jsonl file: its "
+        "data.text_column), tokenised as in training; each result names its FILE:LINE.",
     )
     sp.add_argument("run_dir")
-    sp.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
+    sp.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files, folders (searched recursively) or glob patterns; text runs: text files, folders or globs",
+    )
     sp.add_argument("--top-k", type=int, default=1, help="classes per input (default 1)")
     sp.add_argument("--out", help="write FILE.csv or FILE.jsonl instead of printing")
     sp.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass (default 64)")
@@ -351,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "learn",
-        help="teach a finished run the new classes found in a folder (one more task, no earlier training data)",
+        help="teach a finished run the new classes found in a folder or text file (one more task, no earlier "
+        "training data)",
         description="The run's model learns one more task made of the classes found in --data, with the run's "
         "method and training settings and none of the earlier training data. The accuracy matrix gains a row and a "
         "column (earlier test sets that are missing are reported and skipped); results, tables, plots and a new "
@@ -362,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--data",
         required=True,
-        help="the new classes: an image folder DIR/<class>/<images> or DIR/train/<class>/... + DIR/test/<class>/...",
+        help="the new classes: an image folder DIR/<class>/<images> or DIR/train/<class>/... + DIR/test/<class>/...; "
+        "text runs: a .csv/.tsv/.jsonl file with the run's text and label columns (split here) or a directory "
+        "holding train.<ext> and test.<ext>",
     )
     sp.add_argument("--name", help="label of the new task in the run's record (default: the folder's name)")
     sp.add_argument("--device", help="where to train (default: the run's train.device)")

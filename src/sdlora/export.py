@@ -16,6 +16,14 @@ unadapted backbone the adapter applies to (``base_model.safetensors``, unless ``
 description (``sdlora_export.json``) and a README with the loading code. Tested with peft
 :data:`PEFT_VERSION_TESTED`.
 
+For a Hugging Face ``hf:`` backbone the adapter applies to the ``transformers`` model itself (module names as
+``AutoModel`` names them, without sdlora's ``hf.`` wrapper prefix), so it loads with
+``PeftModel.from_pretrained(AutoModel.from_pretrained(base), DIR)``; the base is a ``save_pretrained`` directory
+``base/`` (unless ``include_base=False``: then the run's original model), the classifier is an
+``nn.Linear(hidden_size, classes)`` state dict (``weight``, ``bias``), text runs add the tokenizer (saved in the
+export directory itself), and the README shows the pooling (``cls`` or ``mean``, as the run recorded) that turns
+``last_hidden_state`` into the features the classifier takes.
+
 Only methods whose update is low-rank export to PEFT (the SD-LoRA family, seq_lora, the ablations, InfLoRA);
 ``full_ft`` and ``simplecil`` are refused with the reason.
 """
@@ -301,6 +309,86 @@ def peft_adapter(update: LowRankUpdate, base_name: str | None = None) -> tuple[d
     return config, tensors
 
 
+def _peft_readme_hf(meta: dict[str, Any], has_base: bool) -> str:
+    """README of a PEFT export over a Hugging Face model: loading, preprocessing and pooling, runnable as shown."""
+    text = meta["modality"] == "text"
+    base = '"base"' if has_base else repr(meta["base_model"])
+    base_expr = 'f"{d}/base"' if has_base else repr(meta["base_model"])
+    lines = [
+        "import torch",
+        "from peft import PeftModel",
+        "from safetensors.torch import load_file",
+        f"from transformers import AutoModel{', AutoTokenizer' if text else ''}",
+        "",
+        'd = "."  # this directory',
+        'labels = open(f"{d}/labels.txt", encoding="utf-8").read().splitlines()',
+        f"model = PeftModel.from_pretrained(AutoModel.from_pretrained({base_expr}), d).eval()",
+        "# (model.merge_and_unload() folds the adapter in: the bare model's cost)",
+        f"head = torch.nn.Linear({meta['hidden_size']}, len(labels))",
+        'head.load_state_dict(load_file(f"{d}/classifier.safetensors"))  # strict',
+        "",
+    ]
+    if text:
+        lines += [
+            "tokenizer = AutoTokenizer.from_pretrained(d)",
+            'texts = ["a text to classify", "another one"]',
+            f"batch = tokenizer(texts, padding=True, truncation=True, max_length={meta['max_length']}, "
+            'return_tensors="pt")',
+            "with torch.no_grad():",
+            "    hidden = model(**batch).last_hidden_state",
+        ]
+        if meta["pooling"] == "mean":
+            lines += [
+                '    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)',
+                "    features = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # mean over the kept tokens",
+            ]
+        else:
+            lines += ["    features = hidden[:, 0]  # the first ([CLS]) token"]
+    else:
+        flag = ", interpolate_pos_encoding=True" if meta["interpolate_pos_encoding"] else ""
+        lines += [
+            f"x = ...  # [B, 3, {meta['preprocessing']['crop']}, {meta['preprocessing']['crop']}] float, "
+            "preprocessed as below",
+            "with torch.no_grad():",
+            f"    hidden = model(pixel_values=x{flag}).last_hidden_state",
+        ]
+        if meta["pooling"] == "mean":
+            lines += [f"    features = hidden[:, {meta['prefix_tokens']}:].mean(1)  # mean over the patch tokens"]
+        else:
+            lines += ["    features = hidden[:, 0]  # the class token"]
+    lines += ["    logits = head(features)", "print([labels[i] for i in logits.argmax(1)])"]
+    out = (
+        f"# sdlora export: PEFT LoRA adapter + classifier\n\n"
+        f"Run: method `{meta['method']}`, {meta['completed_tasks']} task(s), {meta['num_classes']} classes; "
+        f"backbone `{meta['backbone']}` ({meta['model_class']}, {meta['modality']}, pooling `{meta['pooling']}`; "
+        f"weights {meta['weights_tag']}).\n\n"
+        f"The adapter is exact: with the pooling below it gives the features sdlora computes (tested with peft "
+        f"{PEFT_VERSION_TESTED}). It applies to the transformers model itself (module names as AutoModel names "
+        "them).\n\n"
+    )
+    if has_base:
+        out += "`base/` is the unadapted model (save_pretrained), the one the adapter was trained on.\n\n"
+    else:
+        out += (
+            f"The base model is not included: load {base} (weights sha256 {meta['weights_sha256']}), the model the "
+            "adapter was trained on.\n\n"
+        )
+    out += "```python\n" + "\n".join(lines) + "\n```\n"
+    if text:
+        out += (
+            f"\nTexts are tokenised as in training: truncated to {meta['max_length']} tokens (sdlora pads to that "
+            "length and drops the padding no text of a batch uses; padding does not change the features).\n"
+        )
+    else:
+        pre = meta["preprocessing"]
+        out += (
+            f"\nInputs: RGB, shorter side resized to {pre['resize']} px (bicubic, antialiased), centre crop "
+            f"{pre['crop']} px, values in [0, 1], then (x - mean) / std with mean {pre['mean']} and std "
+            f"{pre['std']}.\n"
+        )
+    return out
+
+
 def _peft_readme(meta: dict[str, Any], has_base: bool) -> str:
     arch = meta["timm_architecture"]
     kwargs = json.dumps(meta["timm_kwargs"])
@@ -415,14 +503,23 @@ def write_peft_export(
     names = list(class_names)
     if len(names) != head[0].shape[0]:
         raise ExportError(f"{len(names)} class names for a classifier of {head[0].shape[0]} classes")
-    arch = _timm_architecture(update.base)
-    adapter_config, adapter_tensors = peft_adapter(update, base_name=arch)
-    clf_name = _classifier_name(update.base)
-    classifier = {
-        f"{clf_name}.weight": head[0].detach().cpu().contiguous().clone(),
-        f"{clf_name}.bias": head[1].detach().cpu().contiguous().clone(),
-    }
+    from .backbones.hf import HFFeatureExtractor
+
+    extractor = update.base if isinstance(update.base, HFFeatureExtractor) else None
     info = method.backbone_info
+    base_name: str | None
+    if extractor is not None:
+        update, base_name = _hf_update(update, extractor, cfg)
+        arch = None
+        clf_name = ""  # an nn.Linear(hidden_size, classes): keys weight, bias
+    else:
+        arch = base_name = _timm_architecture(update.base)
+        clf_name = _classifier_name(update.base) + "."
+    adapter_config, adapter_tensors = peft_adapter(update, base_name=base_name)
+    classifier = {
+        f"{clf_name}weight": head[0].detach().cpu().contiguous().clone(),
+        f"{clf_name}bias": head[1].detach().cpu().contiguous().clone(),
+    }
     ranks = {n: int(a.shape[0]) for n, (a, _) in update.factors.items()}
     meta: dict[str, Any] = {
         "format": PEFT_EXPORT_FORMAT,
@@ -441,8 +538,6 @@ def write_peft_export(
         },
         "weights_tag": info.get("tag"),
         "weights_sha256": info.get("weights_sha256"),
-        "timm_architecture": arch,
-        "timm_kwargs": _timm_kwargs(cfg),
         "classifier_keys": sorted(classifier),
         "preprocessing": {
             "crop": cfg.data.image_size,
@@ -455,6 +550,23 @@ def write_peft_export(
         "total_rank": sum(ranks.values()),
         "files": {},
     }
+    if extractor is None:
+        meta.update(library="timm", timm_architecture=arch, timm_kwargs=_timm_kwargs(cfg))
+    else:
+        meta.update(
+            library="transformers",
+            base_model=base_name,
+            base_included=include_base,
+            model_class=type(extractor.hf).__name__,
+            hidden_size=extractor.num_features,
+            modality=extractor.modality,
+            pooling=extractor.pooling,
+            prefix_tokens=extractor.prefix_tokens,
+            interpolate_pos_encoding=extractor.interpolate_pos_encoding,
+            max_length=cfg.data.max_length if extractor.modality == "text" else None,
+        )
+        if extractor.modality == "text":
+            del meta["preprocessing"]
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
@@ -464,13 +576,22 @@ def write_peft_export(
             "adapter_model.safetensors": save(adapter_tensors, metadata={"format": "pt"}),
             "classifier.safetensors": save(classifier, metadata={"format": "pt"}),
         }
-        if include_base:
+        if include_base and extractor is None:
             files["base_model.safetensors"] = save(_state_cpu(update.base), metadata={"format": "pt"})
         for fname, blob in files.items():
             atomic_write_bytes(tmp / fname, blob)
+        if extractor is not None:
+            if include_base:
+                hf_model: Any = extractor.hf  # a transformers PreTrainedModel (W0: the unadapted copy)
+                hf_model.save_pretrained(str(tmp / "base"))
+            if extractor.modality == "text":
+                from .backbones.hf import load_tokenizer
+
+                load_tokenizer(cfg.backbone).save_pretrained(str(tmp))
         atomic_write_text(tmp / "labels.txt", "".join(f"{n}\n" for n in names))
-        meta["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir())}
-        atomic_write_text(tmp / "README.md", _peft_readme(meta, include_base))
+        meta["files"] = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        readme = _peft_readme(meta, include_base) if extractor is None else _peft_readme_hf(meta, include_base)
+        atomic_write_text(tmp / "README.md", readme)
         atomic_write_json(tmp / _MARKER, meta)
         old = None
         if target.exists():
@@ -486,4 +607,35 @@ def write_peft_export(
         f"PEFT LoRA adapter on {len(ranks)} module(s) (total rank {meta['total_rank']}), classifier for "
         f"{len(names)} classes" + (", base backbone" if include_base else "") + f", after task {completed_tasks}"
     )
-    return ExportSummary(target, desc, f"see {target / 'README.md'}")
+    notes = []
+    if extractor is not None:
+        notes.append(
+            f"the adapter applies to the transformers {meta['model_class']} itself; features = {meta['pooling']} "
+            "pooling of last_hidden_state (README.md)"
+        )
+        if not include_base and not cfg.backbone.pretrained:
+            notes.append(
+                "the run's backbone was randomly initialised (backbone.pretrained=false): without base/ nothing "
+                "outside this run has its weights; export again without --no-base"
+            )
+    return ExportSummary(target, desc, f"see {target / 'README.md'}", notes)
+
+
+def _hf_update(update: LowRankUpdate, extractor: Any, cfg: RunConfig) -> tuple[LowRankUpdate, str]:
+    """``update`` over sdlora's :class:`~sdlora.backbones.hf.HFFeatureExtractor`, re-expressed over the
+    ``transformers`` model it wraps (``extractor.hf``: module names without the ``hf.`` prefix), and the name of
+    the original model (hub id or local directory) for ``base_model_name_or_path``."""
+    from .backbones.hf import hf_source
+
+    outside = [n for n in update.factors if not n.startswith("hf.")]
+    if outside:
+        raise ExportError(
+            f"adapted modules {outside} are outside the transformers model (sdlora's wrapper names its modules "
+            "hf.<name>); set method.adapter.targets to attention projections of the model"
+        )
+    factors = {name.removeprefix("hf."): f for name, f in update.factors.items()}
+    try:
+        source = hf_source(cfg.backbone)[0]
+    except (OSError, ValueError):  # the original directory is gone: the name is only a record here
+        source = cfg.backbone.name.removeprefix("hf:")
+    return LowRankUpdate(extractor.hf, factors), source

@@ -9,9 +9,12 @@ given had those classes been the scenario's next task.
 Data. ``NEW_ROOT`` belongs to the run's dataset family: for image runs an image folder, either pre-split
 (``NEW_ROOT/train/<class>/...`` and ``NEW_ROOT/test/<class>/...``) or one tree ``NEW_ROOT/<class>/...`` split per
 class with the run's ``data.test_fraction`` and seed. Every image is used (the run's ``train_per_class`` and
-``test_per_class`` caps are not applied), with the run's image size, augmentation and normalisation. A class name
-the run already knows (compared case-insensitively) is refused: this is class-incremental learning, not
-fine-tuning.
+``test_per_class`` caps are not applied), with the run's image size, augmentation and normalisation. For text runs
+(a Hugging Face text backbone) a ``text_csv`` / ``text_jsonl`` source with the run's ``data.text_column`` and
+``data.label_column``: one ``.csv`` / ``.tsv`` / ``.jsonl`` file split per class with the run's
+``data.test_fraction`` and seed, or a directory holding ``train.<ext>`` and ``test.<ext>``; tokenised with the
+run's tokenizer and ``data.max_length``. A class name the run already knows (compared case-insensitively) is
+refused: this is class-incremental learning, not fine-tuning.
 
 Evaluation. The new row of the accuracy matrix covers the new task and every earlier one: the run's own test
 split (rebuilt from its config and checked against the ``data_identity`` digest the run recorded) and the test
@@ -107,27 +110,64 @@ def _with_eval_transform(data: DatasetBundle) -> Dataset:
     return train_eval
 
 
-def _folder_config(cfg: RunConfig, root: Path, fmt: str | None = None) -> DataConfig:
-    """An image-folder data config for ``root`` with the run's image settings and no per-class caps."""
+#: Text datasets learned classes can come from, by file suffix.
+_TEXT_SOURCES = {".jsonl": "text_jsonl", ".csv": "text_csv", ".tsv": "text_csv"}
+
+
+def _text_dataset_name(root: Path) -> str | None:
+    """``text_jsonl`` / ``text_csv`` for a data file or a directory holding ``train.<ext>`` (None: neither)."""
+    if root.is_file():
+        return _TEXT_SOURCES.get(root.suffix.lower())
+    return next((name for ext, name in _TEXT_SOURCES.items() if (root / f"train{ext}").is_file()), None)
+
+
+def _source_config(
+    cfg: RunConfig, root: Path, fmt: str | None = None, text: bool = False, dataset: str | None = None
+) -> DataConfig:
+    """The data config of learned classes at ``root``: an image folder with the run's image settings, or (``text``)
+    a text file / directory with the run's columns and ``max_length``; no per-class caps."""
+    if not text:
+        return DataConfig(
+            name="imagefolder",
+            root=str(root),
+            format=fmt,
+            image_size=cfg.data.image_size,
+            test_fraction=cfg.data.test_fraction,
+            augment=cfg.data.augment,
+            download=False,
+            num_workers=cfg.data.num_workers,
+        )
     return DataConfig(
-        name="imagefolder",
+        name=dataset or _text_dataset_name(root) or "text_jsonl",
         root=str(root),
         format=fmt,
-        image_size=cfg.data.image_size,
+        max_length=cfg.data.max_length,
         test_fraction=cfg.data.test_fraction,
-        augment=cfg.data.augment,
+        text_column=cfg.data.text_column,
+        label_column=cfg.data.label_column,
         download=False,
         num_workers=cfg.data.num_workers,
     )
 
 
-def _load_new_data(cfg: RunConfig, root: Path, shown: str, mean: Any, std: Any) -> DatasetBundle:
-    if not root.is_dir():
+def _load_new_data(
+    cfg: RunConfig, root: Path, shown: str, mean: Any, std: Any, tokenizer: Any = None
+) -> DatasetBundle:
+    text = tokenizer is not None
+    if text and _text_dataset_name(root) is None:
+        raise LearnError(
+            f"--data {shown}: this is a text run; give a .jsonl, .csv or .tsv file (one text per row, columns "
+            f"{cfg.data.text_column!r} and {cfg.data.label_column!r}; split here with test_fraction="
+            f"{cfg.data.test_fraction}) or a directory holding train.jsonl and test.jsonl (or train.csv / test.csv)"
+        )
+    if not text and not root.is_dir():
         raise LearnError(
             f"--data {shown}: not a folder (expected {shown}/<class>/<images>, or train/ and test/ inside it)"
         )
     try:
-        data = build_dataset(_folder_config(cfg, root), mean=mean, std=std, seed=cfg.seed)
+        data = build_dataset(
+            _source_config(cfg, root, text=text), mean=mean, std=std, seed=cfg.seed, tokenizer=tokenizer
+        )
     except (FileNotFoundError, ValueError) as e:
         raise LearnError(f"--data {shown}: {e}") from None
     counts_train = np.bincount(data.train_targets, minlength=data.num_classes)
@@ -135,13 +175,14 @@ def _load_new_data(cfg: RunConfig, root: Path, shown: str, mean: Any, std: Any) 
     empty = [data.class_names[c] for c in range(data.num_classes) if counts_test[c] == 0 or counts_train[c] == 0]
     if empty:
         raise LearnError(
-            f"--data {shown}: classes {empty} need at least one training and one test image (a single tree is split "
-            f"with test_fraction={cfg.data.test_fraction}; a class needs two images there)"
+            f"--data {shown}: classes {empty} need at least one training and one test "
+            f"{'text' if text else 'image'} (a single {'file' if text else 'tree'} is split with test_fraction="
+            f"{cfg.data.test_fraction}; a class needs two {'texts' if text else 'images'} there)"
         )
     return data
 
 
-def _check_new_names(known: list[str], new: list[str], root: str) -> None:
+def _check_new_names(known: list[str], new: list[str], root: str, text: bool = False) -> None:
     seen = {n.strip().casefold(): n for n in known}
     clash = [
         repr(n) if seen[n.strip().casefold()] == n else f"{n!r} (known as {seen[n.strip().casefold()]!r})"
@@ -151,7 +192,8 @@ def _check_new_names(known: list[str], new: list[str], root: str) -> None:
     if clash:
         raise LearnError(
             f"--data {root}: the run already knows the class(es) {', '.join(clash)}; sdlora learn adds new classes "
-            "(class-incremental), it does not fine-tune known ones. Remove or rename those folders."
+            "(class-incremental), it does not fine-tune known ones. "
+            + ("Remove those rows or rename their labels." if text else "Remove or rename those folders.")
         )
 
 
@@ -166,7 +208,7 @@ class _Source:
     positions: dict[int, int]  # label in that dataset -> class position in the run
 
 
-def _earlier_sources(cfg: RunConfig, results: dict[str, Any]) -> list[_Source]:
+def _earlier_sources(cfg: RunConfig, results: dict[str, Any], text: bool = False) -> list[_Source]:
     """The sources of every earlier task's test data, with the class positions of their labels."""
     learned = {int(r["task"]): r for r in results.get("learned_tasks") or []}
     base = _Source(f"the run's {cfg.data.name} test split", cfg.data, results.get("data_identity") or {}, [], {})
@@ -180,7 +222,7 @@ def _earlier_sources(cfg: RunConfig, results: dict[str, Any]) -> list[_Source]:
             root = Path(rec["root"])
             src = _Source(
                 f"the test split of learned task {t + 1} ({root})",
-                _folder_config(cfg, root, rec.get("format")),
+                _source_config(cfg, root, rec.get("format"), text, rec.get("dataset")),
                 rec.get("identity") or {},
                 [],
                 {},
@@ -195,7 +237,7 @@ def _earlier_sources(cfg: RunConfig, results: dict[str, Any]) -> list[_Source]:
 
 
 def _earlier_tests(
-    cfg: RunConfig, sources: list[_Source], mean: Any, std: Any
+    cfg: RunConfig, sources: list[_Source], mean: Any, std: Any, tokenizer: Any = None
 ) -> tuple[list[Dataset], list[tuple[int, str]]]:
     """Rebuild each source's test split and check it against the digest the run recorded.
 
@@ -207,7 +249,7 @@ def _earlier_tests(
     skipped: list[tuple[int, str]] = []
     for src in sources:
         try:
-            data = build_dataset(src.data, mean=mean, std=std, seed=cfg.seed)
+            data = build_dataset(src.data, mean=mean, std=std, seed=cfg.seed, tokenizer=tokenizer)
         except Exception as e:  # missing or unreadable data: reported, not fatal
             skipped.extend((t, f"{src.what} is not available ({e})") for t in src.tasks)
             continue
@@ -231,7 +273,8 @@ def learn(
 
     Args:
         run_dir: a finished run directory.
-        data_root: the new classes (an image folder for image runs).
+        data_root: the new classes (an image folder for image runs; a text CSV / JSONL file or a directory of
+            ``train.<ext>`` and ``test.<ext>`` for text runs).
         name: a label for the new task (default: the folder's name).
         device: where to train (default: the run's ``train.device``).
 
@@ -283,11 +326,17 @@ def _learn_locked(
             f"{results['completed_tasks']} tasks; the run directory is inconsistent"
         )
     mean, std = results["backbone"]["mean"], results["backbone"]["std"]
-    new = _load_new_data(cfg, root, str(data_root), mean, std)
+    text = results["backbone"].get("modality") == "text"
+    tokenizer = None
+    if text:
+        from .backbones.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.backbone)  # what the run's data pipeline tokenised with
+    new = _load_new_data(cfg, root, str(data_root), mean, std, tokenizer)
     seen = sum(len(t) for t in results["tasks"])
     known = run_class_names(out, cfg, seen)
-    _check_new_names(known, new.class_names, str(data_root))
-    label = name or root.name
+    _check_new_names(known, new.class_names, str(data_root), text)
+    label = name or (root.stem if root.is_file() else root.name)
 
     file_handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -298,13 +347,14 @@ def _learn_locked(
             torch.set_num_threads(tcfg.threads)
         dev = select_device(device or tcfg.device, DistInfo())
         log.info(
-            "learn %r: %d new classes (%s) from %s, %d train / %d test images, as task %d of run %s on %s",
+            "learn %r: %d new classes (%s) from %s, %d train / %d test %s, as task %d of run %s on %s",
             label,
             new.num_classes,
             ", ".join(new.class_names),
             data_root,
             len(new.train_targets),
             len(new.test_targets),
+            "texts" if text else "images",
             task + 1,
             out,
             dev,
@@ -322,7 +372,7 @@ def _learn_locked(
         # ids 0..K-1 and earlier learned ones), so an id never names two classes.
         next_id = max(int(c) for c in results["class_order"]) + 1
         new_ids = list(range(next_id, next_id + new.num_classes))
-        earlier, skipped_at = _earlier_tests(cfg, _earlier_sources(cfg, results), mean, std)
+        earlier, skipped_at = _earlier_tests(cfg, _earlier_sources(cfg, results, text), mean, std, tokenizer)
         for t, reason in skipped_at:
             log.warning("task %d is not evaluated in the new row: %s", t + 1, reason)
         start, end = seen, seen + new.num_classes
@@ -348,6 +398,7 @@ def _learn_locked(
             "task": task,
             "name": label,
             "root": str(root),
+            "dataset": new.info.get("name"),
             "format": new.info.get("format"),
             "class_names": list(new.class_names),
             "class_ids": new_ids,

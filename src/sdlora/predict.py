@@ -3,8 +3,12 @@
 :func:`load_run` rebuilds a run's method from its newest checkpoint, folds everything learned into the backbone
 (``Method.merge_for_inference``: inference at the cost of the bare backbone) and reads the names of the classes
 seen so far. :class:`Predictor` decodes image files with the run's test transform (the one the run evaluated
-with), batches them and returns the top-k classes of each. Inputs that cannot be read are reported by name and
-skipped (or stop the call, ``strict=True``); they never abort a long job half-way with a traceback.
+with: its image size and its backbone's normalisation, e.g. a Hugging Face image processor's mean and std), batches
+them and returns the top-k classes of each. On a text run (a Hugging Face text backbone) the inputs are texts
+(:func:`collect_texts`: every non-empty line of a file, or the run's text column of a CSV / TSV / JSONL file),
+tokenised with the run's tokenizer and ``data.max_length`` as in training; each prediction names its file and line
+(``notes.txt:3``). Inputs that cannot be read are reported by name and skipped (or stop the call,
+``strict=True``); they never abort a long job half-way with a traceback.
 
 Scores are the softmax of the method's logits over every class seen so far (for SimpleCIL, of its scaled cosine
 similarities), so they rank classes; they are not calibrated probabilities.
@@ -26,8 +30,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .config import RunConfig
-from .data import ImageTransform, read_image_file
+from .data import ImageTransform, TextEncoder, batch_to, read_image_file
 from .data.readers import IMG_EXTENSIONS
+from .data.text_readers import read_texts
 from .fileio import atomic_write_text, read_json, to_jsonable
 from .methods import Method
 
@@ -36,8 +41,10 @@ __all__ = [
     "Prediction",
     "PredictError",
     "Predictor",
+    "TextInput",
     "check_device",
     "collect_inputs",
+    "collect_texts",
     "format_predictions",
     "load_run",
     "run_class_names",
@@ -62,8 +69,9 @@ class LoadedRun:
         config: the run's config.
         record: the checkpoint record (``task``: 0-based index of the last finished task).
         class_names: names of the classes seen so far, in logit order.
-        transform: the run's test transform (uint8 image -> model input).
+        transform: image runs: the run's test transform (uint8 image -> model input); ``None`` for text runs.
         device: where the method lives.
+        encoder: text runs: the run's tokenisation (tokenizer and ``data.max_length``); ``None`` for image runs.
     """
 
     run_dir: Path
@@ -71,12 +79,18 @@ class LoadedRun:
     config: RunConfig
     record: dict[str, Any]
     class_names: list[str]
-    transform: ImageTransform
+    transform: ImageTransform | None
     device: torch.device
+    encoder: TextEncoder | None = None
 
     @property
     def completed_tasks(self) -> int:
         return int(self.record["task"]) + 1
+
+    @property
+    def modality(self) -> str:
+        """``"text"`` or ``"image"``: what the run's backbone reads."""
+        return "text" if self.encoder is not None else "image"
 
 
 def run_class_names(run_dir: str | os.PathLike, cfg: RunConfig, num_seen: int) -> list[str]:
@@ -148,14 +162,16 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto") -> LoadedRun:
         RunError: not a run directory, no checkpoint yet, a damaged checkpoint, or CUDA asked for but absent.
     """
     from .engine import DistInfo, select_device
-    from .rundir import build_method_from_run
+    from .rundir import build_method_from_run, text_encoder_for_run
 
     dev = select_device(check_device(device), DistInfo())
     method, cfg, record = build_method_from_run(run_dir, device=str(dev))
     method.merge_for_inference()
     info = method.backbone_info
-    transform = ImageTransform(cfg.data.image_size, train=False, mean=info["mean"], std=info["std"])
     names = run_class_names(run_dir, cfg, _num_seen(method))
+    if info.get("modality") == "text":
+        return LoadedRun(Path(run_dir), method, cfg, record, names, None, dev, text_encoder_for_run(cfg))
+    transform = ImageTransform(cfg.data.image_size, train=False, mean=info["mean"], std=info["std"])
     return LoadedRun(Path(run_dir), method, cfg, record, names, transform, dev)
 
 
@@ -229,6 +245,78 @@ def collect_inputs(specs: Sequence[str]) -> tuple[list[str], list[tuple[str, str
     return files, problems
 
 
+@dataclass(frozen=True)
+class TextInput:
+    """One text to classify and where it came from (``source``: ``file:line``)."""
+
+    source: str
+    text: str
+
+
+def _text_files_under(directory: str) -> list[str]:
+    """Files under ``directory`` (recursive, sorted, hidden ones left out) that :func:`collect_texts` reads."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+    return out
+
+
+def collect_texts(specs: Sequence[str], data: Any) -> tuple[list[TextInput], list[tuple[str, str]]]:
+    """The texts of files, folders (recursively, every file) and glob patterns, for a text run.
+
+    Each file is read with :func:`sdlora.data.text_readers.read_texts`: ``.csv`` / ``.tsv`` / ``.jsonl`` files give
+    the run's text column (``data.text_column``; a label column is not needed), any other file one text per
+    non-empty line. Files are kept once, in first-seen order.
+
+    Args:
+        specs: the command line's inputs.
+        data: the run's ``DataConfig`` (its text column).
+
+    Returns:
+        ``(texts, problems)``: the texts with ``file:line`` sources, and ``(spec or file, reason)`` for specs that
+        name nothing and files that cannot be read (not UTF-8, a bad row, no text).
+    """
+    files: list[str] = []
+    seen: set[str] = set()
+    problems: list[tuple[str, str]] = []
+
+    def add(path: str) -> None:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = _text_files_under(spec)
+            if not found:
+                problems.append((spec, "folder holds no files"))
+            for p in found:
+                add(p)
+        elif os.path.exists(spec):
+            add(spec)
+        elif _is_glob(spec):
+            hits = sorted(glob.glob(spec, recursive=True))
+            if not hits:
+                problems.append((spec, "pattern matches no file"))
+            for hit in hits:
+                for p in _text_files_under(hit) if os.path.isdir(hit) else [hit]:
+                    add(p)
+        else:
+            problems.append((spec, "no such file or folder"))
+    texts: list[TextInput] = []
+    for path in files:
+        try:
+            lines, numbers = read_texts(path, data)
+        except (OSError, ValueError) as e:
+            # the readers' messages start with the path; the caller's report names it already
+            problems.append((path, str(e).removeprefix(f"{path}: ").removeprefix(f"{Path(path)}: ")))
+            continue
+        texts += [TextInput(f"{path}:{n}", t) for t, n in zip(lines, numbers)]
+    return texts, problems
+
+
 class _ImageFiles(Dataset):
     """``(index, input tensor or None, reason)`` for each file: a decode error becomes a reason, not an exception,
     so one bad file in a DataLoader worker does not stop the others."""
@@ -264,6 +352,7 @@ class Prediction:
     labels: list[str]
     scores: list[float]
     indices: list[int] = field(default_factory=list)
+    text: str | None = None  # text runs: the text that was classified (``input`` is its ``file:line``)
 
     @property
     def label(self) -> str:
@@ -275,7 +364,7 @@ class Prediction:
 
 
 class Predictor:
-    """Classify image files with a loaded run.
+    """Classify image files (:meth:`iter_batches`) or texts (:meth:`iter_texts`) with a loaded run.
 
     Args:
         run: from :func:`load_run`.
@@ -293,10 +382,10 @@ class Predictor:
         self.workers = workers
 
     @torch.no_grad()
-    def logits(self, x: Tensor) -> Tensor:
+    def logits(self, x: Tensor | dict[str, Tensor]) -> Tensor:
         """Logits of a batch of model inputs (as the engine evaluates: autocast when the run trained with AMP)."""
         run = self.run
-        x = x.to(run.device, non_blocking=True)
+        x = batch_to(x, run.device, non_blocking=True)
         if run.config.train.amp and run.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return run.method(x).float()
@@ -312,8 +401,8 @@ class Predictor:
         """
         if top_k < 1:
             raise PredictError(f"--top-k must be at least 1, got {top_k}")
-        names = self.run.class_names
-        k = min(top_k, len(names))
+        if self.run.transform is None:
+            raise PredictError(f"{self.run.run_dir} is a text run: it classifies texts, not image files")
         loader = DataLoader(
             _ImageFiles(paths, self.run.transform),
             batch_size=self.batch_size,
@@ -329,14 +418,48 @@ class Predictor:
             if strict and failures:
                 path, reason = failures[0]
                 raise PredictError(f"cannot read input {path}: {reason} (without --strict it is skipped)")
-            preds: list[Prediction] = []
-            if x is not None:
-                probs = torch.softmax(self.logits(x), dim=1)
-                top = probs.topk(k, dim=1)
-                for row, i in enumerate(idx):
-                    pos = top.indices[row].tolist()
-                    preds.append(Prediction(paths[i], [names[p] for p in pos], top.values[row].tolist(), pos))
+            preds = self._top_k(x, [paths[i] for i in idx], top_k) if x is not None else []
             yield preds, failures
+
+    def _top_k(
+        self, x: Tensor | dict[str, Tensor], inputs: Sequence[str], top_k: int, texts: Sequence[str] | None = None
+    ) -> list[Prediction]:
+        names = self.run.class_names
+        probs = torch.softmax(self.logits(x), dim=1)
+        top = probs.topk(min(top_k, len(names)), dim=1)
+        preds = []
+        for row, name in enumerate(inputs):
+            pos = top.indices[row].tolist()
+            text = texts[row] if texts is not None else None
+            preds.append(Prediction(name, [names[p] for p in pos], top.values[row].tolist(), pos, text))
+        return preds
+
+    def iter_texts(self, texts: Sequence[TextInput], top_k: int, progress: bool = True) -> Iterator[list[Prediction]]:
+        """Yield the predictions of each batch of ``texts`` (a text run), in input order.
+
+        Each batch is tokenised with the run's tokenizer and ``data.max_length`` (truncated and padded as the
+        training data was, :class:`sdlora.data.TextEncoder`).
+
+        Raises:
+            PredictError: an image run, or ``top_k`` < 1.
+        """
+        if top_k < 1:
+            raise PredictError(f"--top-k must be at least 1, got {top_k}")
+        encoder = self.run.encoder
+        if encoder is None:
+            raise PredictError(f"{self.run.run_dir} is an image run: it classifies image files, not texts")
+        from tqdm import tqdm
+
+        starts = range(0, len(texts), self.batch_size)
+        quiet = not progress or not sys.stderr.isatty() or len(starts) < 2
+        for start in tqdm(starts, desc="predict", leave=False, disable=quiet):
+            chunk = texts[start : start + self.batch_size]
+            batch = encoder([t.text for t in chunk])
+            yield self._top_k(batch, [t.source for t in chunk], top_k, [t.text for t in chunk])
+
+    def predict_texts(self, texts: Sequence[TextInput], top_k: int = 1, progress: bool = True) -> list[Prediction]:
+        """All predictions of ``texts`` (see :meth:`iter_texts`)."""
+        return [p for batch in self.iter_texts(texts, top_k, progress) for p in batch]
 
     def predict(
         self, paths: Sequence[str], top_k: int = 1, strict: bool = False, progress: bool = True
@@ -356,14 +479,15 @@ def _csv_text(preds: Sequence[Prediction]) -> str:
     import io
 
     k = max((len(p.labels) for p in preds), default=1)
-    header = ["input", "label", "score"]
+    has_text = any(p.text is not None for p in preds)
+    header = ["input", *(["text"] if has_text else []), "label", "score"]
     for j in range(2, k + 1):
         header += [f"label_{j}", f"score_{j}"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
     for p in preds:
-        row: list[Any] = [p.input]
+        row: list[Any] = [p.input, *([p.text or ""] if has_text else [])]
         for label, score in zip(p.labels, p.scores):
             row += [label, f"{score:.6f}"]
         w.writerow(row)
@@ -376,7 +500,10 @@ def _jsonl_text(preds: Sequence[Prediction]) -> str:
     lines = []
     for p in preds:
         top = [{"label": lab, "score": s, "index": i} for lab, s, i in zip(p.labels, p.scores, p.indices)]
-        record = {"input": p.input, "label": p.label, "score": p.score, "top_k": top}
+        record: dict[str, Any] = {"input": p.input}
+        if p.text is not None:
+            record["text"] = p.text
+        record.update(label=p.label, score=p.score, top_k=top)
         lines.append(json.dumps(to_jsonable(record), ensure_ascii=False))
     return "".join(line + "\n" for line in lines)
 
@@ -385,7 +512,8 @@ def write_predictions(preds: Sequence[Prediction], out: str | os.PathLike) -> No
     """Write predictions to ``out`` (``.csv`` or ``.jsonl``), atomically.
 
     CSV columns: ``input, label, score`` then ``label_j, score_j`` for j = 2..k. JSONL: one object per input,
-    ``{"input", "label", "score", "top_k": [{"label", "score", "index"}, ...]}``.
+    ``{"input", "label", "score", "top_k": [{"label", "score", "index"}, ...]}``. Text predictions also have a
+    ``text`` column / key after ``input`` (the whole text; ``input`` is its ``file:line``).
 
     Raises:
         PredictError: another extension, or the folder of ``out`` does not exist.
@@ -399,8 +527,21 @@ def write_predictions(preds: Sequence[Prediction], out: str | os.PathLike) -> No
     atomic_write_text(path, _csv_text(preds) if suffix == ".csv" else _jsonl_text(preds))
 
 
+#: Characters of a text shown on the terminal (the CSV / JSONL output keeps the whole text).
+SHOWN_TEXT_CHARS = 48
+
+
+def _shown(text: str) -> str:
+    flat = " ".join(text.split())
+    return repr(flat if len(flat) <= SHOWN_TEXT_CHARS else flat[: SHOWN_TEXT_CHARS - 3] + "...")
+
+
 def format_predictions(preds: Sequence[Prediction]) -> str:
-    """One line per input for the terminal: ``input<TAB>label (score)[, label_2 (score_2) ...]``."""
+    """One line per input for the terminal: ``input<TAB>label (score)[, label_2 (score_2) ...]``; text predictions
+    show the text (cut to :data:`SHOWN_TEXT_CHARS` characters) after the ``file:line``."""
     return "\n".join(
-        f"{p.input}\t" + ", ".join(f"{lab} ({s:.3f})" for lab, s in zip(p.labels, p.scores)) for p in preds
+        f"{p.input}\t"
+        + (f"{_shown(p.text)}\t" if p.text is not None else "")
+        + ", ".join(f"{lab} ({s:.3f})" for lab, s in zip(p.labels, p.scores))
+        for p in preds
     )

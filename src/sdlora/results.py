@@ -52,11 +52,12 @@ class RunResults:
             in records written before it existed.
         inference_passes: backbone forward passes the method needs per prediction (``Method.inference_passes``:
             1, or 2 for the prompt methods' query and prompted passes); 1 in records written before it existed.
-        learned_tasks: one entry per task added by ``sdlora learn`` (``task``, ``name``, ``root``, ``format``,
-            ``class_names``, ``class_ids``, train/test counts, the folder's ``identity``): where its data is and how
-            to recognise it, so later learns can evaluate on its test split. Learned classes take ids after every
-            id used before (``class_order``), and a learn drops unseen dataset classes from ``class_order`` and
-            ``class_names``.
+        learned_tasks: one entry per task added by ``sdlora learn`` (``task``, ``name``, ``root``, ``dataset``
+            (``imagefolder``, ``text_csv``, ``text_jsonl``; missing before text learns existed: ``imagefolder``),
+            ``format``, ``class_names``, ``class_ids``, train/test counts, the data's ``identity``): where its data
+            is and how to recognise it, so later learns can evaluate on its test split. Learned classes take ids
+            after every id used before (``class_order``), and a learn drops unseen dataset classes from
+            ``class_order`` and ``class_names``.
     """
 
     status: Literal["running", "finished"] | None = None

@@ -26,7 +26,7 @@ from .datasets import ArrayImageDataset, FileImageDataset, read_image_file
 from .readers import read_idx, scan_image_folder
 from .scenario import Scenario, TaskSubset, make_scenario, peer_class_order
 from .text import Batch, TextDataset, TextEncoder, batch_to, encode_texts
-from .text_readers import read_text_table, read_wordnet_nouns
+from .text_readers import read_text_table, read_texts, read_wordnet_nouns
 from .transforms import ImageTransform
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "read_idx",
     "read_image_file",
     "read_text_table",
+    "read_texts",
     "read_wordnet_nouns",
     "register_dataset",
     "scan_image_folder",

@@ -21,7 +21,9 @@ __all__ = [
     "WORDNET_DIR",
     "WORDNET_LEXNAMES",
     "WordNetSynset",
+    "TABLE_SUFFIXES",
     "read_text_table",
+    "read_texts",
     "read_wordnet_nouns",
 ]
 
@@ -165,24 +167,31 @@ def _wordnet(cfg: DataConfig, seed: int) -> RawDataset:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _text_and_label(value_text: object, value_label: object, where: str, cfg: DataConfig) -> tuple[str, str]:
+def _text_and_label(
+    value_text: object, value_label: object, where: str, cfg: DataConfig, need_label: bool = True
+) -> tuple[str, str]:
     if value_text is None:
         raise ValueError(f"{where}: no value in text column {cfg.text_column!r}")
-    if value_label is None:
-        raise ValueError(f"{where}: no value in label column {cfg.label_column!r}")
     if not isinstance(value_text, str):
         raise ValueError(f"{where}: text {cfg.text_column!r} is {type(value_text).__name__}, not a string")
-    if isinstance(value_label, bool) or not isinstance(value_label, (str, int)):
-        raise ValueError(f"{where}: label {cfg.label_column!r} is {type(value_label).__name__}; use a name or an int")
-    text, label = value_text.strip(), str(value_label).strip()
+    text = value_text.strip()
     if not text:
         raise ValueError(f"{where}: empty text in column {cfg.text_column!r}")
+    if not need_label:
+        return text, ""
+    if value_label is None:
+        raise ValueError(f"{where}: no value in label column {cfg.label_column!r}")
+    if isinstance(value_label, bool) or not isinstance(value_label, (str, int)):
+        raise ValueError(f"{where}: label {cfg.label_column!r} is {type(value_label).__name__}; use a name or an int")
+    label = str(value_label).strip()
     if not label:
         raise ValueError(f"{where}: empty label in column {cfg.label_column!r}")
     return text, label
 
 
-def _read_csv(path: Path, cfg: DataConfig, delimiter: str) -> tuple[list[str], list[str], list[int]]:
+def _read_csv(
+    path: Path, cfg: DataConfig, delimiter: str, need_label: bool = True
+) -> tuple[list[str], list[str], list[int]]:
     texts: list[str] = []
     labels: list[str] = []
     lines: list[int] = []
@@ -193,13 +202,15 @@ def _read_csv(path: Path, cfg: DataConfig, delimiter: str) -> tuple[list[str], l
             header = next(reader, None)
             if not header:
                 raise ValueError(f"{path}:1: empty file; expected a header line naming the columns")
-            missing = [c for c in (cfg.text_column, cfg.label_column) if c not in header]
+            wanted = (cfg.text_column, cfg.label_column) if need_label else (cfg.text_column,)
+            missing = [c for c in wanted if c not in header]
             if missing:
                 raise ValueError(
                     f"{path}:1: header has no column {', '.join(map(repr, missing))} (columns: "
                     f"{', '.join(header)}); set data.text_column / data.label_column"
                 )
-            i_text, i_label = header.index(cfg.text_column), header.index(cfg.label_column)
+            i_text = header.index(cfg.text_column)
+            i_label = header.index(cfg.label_column) if need_label else i_text
             last_end = reader.line_num
             for record in reader:
                 line = last_end + 1
@@ -209,7 +220,7 @@ def _read_csv(path: Path, cfg: DataConfig, delimiter: str) -> tuple[list[str], l
                 where = f"{path}:{line}"
                 if len(record) != len(header):
                     raise ValueError(f"{where}: {len(record)} fields, the header has {len(header)}")
-                text, label = _text_and_label(record[i_text], record[i_label], where, cfg)
+                text, label = _text_and_label(record[i_text], record[i_label], where, cfg, need_label)
                 texts.append(text)
                 labels.append(label)
                 lines.append(line)
@@ -220,7 +231,7 @@ def _read_csv(path: Path, cfg: DataConfig, delimiter: str) -> tuple[list[str], l
     return texts, labels, lines
 
 
-def _read_jsonl(path: Path, cfg: DataConfig) -> tuple[list[str], list[str], list[int]]:
+def _read_jsonl(path: Path, cfg: DataConfig, need_label: bool = True) -> tuple[list[str], list[str], list[int]]:
     texts: list[str] = []
     labels: list[str] = []
     lines: list[int] = []
@@ -237,7 +248,9 @@ def _read_jsonl(path: Path, cfg: DataConfig) -> tuple[list[str], list[str], list
                     raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):
                     raise ValueError(f"{where}: expected a JSON object per line, got {type(obj).__name__}")
-                text, label = _text_and_label(obj.get(cfg.text_column), obj.get(cfg.label_column), where, cfg)
+                text, label = _text_and_label(
+                    obj.get(cfg.text_column), obj.get(cfg.label_column), where, cfg, need_label
+                )
                 texts.append(text)
                 labels.append(label)
                 lines.append(lineno)
@@ -269,6 +282,45 @@ def read_text_table(path: str | Path, cfg: DataConfig) -> tuple[list[str], list[
     if not rows[0]:
         raise ValueError(f"{p}: no rows")
     return rows
+
+
+#: File suffixes read as tables by :func:`read_texts` (everything else is one text per line).
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
+
+
+def read_texts(path: str | Path, cfg: DataConfig) -> tuple[list[str], list[int]]:
+    """Texts to classify from one file, with their line numbers (what ``sdlora predict`` reads on text runs).
+
+    ``.csv`` / ``.tsv`` (a header line) and ``.jsonl`` files: the ``cfg.text_column`` of every row, read as
+    ``text_csv`` / ``text_jsonl`` read it (a label column is not needed); any other file: every non-empty line is
+    one text (stripped). UTF-8, a byte-order mark allowed.
+
+    Raises:
+        FileNotFoundError: The file does not exist.
+        ValueError: Not UTF-8 text, a bad row (file and line named), or no text at all.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file: {p}")
+    kind = TABLE_SUFFIXES.get(p.suffix.lower())
+    if kind == "jsonl":
+        texts, _, lines = _read_jsonl(p, cfg, need_label=False)
+    elif kind is not None:
+        texts, _, lines = _read_csv(p, cfg, "\t" if kind == "tsv" else ",", need_label=False)
+    else:
+        texts, lines = [], []
+        try:
+            with open(p, encoding="utf-8-sig") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        texts.append(line.strip())
+                        lines.append(lineno)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not texts:
+        what = f"no row with a {cfg.text_column!r} value" if kind else "every line is empty"
+        raise ValueError(f"{p}: no text to classify ({what})")
+    return texts, lines
 
 
 def _class_names(labels: list[str]) -> list[str]:
