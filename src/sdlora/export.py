@@ -118,6 +118,18 @@ def _state_cpu(module: nn.Module) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ merged
+def _install_dir(tmp: Path, target: Path) -> None:
+    """Put the finished directory ``tmp`` at ``target``: an earlier export there is moved aside first and deleted
+    after, so ``target`` always holds one whole export (the old or the new one)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def load_hint(rebuild: dict[str, Any], weights: str) -> str:
     """One line of Python (after ``import timm, safetensors.torch``) that builds the bare architecture described by
     ``rebuild`` (``Backbone.rebuild``) and loads the exported weights into it."""
@@ -232,13 +244,7 @@ def _export_hf(plain: Any, cfg: Any, record: dict[str, Any], info: dict[str, Any
             "completed_tasks": record["task"] + 1,
         }
         atomic_write_json(tmp / _MARKER, meta)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -593,13 +599,7 @@ def write_peft_export(
         readme = _peft_readme(meta, include_base) if extractor is None else _peft_readme_hf(meta, include_base)
         atomic_write_text(tmp / "README.md", readme)
         atomic_write_json(tmp / _MARKER, meta)
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _install_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -20,7 +20,7 @@ import glob
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,52 @@ def _images_under(directory: str) -> tuple[list[str], list[str]]:
     return images, others
 
 
+def _expand(
+    specs: Sequence[str], under: Callable[[str], tuple[list[str], list[str]]], empty: str
+) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """Files named by ``specs`` (files, folders, glob patterns), each once in first-seen order.
+
+    ``under(folder)`` gives ``(files to use, files passed over)`` inside a folder; ``empty`` is the reason given for
+    a folder named on the command line that gives no file. Returns ``(files, problems, passed over)``.
+    """
+    files: list[str] = []
+    seen: set[str] = set()
+    problems: list[tuple[str, str]] = []
+    ignored: list[str] = []
+
+    def add(paths: list[str]) -> None:
+        for path in paths:
+            key = os.path.realpath(path)
+            if key not in seen:
+                seen.add(key)
+                files.append(path)
+
+    def add_folder(folder: str) -> list[str]:
+        found, others = under(folder)
+        ignored.extend(others)
+        add(found)
+        return found
+
+    for spec in specs:
+        if os.path.isdir(spec):
+            if not add_folder(spec):
+                problems.append((spec, empty))
+        elif os.path.exists(spec):
+            add([spec])
+        elif _is_glob(spec):
+            hits = sorted(glob.glob(spec, recursive=True))
+            if not hits:
+                problems.append((spec, "pattern matches no file"))
+            for hit in hits:
+                if os.path.isdir(hit):
+                    add_folder(hit)
+                else:
+                    add([hit])
+        else:
+            problems.append((spec, "no such file or folder"))
+    return files, problems, ignored
+
+
 def collect_inputs(specs: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Expand files, folders (recursively, image extensions only) and glob patterns into a list of files.
 
@@ -204,41 +250,9 @@ def collect_inputs(specs: Sequence[str]) -> tuple[list[str], list[tuple[str, str
         ``(files, problems)``: the files to classify, and ``(spec, reason)`` for specs that name nothing
         (missing paths, globs without a match, empty folders).
     """
-    files: list[str] = []
-    seen: set[str] = set()
-    problems: list[tuple[str, str]] = []
-    ignored: list[str] = []
-
-    def add(path: str) -> None:
-        key = os.path.realpath(path)
-        if key not in seen:
-            seen.add(key)
-            files.append(path)
-
-    for spec in specs:
-        if os.path.isdir(spec):
-            images, others = _images_under(spec)
-            ignored.extend(others)
-            if not images:
-                problems.append((spec, f"folder holds no image files ({', '.join(IMG_EXTENSIONS)})"))
-            for p in images:
-                add(p)
-        elif os.path.exists(spec):
-            add(spec)
-        elif _is_glob(spec):
-            hits = sorted(glob.glob(spec, recursive=True))
-            if not hits:
-                problems.append((spec, "pattern matches no file"))
-            for hit in hits:
-                if os.path.isdir(hit):
-                    images, others = _images_under(hit)
-                    ignored.extend(others)
-                    for p in images:
-                        add(p)
-                else:
-                    add(hit)
-        else:
-            problems.append((spec, "no such file or folder"))
+    files, problems, ignored = _expand(
+        specs, _images_under, f"folder holds no image files ({', '.join(IMG_EXTENSIONS)})"
+    )
     if ignored:
         shown = ", ".join(ignored[:5]) + (f" ... (+{len(ignored) - 5} more)" if len(ignored) > 5 else "")
         log.info("ignored %d file(s) without an image extension inside folders: %s", len(ignored), shown)
@@ -277,34 +291,7 @@ def collect_texts(specs: Sequence[str], data: Any) -> tuple[list[TextInput], lis
         ``(texts, problems)``: the texts with ``file:line`` sources, and ``(spec or file, reason)`` for specs that
         name nothing and files that cannot be read (not UTF-8, a bad row, no text).
     """
-    files: list[str] = []
-    seen: set[str] = set()
-    problems: list[tuple[str, str]] = []
-
-    def add(path: str) -> None:
-        key = os.path.realpath(path)
-        if key not in seen:
-            seen.add(key)
-            files.append(path)
-
-    for spec in specs:
-        if os.path.isdir(spec):
-            found = _text_files_under(spec)
-            if not found:
-                problems.append((spec, "folder holds no files"))
-            for p in found:
-                add(p)
-        elif os.path.exists(spec):
-            add(spec)
-        elif _is_glob(spec):
-            hits = sorted(glob.glob(spec, recursive=True))
-            if not hits:
-                problems.append((spec, "pattern matches no file"))
-            for hit in hits:
-                for p in _text_files_under(hit) if os.path.isdir(hit) else [hit]:
-                    add(p)
-        else:
-            problems.append((spec, "no such file or folder"))
+    files, problems, _ = _expand(specs, lambda d: (_text_files_under(d), []), "folder holds no files")
     texts: list[TextInput] = []
     for path in files:
         try:
