@@ -49,3 +49,14 @@ def test_diagnose_agrees_with_the_run(tmp_path, capsys):
     assert "after task 2 of 3" in printed and "within" in printed
     assert json.loads((tmp_path / "d.json").read_text())["after_task"] == 2
     assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
+
+
+def test_diagnose_a_text_run(tmp_path, tiny_bert_dir):
+    """Text batches are dicts of token tensors: diagnose must move them to the device like the engine does."""
+    from hf_helpers import class_texts, hf_text_config, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", class_texts(4, 8))
+    cfg = from_dict(RunConfig, hf_text_config(tiny_bert_dir, data))
+    results = run_experiment(cfg, tmp_path / "run")
+    d = diagnose_run(tmp_path / "run")
+    assert [row["acc"] for row in d["tasks"]] == pytest.approx(results["accuracy_matrix"][-1])

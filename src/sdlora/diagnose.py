@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from .data import batch_to
+
 __all__ = ["block_statistics", "diagnose_run", "format_diagnosis"]
 
 
@@ -100,7 +102,7 @@ def diagnose_run(
         subset = scenario.subset(data.test, data.test_targets, [t])
         logits, labels = [], []
         for x, y in DataLoader(subset, batch_size=batch_size, shuffle=False):
-            logits.append(method(x.to(dev)).float().cpu())
+            logits.append(method(batch_to(x, dev)).float().cpu())  # a tensor, or a dict of them (text)
             labels.append(y)
         rows.append(block_statistics(torch.cat(logits), torch.cat(labels), bounds))
     return {
