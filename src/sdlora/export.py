@@ -30,12 +30,14 @@ Only methods whose update is low-rank export to PEFT (the SD-LoRA family, seq_lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,16 +120,26 @@ def _state_cpu(module: nn.Module) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ merged
-def _install_dir(tmp: Path, target: Path) -> None:
-    """Put the finished directory ``tmp`` at ``target``: an earlier export there is moved aside first and deleted
-    after, so ``target`` always holds one whole export (the old or the new one)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+@contextlib.contextmanager
+def _staged_dir(target: Path) -> Iterator[Path]:
+    """A fresh directory next to ``target`` to write an export into; put at ``target`` when the block ends without
+    an error (an earlier export there is moved aside first and deleted after, so ``target`` always holds one whole
+    export, the old or the new one), deleted when the block raises."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_hint(rebuild: dict[str, Any], weights: str) -> str:
@@ -216,15 +228,11 @@ def _export_hf(plain: Any, cfg: Any, record: dict[str, Any], info: dict[str, Any
     The directory is written next to ``out`` and renamed into place; an existing ``out`` is replaced only when it
     holds an earlier sdlora export (its marker file), never other files.
     """
-    import tempfile
-
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / _MARKER).is_file())):
         raise ExportError(
             f"{out} exists and is not an earlier sdlora export; choose a new --out directory for the hf format"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with _staged_dir(out) as tmp:
         plain.hf.save_pretrained(str(tmp))
         if plain.modality == "text":
             from .backbones.hf import load_tokenizer
@@ -244,10 +252,6 @@ def _export_hf(plain: Any, cfg: Any, record: dict[str, Any], info: dict[str, Any
             "completed_tasks": record["task"] + 1,
         }
         atomic_write_json(tmp / _MARKER, meta)
-        _install_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     pooled = (
         "mean of last_hidden_state over the tokens attention_mask keeps"
         if plain.pooling == "mean" and plain.modality == "text"
@@ -573,10 +577,7 @@ def write_peft_export(
         )
         if extractor.modality == "text":
             del meta["preprocessing"]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()
-    try:
+    with _staged_dir(target) as tmp:
         atomic_write_json(tmp / "adapter_config.json", adapter_config)
         files = {
             "adapter_model.safetensors": save(adapter_tensors, metadata={"format": "pt"}),
@@ -599,10 +600,6 @@ def write_peft_export(
         readme = _peft_readme(meta, include_base) if extractor is None else _peft_readme_hf(meta, include_base)
         atomic_write_text(tmp / "README.md", readme)
         atomic_write_json(tmp / _MARKER, meta)
-        _install_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     desc = (
         f"PEFT LoRA adapter on {len(ranks)} module(s) (total rank {meta['total_rank']}), classifier for "
         f"{len(names)} classes" + (", base backbone" if include_base else "") + f", after task {completed_tasks}"
