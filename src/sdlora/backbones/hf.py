@@ -410,7 +410,10 @@ def _load_model(cfg: BackboneConfig, location: str, local: bool) -> nn.Module:
             "backbone.weights applies to timm backbones; an hf: backbone loads the weights of its directory: "
             "backbone.name=hf:/path/to/model_dir"
         )
-    kwargs = dict(cfg.kwargs)
+    # backbone.kwargs are the user's keyword arguments for transformers (num_hidden_layers=2, attn_implementation=...),
+    # forwarded as they are; transformers checks them against its own signature, whose typed keywords (5.25 types
+    # each one) cannot be matched by a dict of config scalars, hence Any here.
+    kwargs: dict[str, Any] = dict(cfg.kwargs)
     try:
         if cfg.pretrained:
             model = AutoModel.from_pretrained(location, **kwargs)
