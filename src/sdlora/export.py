@@ -495,8 +495,6 @@ def write_peft_export(
     """
     from safetensors.torch import save
 
-    from .data.transforms import resize_size_for
-
     target = Path(out)
     _check_target(target)
     cfg = config
@@ -516,7 +514,6 @@ def write_peft_export(
     from .backbones.hf import HFFeatureExtractor
 
     extractor = update.base if isinstance(update.base, HFFeatureExtractor) else None
-    info = method.backbone_info
     base_name: str | None
     if extractor is not None:
         update, base_name = _hf_update(update, extractor, cfg)
@@ -531,6 +528,46 @@ def write_peft_export(
         f"{clf_name}bias": head[1].detach().cpu().contiguous().clone(),
     }
     ranks = {n: int(a.shape[0]) for n, (a, _) in update.factors.items()}
+    meta = _peft_meta(
+        method, cfg, extractor, arch, base_name, ranks, sorted(classifier), names, completed_tasks, include_base
+    )
+    with _staged_dir(target) as tmp:
+        atomic_write_json(tmp / "adapter_config.json", adapter_config)
+        files = {
+            "adapter_model.safetensors": save(adapter_tensors, metadata={"format": "pt"}),
+            "classifier.safetensors": save(classifier, metadata={"format": "pt"}),
+        }
+        if include_base and extractor is None:
+            files["base_model.safetensors"] = save(_state_cpu(update.base), metadata={"format": "pt"})
+        for fname, blob in files.items():
+            atomic_write_bytes(tmp / fname, blob)
+        if extractor is not None:
+            _write_hf_extras(tmp, extractor, cfg, include_base)
+        atomic_write_text(tmp / "labels.txt", "".join(f"{n}\n" for n in names))
+        meta["files"] = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
+        readme = _peft_readme(meta, include_base) if extractor is None else _peft_readme_hf(meta, include_base)
+        atomic_write_text(tmp / "README.md", readme)
+        atomic_write_json(tmp / _MARKER, meta)
+    return _peft_summary(target, meta, cfg, include_base, completed_tasks)
+
+
+def _peft_meta(
+    method: Method,
+    cfg: RunConfig,
+    extractor: Any,
+    arch: str | None,
+    base_name: str | None,
+    ranks: dict[str, int],
+    classifier_keys: list[str],
+    names: list[str],
+    completed_tasks: int,
+    include_base: bool,
+) -> dict[str, Any]:
+    """The export's record (``sdlora_export.json``) without its ``files`` digests: what was learned, on which
+    backbone, with which preprocessing; the timm or transformers facts a loader needs."""
+    from .data.transforms import resize_size_for
+
+    info = method.backbone_info
     meta: dict[str, Any] = {
         "format": PEFT_EXPORT_FORMAT,
         "peft_version_tested": PEFT_VERSION_TESTED,
@@ -548,7 +585,7 @@ def write_peft_export(
         },
         "weights_tag": info.get("tag"),
         "weights_sha256": info.get("weights_sha256"),
-        "classifier_keys": sorted(classifier),
+        "classifier_keys": classifier_keys,
         "preprocessing": {
             "crop": cfg.data.image_size,
             "resize": resize_size_for(cfg.data.image_size),
@@ -577,35 +614,33 @@ def write_peft_export(
         )
         if extractor.modality == "text":
             del meta["preprocessing"]
-    with _staged_dir(target) as tmp:
-        atomic_write_json(tmp / "adapter_config.json", adapter_config)
-        files = {
-            "adapter_model.safetensors": save(adapter_tensors, metadata={"format": "pt"}),
-            "classifier.safetensors": save(classifier, metadata={"format": "pt"}),
-        }
-        if include_base and extractor is None:
-            files["base_model.safetensors"] = save(_state_cpu(update.base), metadata={"format": "pt"})
-        for fname, blob in files.items():
-            atomic_write_bytes(tmp / fname, blob)
-        if extractor is not None:
-            if include_base:
-                hf_model: Any = extractor.hf  # a transformers PreTrainedModel (W0: the unadapted copy)
-                hf_model.save_pretrained(str(tmp / "base"))
-            if extractor.modality == "text":
-                from .backbones.hf import load_tokenizer
+    return meta
 
-                load_tokenizer(cfg.backbone).save_pretrained(str(tmp))
-        atomic_write_text(tmp / "labels.txt", "".join(f"{n}\n" for n in names))
-        meta["files"] = {f.relative_to(tmp).as_posix(): sha256_file(f) for f in sorted(tmp.rglob("*")) if f.is_file()}
-        readme = _peft_readme(meta, include_base) if extractor is None else _peft_readme_hf(meta, include_base)
-        atomic_write_text(tmp / "README.md", readme)
-        atomic_write_json(tmp / _MARKER, meta)
+
+def _write_hf_extras(tmp: Path, extractor: Any, cfg: RunConfig, include_base: bool) -> None:
+    """What a transformers export adds: the unadapted model as a ``save_pretrained`` directory ``base/`` and, for
+    text models, the tokenizer."""
+    if include_base:
+        hf_model: Any = extractor.hf  # a transformers PreTrainedModel (W0: the unadapted copy)
+        hf_model.save_pretrained(str(tmp / "base"))
+    if extractor.modality == "text":
+        from .backbones.hf import load_tokenizer
+
+        load_tokenizer(cfg.backbone).save_pretrained(str(tmp))
+
+
+def _peft_summary(
+    target: Path, meta: dict[str, Any], cfg: RunConfig, include_base: bool, completed_tasks: int
+) -> ExportSummary:
+    """What ``sdlora export --format peft`` prints about the directory it wrote."""
+    ranks, names = meta["adapter_ranks"], meta["class_names"]
+    transformers = meta["library"] == "transformers"
     desc = (
         f"PEFT LoRA adapter on {len(ranks)} module(s) (total rank {meta['total_rank']}), classifier for "
         f"{len(names)} classes" + (", base backbone" if include_base else "") + f", after task {completed_tasks}"
     )
     notes = []
-    if extractor is not None:
+    if transformers:
         notes.append(
             f"the adapter applies to the transformers {meta['model_class']} itself; features = {meta['pooling']} "
             "pooling of last_hidden_state (README.md)"

@@ -32,9 +32,12 @@ from .fileio import atomic_write_bytes, atomic_write_text
 from .results import RunEvent, load_results
 
 __all__ = [
+    "compare_tables",
     "format_task_table",
+    "load_compare_runs",
     "load_results",
     "on_run_event",
+    "plot_compare",
     "plot_run",
     "report",
     "report_table",
@@ -465,6 +468,151 @@ def inference_passes(results: Mapping[str, Any]) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 1
 
 
+_COMPARE_CSV_HEADER = [
+    "method",
+    "dataset",
+    "n_runs",
+    "seeds",
+    "completed_tasks",
+    "num_tasks",
+    "acc_mean",
+    "acc_std",
+    "aaa_mean",
+    "aaa_std",
+    "mean_task_acc_mean",
+    "forgetting_mean",
+    "bwt_mean",
+    "trainable_params_per_task_max",
+    "stored_params",
+    "inference_passes",
+    "wall_time_s_mean",
+]
+_COMPARE_MD_HEADER = [
+    "method",
+    "dataset",
+    "runs",
+    "tasks",
+    "Acc",
+    "AAA",
+    "forgetting",
+    "trainable params/task",
+    "stored params",
+    "passes/prediction",
+    "train time",
+]
+
+
+def load_compare_runs(runs: Mapping[str, Sequence[str | os.PathLike]]) -> dict[str, list[dict[str, Any]]]:
+    """The ``results.json`` of every run, per method, checked so that means over seeds make sense.
+
+    Raises:
+        FileNotFoundError: If a run has no ``results.json``.
+        ValueError: If a method has no runs, two runs with the same seed, or runs with different numbers of
+            completed tasks; or if a ``results.json`` is corrupt or incomplete.
+    """
+    loaded: dict[str, list[dict[str, Any]]] = {}
+    for method, dirs in runs.items():
+        if not dirs:
+            raise ValueError(f"method {method!r} has no run directories")
+        results = [load_results(d) for d in dirs]
+        seeds = [r["seed"] for r in results]
+        if len(set(map(str, seeds))) != len(seeds):
+            raise ValueError(
+                f"method {method!r}: several runs with the same seed ({seeds}) among {list(map(str, dirs))}"
+            )
+        lengths = {len(r["acc_after_task"]) for r in results}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"method {method!r}: runs completed different numbers of tasks ({sorted(lengths)}); "
+                "means over seeds would mix different points of the task sequence"
+            )
+        loaded[method] = results
+    return loaded
+
+
+def _compare_rows(method: str, results: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """One method's row of ``compare.csv`` and of the markdown table."""
+    acc_mean, acc_std = _mean_std([r["acc"] for r in results])
+    aaa_mean, aaa_std = _mean_std([r["aaa"] for r in results])
+    forgetting = _mean_or_none([r["forgetting"] for r in results])
+    wall = _mean_or_none([r["wall_time_s"] for r in results])
+    trainable = _max_or_none([p for r in results for p in (r["trainable_params_per_task"] or [])])
+    stored = _max_or_none([r["stored_params_total"] for r in results])
+    passes = max(inference_passes(r) for r in results)
+    datasets = " / ".join(sorted({_dataset_name(r) for r in results}))
+    done = results[0]["completed_tasks"]
+    planned = max(r["num_tasks"] for r in results)
+    csv_row = [
+        method,
+        datasets,
+        len(results),
+        " ".join(str(r["seed"]) for r in results),
+        done,
+        planned,
+        _csv_num(acc_mean),
+        _csv_num(acc_std),
+        _csv_num(aaa_mean),
+        _csv_num(aaa_std),
+        _csv_num(_mean_or_none([r["mean_task_acc"] for r in results])),
+        _csv_num(forgetting),
+        _csv_num(_mean_or_none([r["bwt"] for r in results])),
+        _int_or_blank(trainable),
+        _int_or_blank(stored),
+        passes,
+        _csv_num(wall, 1),
+    ]
+    md_row = [
+        method,
+        datasets,
+        len(results),
+        _tasks_text(results[0]),
+        _mean_std_text([r["acc"] for r in results]),
+        _mean_std_text([r["aaa"] for r in results]),
+        _f(forgetting),
+        _params(trainable),
+        _params(stored),
+        passes,
+        _duration(wall),
+    ]
+    return csv_row, md_row
+
+
+def compare_tables(loaded: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[str, str]:
+    """The text of ``compare.csv`` and of ``compare.md`` for runs as :func:`load_compare_runs` returns them."""
+    rows = [_compare_rows(method, results) for method, results in loaded.items()]
+    markdown = (
+        "# sdlora comparison\n\n"
+        + _md_table(_COMPARE_MD_HEADER, [md for _, md in rows])
+        + "\n\nAcc and AAA: mean (sample std, ddof=1) over runs; forgetting and train time: mean over runs.\n\n"
+        + "![mean accuracy on seen classes after each task](plots/compare_curves.png)\n"
+    )
+    return _csv_text(_COMPARE_CSV_HEADER, [c for c, _ in rows]), markdown
+
+
+def plot_compare(loaded: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> None:
+    """Mean ``acc_after_task`` per method, with a +-1 std band (ddof=1) when a method has several runs."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(7.0, 4.5))
+    ax = fig.add_subplot()
+    for method, results in loaded.items():
+        curves = np.array([[np.nan if v is None else v for v in r["acc_after_task"]] for r in results], dtype=float)
+        x = np.arange(1, curves.shape[1] + 1)
+        mean = curves.mean(axis=0)
+        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{method} (n={len(results)})")
+        if len(results) > 1:
+            std = curves.std(axis=0, ddof=1)
+            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("task")
+    ax.set_ylabel("accuracy on seen classes (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    if loaded:
+        ax.legend(fontsize="small")
+    _save_figure(fig, os.fspath(path))
+
+
 def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str | os.PathLike) -> str:
     """Compare methods over seeds: ``compare.csv``, ``compare.md`` and ``plots/compare_curves.png`` in ``out_dir``.
 
@@ -487,134 +635,11 @@ def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str 
         ValueError: If a method has no runs, two runs with the same seed, or runs with different numbers of
             completed tasks; or if a ``results.json`` is corrupt or incomplete.
     """
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    loaded: dict[str, list[dict[str, Any]]] = {}
-    for method, dirs in runs.items():
-        if not dirs:
-            raise ValueError(f"method {method!r} has no run directories")
-        results = [load_results(d) for d in dirs]
-        seeds = [r["seed"] for r in results]
-        if len(set(map(str, seeds))) != len(seeds):
-            raise ValueError(
-                f"method {method!r}: several runs with the same seed ({seeds}) among {list(map(str, dirs))}"
-            )
-        lengths = {len(r["acc_after_task"]) for r in results}
-        if len(lengths) != 1:
-            raise ValueError(
-                f"method {method!r}: runs completed different numbers of tasks ({sorted(lengths)}); "
-                "means over seeds would mix different points of the task sequence"
-            )
-        loaded[method] = results
-
-    header_csv = [
-        "method",
-        "dataset",
-        "n_runs",
-        "seeds",
-        "completed_tasks",
-        "num_tasks",
-        "acc_mean",
-        "acc_std",
-        "aaa_mean",
-        "aaa_std",
-        "mean_task_acc_mean",
-        "forgetting_mean",
-        "bwt_mean",
-        "trainable_params_per_task_max",
-        "stored_params",
-        "inference_passes",
-        "wall_time_s_mean",
-    ]
-    header_md = [
-        "method",
-        "dataset",
-        "runs",
-        "tasks",
-        "Acc",
-        "AAA",
-        "forgetting",
-        "trainable params/task",
-        "stored params",
-        "passes/prediction",
-        "train time",
-    ]
-    csv_rows, md_rows = [], []
-    for method, results in loaded.items():
-        acc_mean, acc_std = _mean_std([r["acc"] for r in results])
-        aaa_mean, aaa_std = _mean_std([r["aaa"] for r in results])
-        forgetting = _mean_or_none([r["forgetting"] for r in results])
-        wall = _mean_or_none([r["wall_time_s"] for r in results])
-        trainable = _max_or_none([p for r in results for p in (r["trainable_params_per_task"] or [])])
-        stored = _max_or_none([r["stored_params_total"] for r in results])
-        passes = max(inference_passes(r) for r in results)
-        datasets = " / ".join(sorted({_dataset_name(r) for r in results}))
-        done = results[0]["completed_tasks"]
-        planned = max(r["num_tasks"] for r in results)
-        csv_rows.append(
-            [
-                method,
-                datasets,
-                len(results),
-                " ".join(str(r["seed"]) for r in results),
-                done,
-                planned,
-                _csv_num(acc_mean),
-                _csv_num(acc_std),
-                _csv_num(aaa_mean),
-                _csv_num(aaa_std),
-                _csv_num(_mean_or_none([r["mean_task_acc"] for r in results])),
-                _csv_num(forgetting),
-                _csv_num(_mean_or_none([r["bwt"] for r in results])),
-                _int_or_blank(trainable),
-                _int_or_blank(stored),
-                passes,
-                _csv_num(wall, 1),
-            ]
-        )
-        md_rows.append(
-            [
-                method,
-                datasets,
-                len(results),
-                _tasks_text(results[0]),
-                _mean_std_text([r["acc"] for r in results]),
-                _mean_std_text([r["aaa"] for r in results]),
-                _f(forgetting),
-                _params(trainable),
-                _params(stored),
-                passes,
-                _duration(wall),
-            ]
-        )
-
+    loaded = load_compare_runs(runs)
+    csv_text, markdown = compare_tables(loaded)
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
-    atomic_write_text(os.path.join(out_dir, "compare.csv"), _csv_text(header_csv, csv_rows))
-    markdown = (
-        "# sdlora comparison\n\n"
-        + _md_table(header_md, md_rows)
-        + "\n\nAcc and AAA: mean (sample std, ddof=1) over runs; forgetting and train time: mean over runs.\n\n"
-        + "![mean accuracy on seen classes after each task](plots/compare_curves.png)\n"
-    )
+    atomic_write_text(os.path.join(out_dir, "compare.csv"), csv_text)
     atomic_write_text(os.path.join(out_dir, "compare.md"), markdown)
-
-    fig = Figure(figsize=(7.0, 4.5))
-    ax = fig.add_subplot()
-    for method, results in loaded.items():
-        curves = np.array([[np.nan if v is None else v for v in r["acc_after_task"]] for r in results], dtype=float)
-        x = np.arange(1, curves.shape[1] + 1)
-        mean = curves.mean(axis=0)
-        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{method} (n={len(results)})")
-        if len(results) > 1:
-            std = curves.std(axis=0, ddof=1)
-            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("task")
-    ax.set_ylabel("accuracy on seen classes (%)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(True, alpha=0.3)
-    if loaded:
-        ax.legend(fontsize="small")
-    _save_figure(fig, os.path.join(out_dir, "plots", "compare_curves.png"))
+    plot_compare(loaded, os.path.join(out_dir, "plots", "compare_curves.png"))
     return markdown

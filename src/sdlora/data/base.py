@@ -315,6 +315,22 @@ def _token_stats(encodings: list[dict[str, torch.Tensor]], max_length: int) -> d
     }
 
 
+def _subsets(cfg: DataConfig, raw: RawDataset, seed: int) -> tuple[SplitData, SplitData]:
+    """The training and test samples a run uses: ``train_per_class``/``test_per_class`` drawn with ``seed``, labels
+    checked against the class names."""
+    train, test = raw.train, raw.test
+    # Separate streams, so changing test_per_class never changes which training images are used.
+    if cfg.train_per_class is not None:
+        train = train.select(per_class_subset(train.targets, cfg.train_per_class, np.random.default_rng([seed, 1])))
+    if cfg.test_per_class is not None:
+        test = test.select(per_class_subset(test.targets, cfg.test_per_class, np.random.default_rng([seed, 2])))
+    num_classes = len(raw.class_names)
+    for split_name, split in (("train", train), ("test", test)):
+        if len(split) and (split.targets.min() < 0 or split.targets.max() >= num_classes):
+            raise ValueError(f"{cfg.name}: {split_name} labels outside 0..{num_classes - 1}")
+    return train, test
+
+
 def build_dataset(
     cfg: DataConfig,
     *,
@@ -357,16 +373,8 @@ def build_dataset(
         raise ValueError(f"dataset {cfg.name!r} holds images, but the backbone is a text model")
     if cfg.largest_classes is not None:
         raw = keep_largest_classes(raw, cfg.largest_classes)
-    train, test = raw.train, raw.test
-    # Separate streams, so changing test_per_class never changes which training images are used.
-    if cfg.train_per_class is not None:
-        train = train.select(per_class_subset(train.targets, cfg.train_per_class, np.random.default_rng([seed, 1])))
-    if cfg.test_per_class is not None:
-        test = test.select(per_class_subset(test.targets, cfg.test_per_class, np.random.default_rng([seed, 2])))
+    train, test = _subsets(cfg, raw, seed)
     num_classes = len(raw.class_names)
-    for split_name, split in (("train", train), ("test", test)):
-        if len(split) and (split.targets.min() < 0 or split.targets.max() >= num_classes):
-            raise ValueError(f"{cfg.name}: {split_name} labels outside 0..{num_classes - 1}")
     train_tf = ImageTransform(cfg.image_size, train=cfg.augment, mean=mean, std=std)
     test_tf = ImageTransform(cfg.image_size, train=False, mean=mean, std=std)
     info = {
