@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from sdlora.backbones import create_backbone
-from sdlora.config import load_config
 from sdlora.data import build_dataset
+from sdlora.methods import load_run_config
 
 
 @torch.no_grad()
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("config", nargs="?", default="demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args()
-    cfg, _ = load_config(args.config, args.set + ["data.augment=false"])
+    cfg, _ = load_run_config(args.config, args.set + ["data.augment=false"])
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     backbone = create_backbone(cfg.backbone, cfg.data.image_size)

@@ -21,13 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from sdlora.config import load_config
 from sdlora.engine import build_run
-from sdlora.methods import TaskContext
+from sdlora.methods import TaskContext, load_run_config
 
 
 def drift(config: str, overrides: list[str], protocol: str) -> dict[str, float]:
-    cfg, _ = load_config(config, [*overrides, f"method.adapter.protocol={protocol}", "data.augment=false"])
+    cfg, _ = load_run_config(config, [*overrides, f"method.adapter.protocol={protocol}", "data.augment=false"])
     if cfg.method.name not in ("sdlora", "sdlora_rr", "sdlora_kd", "sdlora_ca"):
         raise SystemExit(f"first_step_drift measures SD-LoRA's protocols; method.name is {cfg.method.name!r}")
     device = torch.device("cpu")

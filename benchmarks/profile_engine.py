@@ -45,7 +45,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import sdlora.engine as engine
-from sdlora.config import load_config  # noqa: E402
+from sdlora.methods import load_run_config  # noqa: E402
 
 T_IMPORT1 = time.perf_counter()
 
@@ -169,7 +169,7 @@ def instrumented(prof: Profiler) -> Iterator[None]:
 
 
 def profile_run(config: str, overrides: list[str], out: Path) -> dict[str, Any]:
-    cfg, _ = load_config(config, overrides)
+    cfg, _ = load_run_config(config, overrides)
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     prof = Profiler(cuda)
     t0 = time.perf_counter()

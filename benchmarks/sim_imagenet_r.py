@@ -42,10 +42,10 @@ from typing import Any
 import torch
 
 try:
-    from sdlora.config import load_config
+    from sdlora.methods import load_run_config
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from sdlora.config import load_config
+    from sdlora.methods import load_run_config
 from sdlora.engine import run_experiment
 
 PRESET = "imagenet_r_n10_official"
@@ -82,7 +82,7 @@ def overrides(args: argparse.Namespace, *, epochs: int, amp: bool, tasks: int | 
 
 
 def run(args: argparse.Namespace, out: Path, ov: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
-    cfg, _ = load_config(PRESET, ov)
+    cfg, _ = load_run_config(PRESET, ov)
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()

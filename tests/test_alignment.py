@@ -12,10 +12,11 @@ import torch
 
 from engine_helpers import tiny_config
 from sdlora.alignment import AlignConfig, FeatureStatistics, align_head, block_normalised_logits
-from sdlora.config import RunConfig, load_config
+from sdlora.config import RunConfig
 from sdlora.configtools import ConfigError, from_dict
 from sdlora.engine import run_experiment
 from sdlora.heads import IncrementalLinear
+from sdlora.methods import load_run_config
 from sdlora.rundir import build_method_from_run, latest_checkpoint, load_checkpoint
 
 
@@ -222,7 +223,7 @@ def test_alignment_is_off_in_every_shipped_preset():
     from sdlora.config import preset_names
 
     for name in preset_names():
-        cfg, _ = load_config(name)
+        cfg, _ = load_run_config(name)
         assert not cfg.method.align.enabled, name
 
 

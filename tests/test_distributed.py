@@ -155,7 +155,7 @@ DRIVER = textwrap.dedent(
     import torch, torch.distributed as dist
     from sdlora import engine
     from sdlora.distributed import state_fingerprint
-    from sdlora.config import load_config
+    from sdlora.methods import load_run_config
     from sdlora.methods.sdlora import SDLoRA
 
     cfg_path, out, rec_dir = sys.argv[1:4]
@@ -177,7 +177,7 @@ DRIVER = textwrap.dedent(
 
     SDLoRA.end_task = recording_end_task
     engine.check_ranks_agree = spying_check
-    cfg, _ = load_config(cfg_path)
+    cfg, _ = load_run_config(cfg_path)
     engine.run_experiment(cfg, out)
     alive = dist.is_initialized()
     # The engine's own check must notice a process that drifted.

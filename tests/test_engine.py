@@ -14,7 +14,7 @@ import torch
 
 from engine_helpers import folder_config, tiny_config, write_config, write_image_folder
 from sdlora.batches import GlobalBatchSampler, SeededAugment
-from sdlora.config import RunConfig, load_config
+from sdlora.config import RunConfig
 from sdlora.configtools import ConfigError, from_dict
 from sdlora.engine import (
     RunError,
@@ -25,6 +25,7 @@ from sdlora.engine import (
     run_task,
     task_data,
 )
+from sdlora.methods import load_run_config
 from sdlora.metrics import compute_metrics
 from sdlora.results import REQUIRED_KEYS
 from sdlora.rundir import latest_checkpoint, load_checkpoint, restore_rng_state
@@ -212,16 +213,16 @@ def test_load_config_rejects_unknown_and_mistyped_keys(tmp_path):
     cfg["train"]["lrr"] = 0.1
     path = write_config(tmp_path / "c.yaml", cfg)
     with pytest.raises(ValueError, match=r"train\.lrr"):
-        load_config(str(path))
+        load_run_config(str(path))
     cfg = tiny_config(train={"epochs": "two"})
     path = write_config(tmp_path / "c.yaml", cfg)
     with pytest.raises(ValueError, match=r"train\.epochs"):
-        load_config(str(path))
+        load_run_config(str(path))
     path = write_config(tmp_path / "c.yaml", tiny_config())
-    cfg_obj, _ = load_config(str(path), ["train.lr=1e-3", "method.adapter.rank_schedule=[4,2]"])
+    cfg_obj, _ = load_run_config(str(path), ["train.lr=1e-3", "method.adapter.rank_schedule=[4,2]"])
     assert cfg_obj.train.lr == 1e-3 and cfg_obj.method.adapter.rank_schedule == [4, 2]
     with pytest.raises(ValueError, match="rank"):
-        load_config(str(path), ["method.adapter.rank=0"])
+        load_run_config(str(path), ["method.adapter.rank=0"])
 
 
 def test_shipped_presets_load():
@@ -230,7 +231,7 @@ def test_shipped_presets_load():
     names = preset_names()
     assert "demo" in names and "demo-full" in names
     for name in names:
-        load_config(name)
+        load_run_config(name)
 
 
 def test_training_changes_adapter_not_backbone(tmp_path):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .distributed import DistInfo
 
-__all__ = ["GlobalBatchSampler", "SeededAugment", "make_loader", "progress", "shard"]
+__all__ = ["GlobalBatchSampler", "SeededAugment", "make_loader", "progress", "shard", "shard_loader"]
 
 
 class SeededAugment(Dataset):
@@ -94,6 +94,12 @@ def make_loader(
 def shard(n: int, info: DistInfo) -> list[int]:
     """Contiguous shard of ``range(n)`` for this process (no padding: counts are summed, not averaged)."""
     return np.array_split(np.arange(n), info.world)[info.rank].tolist()
+
+
+def shard_loader(dataset: Dataset, batch_size: int, workers: int, device: torch.device, info: DistInfo) -> DataLoader:
+    """This process's shard of ``dataset`` (:func:`shard`), in order: evaluation and statistics batches."""
+    indices = shard(len(dataset), info)  # type: ignore[arg-type]
+    return make_loader(dataset, None, batch_size, workers, device.type == "cuda", indices=indices)
 
 
 def progress(iterable: Any, total: int, desc: str, info: DistInfo) -> Any:

@@ -40,11 +40,11 @@ def _default_out(cfg_name: str) -> str:
 
 
 def _run(config: str, out: str | None, overrides: list[str], resume: bool, overwrite: bool) -> dict[str, Any]:
-    from .config import load_config
     from .engine import run_experiment
+    from .methods import load_run_config
     from .report import format_task_table
 
-    cfg, _ = load_config(config, overrides)
+    cfg, _ = load_run_config(config, overrides)
     out_dir = out or _default_out(cfg.name or "run")
     results = run_experiment(cfg, out_dir, resume=resume, overwrite=overwrite)
     if _is_main_process():
@@ -59,8 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .configtools import ConfigError
+    from .methods import load_run_config
 
     if args.full and args.text:
         raise ConfigError("--full and --text exclude each other (the text demo has one size)")
@@ -69,7 +69,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.method:
         overrides.append(f"method.name={args.method}")
     try:
-        cfg, _ = load_config(preset, overrides)
+        cfg, _ = load_run_config(preset, overrides)
     except ConfigError as e:
         if args.method and e.source == f"--set method.name={args.method}":
             raise e.with_source(f"--method {args.method}") from None  # what the user typed
@@ -121,10 +121,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from .config import load_config
     from .data.check import check_dataset
+    from .methods import load_run_config
 
-    cfg, _ = load_config(args.config, args.set)
+    cfg, _ = load_run_config(args.config, args.set)
 
     def tokenizer() -> Any:  # only a text dataset asks for it (loads the tokenizer, not the model)
         from .backbones.hf import load_tokenizer

@@ -91,8 +91,7 @@ def run_compare(
         RunError: another process holds the compare directory, or some runs failed; the others' results and the
             table of the methods whose runs all finished are written first, and the message names each failure.
     """
-    from .config import load_config
-    from .methods import METHODS
+    from .methods import METHODS, load_run_config
     from .rundir import run_dir_lock
 
     if not methods:
@@ -113,7 +112,7 @@ def run_compare(
         for seed in seeds if seeds is not None else [None]:
             extra = [f"method.name={method}"] + ([f"seed={seed}"] if seed is not None else [])
             try:
-                configs[method, seed] = load_config(config, overrides + extra)
+                configs[method, seed] = load_run_config(config, overrides + extra)
             except ConfigError as e:  # name the compare argument, not the override it becomes
                 if e.source == f"--set method.name={method}":
                     raise e.with_source(f"--methods {method}") from None

@@ -3,12 +3,17 @@
 Each section is owned by the module it configures (``AdapterConfig`` by ``lora``, ``BackboneConfig`` by
 ``backbones``, ``DataConfig`` by ``data``); the sections owned by the engine live here. Every key a user can
 write is read by the code; unknown keys and wrong types raise with their key path.
+
+This module knows nothing of the methods (they sit above it and import ``MethodConfig``): ``method.name`` and
+``method.options`` are checked by ``sdlora.methods.resolve_method_config``, which
+``sdlora.methods.load_run_config`` runs as part of loading.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +30,6 @@ __all__ = [
     "ScenarioConfig",
     "TrainConfig",
     "load_config",
-    "resolve_method_config",
     "preset_dir",
     "preset_names",
     "resolve_config_path",
@@ -45,8 +49,9 @@ class MethodConfig:
             (every task block starts with the same common offset, which the current-task loss never changes;
             see ``heads.IncrementalLinear.grow``).
         options: the method's own options, checked against the options dataclass the method declares next to
-            its code (``Method.options_class``; e.g. ``InfLoRAOptions`` in ``methods/inflora.py``) when the config
-            is loaded. Methods without options take none.
+            its code (``Method.options_class``; e.g. ``InfLoRAOptions`` in ``methods/inflora.py``) by
+            ``sdlora.methods.resolve_method_config`` when a run's config is loaded. Methods without options take
+            none.
         align: optional classifier alignment after each task (SLCA, ``alignment.AlignConfig``), for every method
             with a trained head; off by default and in the paper presets (a deviation from the SD-LoRA paper).
             ``sdlora_ca`` and ``seq_lora_ca`` turn it on.
@@ -235,22 +240,6 @@ def _check_seed(name: str, seed: int) -> None:
         raise ValueError(f"{name}: must be in [0, 2**32), got {seed}")
 
 
-def resolve_method_config(cfg: RunConfig) -> RunConfig:
-    """Check ``method.name`` against the registry and ``method.options`` against the method's options dataclass,
-    filling the options' defaults in place (so the saved config lists every option). Returns ``cfg``.
-
-    Raises:
-        ConfigError: unknown method (the message lists the registered ones) or bad options (with the key path).
-    """
-    from .methods import METHODS, parse_options
-
-    name = cfg.method.name
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}", "method.name")
-    cfg.method.options = to_dict(parse_options(METHODS[name], cfg.method.options))
-    return cfg
-
-
 def preset_dir() -> Path:
     """Directory of the presets shipped with the package (``configs/`` in the repository links to it)."""
     return Path(__file__).resolve().parent / "configs"
@@ -285,8 +274,19 @@ def _error_source(e: ConfigError, path: Path, overrides: list[str]) -> str:
     return str(path)
 
 
-def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[RunConfig, dict[str, Any]]:
+def load_config(
+    name_or_path: str, overrides: list[str] | None = None, *, check: Callable[[RunConfig], object] | None = None
+) -> tuple[RunConfig, dict[str, Any]]:
     """Load a YAML config (path or preset name), apply ``--set`` overrides, validate.
+
+    The method's name and options are not checked here (this module does not know the methods):
+    ``sdlora.methods.load_run_config`` is this function with ``check=resolve_method_config``.
+
+    Args:
+        name_or_path: a YAML file or the name of a shipped preset.
+        overrides: ``--set key=value`` items, applied in order.
+        check: a further check of the typed config by a layer that knows more (it may fill values in place); its
+            ``ConfigError`` is attributed to the file or override like the others.
 
     Returns:
         The typed config and its plain-data form (what is written to the run directory).
@@ -307,7 +307,8 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[
     data = apply_overrides(data, overrides, RunConfig)
     try:
         cfg = from_dict(RunConfig, data)
-        resolve_method_config(cfg)
+        if check is not None:
+            check(cfg)
     except ConfigError as e:
         raise e.with_source(_error_source(e, path, overrides)) from None
     if cfg.name is None:

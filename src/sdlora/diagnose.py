@@ -74,8 +74,8 @@ def diagnose_run(
     Raises:
         RunError: not a run directory, or no checkpoint for that task.
     """
-    from .config import load_config
     from .engine import build_run
+    from .methods import load_run_config
     from .rundir import RunError, latest_checkpoint, load_checkpoint
 
     out = Path(run_dir)
@@ -89,7 +89,7 @@ def diagnose_run(
         ck = out / "checkpoints" / f"task_{task - 1:03d}.json"
         if not ck.exists():
             raise RunError(f"{out} has no checkpoint after task {task} ({ck}); the run keeps one per finished task")
-    cfg, _ = load_config(str(out / "config.yaml"))
+    cfg, _ = load_run_config(str(out / "config.yaml"))
     tensors, record = load_checkpoint(ck)
     after = int(record["task"]) + 1
     dev = torch.device(device)

@@ -39,15 +39,15 @@ from torch.utils.data import Dataset
 
 from . import __version__
 from .backbones import Backbone, create_backbone
-from .batches import SeededAugment, make_loader, shard
-from .config import RunConfig, resolve_method_config
+from .batches import SeededAugment, shard_loader
+from .config import RunConfig
 from .configtools import ConfigError, dump_yaml, to_dict
 from .data import Batch, DatasetBundle, Scenario, batch_to, build_dataset, load_raw_dataset
 from .data.check import coverage_problems
 from .data.identity import identity_changes
 from .distributed import DistInfo, all_reduce_sum, check_ranks_agree, init_distributed, select_device
 from .fileio import atomic_write_json, atomic_write_text, read_json
-from .methods import Method, TaskContext, create_method
+from .methods import Method, TaskContext, create_method, resolve_method_config
 from .metrics import compute_metrics
 from .report import on_run_event
 from .results import RESULTS_FILE, RunEvent, RunResults
@@ -244,15 +244,7 @@ def run_task(
     tcfg, device, info = rt.train, rt.device, rt.info
 
     def statistics_batches() -> Iterator[tuple[Batch, Tensor]]:
-        loader = make_loader(
-            task.statistics,
-            None,
-            tcfg.eval_batch_size,
-            rt.workers,
-            device.type == "cuda",
-            indices=shard(len(task.statistics), info),  # type: ignore[arg-type]
-        )
-        for x, y in loader:
+        for x, y in shard_loader(task.statistics, tcfg.eval_batch_size, rt.workers, device, info):
             yield batch_to(x, device), y.to(device)
 
     ctx = TaskContext(
@@ -274,14 +266,7 @@ def run_task(
     end_report.update(method.after_task(ctx))  # optional classifier alignment (method.align)
     check_ranks_agree(method, info, device, t)
     t_train = time.time() - t0
-    test_loader = make_loader(
-        task.test,
-        None,
-        tcfg.eval_batch_size,
-        rt.workers,
-        device.type == "cuda",
-        indices=shard(len(task.test), info),  # type: ignore[arg-type]
-    )
+    test_loader = shard_loader(task.test, tcfg.eval_batch_size, rt.workers, device, info)
     task_of_pos = torch.tensor(task.task_of_position, dtype=torch.long, device=device)
     correct, total = evaluate(method, test_loader, task_of_pos, t + 1, device, tcfg, info)
     entry = {
@@ -303,19 +288,24 @@ def run_task(
     state.next_task = t + 1
     state.wall_time_s = state.elapsed_before + (time.time() - state.session_start)
     if info.main:
-        metrics = state.metrics()
-        log.info(
-            "task %d/%d | classes %d-%d | acc on %d seen classes %.2f%% | per task %s | %.1fs",
-            t + 1,
-            num_tasks,
-            task.class_start,
-            task.class_end - 1,
-            task.class_end,
-            metrics["acc_after_task"][-1],
-            " ".join("-" if v is None else f"{v:.1f}" for v in metrics["accuracy_matrix"][-1][: t + 1]),
-            t_train,
-        )
+        _log_task(state, task, num_tasks, t_train)
     return entry
+
+
+def _log_task(state: RunState, task: TaskData, num_tasks: int, t_train: float) -> None:
+    """The one progress line of a finished task: accuracy on every class seen so far and per task."""
+    metrics, t = state.metrics(), task.task
+    log.info(
+        "task %d/%d | classes %d-%d | acc on %d seen classes %.2f%% | per task %s | %.1fs",
+        t + 1,
+        num_tasks,
+        task.class_start,
+        task.class_end - 1,
+        task.class_end,
+        metrics["acc_after_task"][-1],
+        " ".join("-" if v is None else f"{v:.1f}" for v in metrics["accuracy_matrix"][-1][: t + 1]),
+        t_train,
+    )
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -359,7 +349,7 @@ def run_experiment(
     """Run (or resume) a class-incremental experiment and write its run directory.
 
     The config saved as ``config.yaml`` is derived here: ``cfg`` with its method options checked and their
-    defaults filled in (``config.resolve_method_config``, applied to ``cfg`` in place).
+    defaults filled in (``methods.resolve_method_config``, applied to ``cfg`` in place).
 
     Args:
         cfg: the typed config.

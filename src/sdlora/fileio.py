@@ -5,7 +5,8 @@ never leave a truncated ``results.json`` or config behind. Every writer here the
 *same* directory (so the final ``os.replace`` is an atomic rename on one filesystem), fsyncs it, and only then
 replaces the target. Readers raise errors that name the offending file.
 
-Only the standard library is used, so any module may import this one.
+Also sdlora's user cache directory (:func:`default_cache_dir`: downloads, converted weights). Only the standard
+library is used, so any module may import this one.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import math
 import os
 import stat
 import uuid
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "default_cache_dir",
     "read_json",
     "sha256_file",
     "to_jsonable",
@@ -176,3 +179,17 @@ def sha256_file(path: _PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             h.update(chunk)
     return h.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """Return sdlora's user cache directory (not created).
+
+    ``$SDLORA_CACHE`` if set, else ``$XDG_CACHE_HOME/sdlora``, else ``~/.cache/sdlora``.
+    """
+    env = os.environ.get("SDLORA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg).expanduser() / "sdlora"
+    return Path.home() / ".cache" / "sdlora"

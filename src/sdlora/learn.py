@@ -45,15 +45,16 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from . import __version__
 from .backbones import create_backbone
-from .config import RunConfig, load_config
+from .backbones.hf import load_tokenizer
+from .config import RunConfig
 from .data import DataConfig, DatasetBundle, build_dataset
 from .distributed import DistInfo, select_device
 from .engine import RunState, TaskData, run_task
 from .fileio import atomic_write_json
-from .methods import Method, create_method
+from .methods import Method, create_method, load_run_config
 from .predict import check_device, run_class_names
 from .report import on_run_event
-from .results import RESULTS_FILE, RunEvent, load_results, parse_results
+from .results import RESULTS_FILE, RunEvent, RunResults, load_results, parse_results
 from .rundir import (
     RunError,
     committed_checkpoint,
@@ -316,7 +317,7 @@ def _learn_locked(
             f"{out} holds an unfinished run ({results['completed_tasks']} of {results['num_tasks']} tasks); finish it "
             "first (sdlora run CONFIG --out RUN_DIR --resume), then learn new classes"
         )
-    cfg, _ = load_config(str(out / "config.yaml"))
+    cfg, _ = load_run_config(str(out / "config.yaml"))
     ck = committed_checkpoint(out)
     if ck is None:
         raise RunError(f"{out} has no checkpoint (train.checkpoint was off?): nothing to continue from")
@@ -329,11 +330,7 @@ def _learn_locked(
         )
     mean, std = results["backbone"]["mean"], results["backbone"]["std"]
     text = results["backbone"].get("modality") == "text"
-    tokenizer = None
-    if text:
-        from .backbones.hf import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.backbone)  # what the run's data pipeline tokenised with
+    tokenizer = load_tokenizer(cfg.backbone) if text else None  # what the run's data pipeline tokenised with
     new = _load_new_data(cfg, root, str(data_root), mean, std, tokenizer)
     seen = sum(len(t) for t in results["tasks"])
     known = run_class_names(out, cfg, seen)
@@ -361,13 +358,7 @@ def _learn_locked(
             out,
             dev,
         )
-        # The run's method as after its last task, and the global RNG as the engine would continue with it.
-        seed_everything(cfg.seed)
-        backbone = create_backbone(cfg.backbone, cfg.data.image_size)
-        method: Method = create_method(cfg.method, backbone).to(dev)
-        method.load_state(tensors, record["method"])
-        method.to(dev)
-        restore_rng_state(tensors, record["rng"])
+        method = _restored_method(cfg, tensors, record, dev)
         state = RunState.from_checkpoint(record, session_start=t_start)
 
         # Class ids: learned classes continue the run's id space, after every id used so far (the run's dataset
@@ -377,18 +368,7 @@ def _learn_locked(
         earlier, skipped_at = _earlier_tests(cfg, _earlier_sources(cfg, results, text), mean, std, tokenizer)
         for t, reason in skipped_at:
             log.warning("task %d is not evaluated in the new row: %s", t + 1, reason)
-        start, end = seen, seen + new.num_classes
-        mapping = {c: start + c for c in range(new.num_classes)}
-        task_of_position = [t for t, ids in enumerate(results["tasks"]) for _ in ids] + [task] * new.num_classes
-        data = TaskData(
-            task=task,
-            class_start=start,
-            class_end=end,
-            train=_Positions(new.train, new.train_targets, mapping),
-            statistics=_Positions(_with_eval_transform(new), new.train_targets, mapping),
-            test=ConcatDataset([*earlier, _Positions(new.test, new.test_targets, mapping)]),
-            task_of_position=task_of_position,
-        )
+        data = _new_task(results, new, task, seen, earlier)
         rt = Runtime(train=tcfg, seed=cfg.seed, device=dev, workers=cfg.data.num_workers)
         skipped = sorted({t for t, _ in skipped_at})
         entry = run_task(method, state, data, rt, num_tasks=task + 1, not_evaluated=skipped)
@@ -396,40 +376,10 @@ def _learn_locked(
         if skipped:
             entry["not_evaluated"] = {str(t): r for t, r in skipped_at}
 
-        record_new = {
-            "task": task,
-            "name": label,
-            "root": str(root),
-            "dataset": new.info.get("name"),
-            "format": new.info.get("format"),
-            "class_names": list(new.class_names),
-            "class_ids": new_ids,
-            "train_count": len(new.train_targets),
-            "test_count": len(new.test_targets),
-            "identity": new.identity,
-            "learned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "sdlora_version": __version__,
-        }
+        record_new = _learned_record(task, label, root, new, new_ids)
         old = parse_results(results, str(out / RESULTS_FILE))
         metrics = state.metrics()
-        # Positions after the seen ones belonged to dataset classes the run never learned (a scenario cut short
-        # with num_tasks); the run now continues with the learned classes there instead.
-        updated = dataclasses.replace(
-            old,
-            status="finished",
-            class_order=[*old.class_order[:seen], *new_ids],
-            class_names=[*known, *new.class_names],
-            tasks=[*old.tasks, new_ids],
-            num_tasks=task + 1,
-            completed_tasks=task + 1,
-            **metrics,
-            trainable_params_per_task=list(state.trainable_per_task),
-            stored_params_total=int(method.parameter_counts()["stored"]),
-            task_log=list(state.task_log),
-            wall_time_s=round(state.wall_time_s, 3),
-            learned_tasks=[*old.learned_tasks, record_new],
-        )
-        new_results = updated.to_dict()
+        new_results = _extended_results(old, state, metrics, method, record_new, known, seen).to_dict()
         # Commit: checkpoint first (ignored until results.json names its task), then results.json.
         save_checkpoint(out, task, method, state.to_checkpoint(), keep=None)
         atomic_write_json(out / RESULTS_FILE, new_results)
@@ -439,7 +389,7 @@ def _learn_locked(
             "learned %r as task %d: acc on %d seen classes %.2f%%, on the new classes %.2f%%",
             label,
             task + 1,
-            end,
+            data.class_end,
             metrics["acc_after_task"][-1],
             metrics["accuracy_matrix"][-1][task],
         )
@@ -447,3 +397,83 @@ def _learn_locked(
         _pkg_log.removeHandler(file_handler)
         file_handler.close()
     return LearnReport(task, label, list(new.class_names), skipped_at, new_results)
+
+
+def _restored_method(
+    cfg: RunConfig, tensors: dict[str, torch.Tensor], record: dict[str, Any], dev: torch.device
+) -> Method:
+    """The run's method as after its last task (from its checkpoint), and the global RNG as the engine would
+    continue with it."""
+    seed_everything(cfg.seed)
+    backbone = create_backbone(cfg.backbone, cfg.data.image_size)
+    method: Method = create_method(cfg.method, backbone).to(dev)
+    method.load_state(tensors, record["method"])
+    method.to(dev)
+    restore_rng_state(tensors, record["rng"])
+    return method
+
+
+def _learned_record(task: int, label: str, root: Path, new: DatasetBundle, new_ids: list[int]) -> dict[str, Any]:
+    """The entry of ``results.json``'s ``learned_tasks`` for the task just learned."""
+    return {
+        "task": task,
+        "name": label,
+        "root": str(root),
+        "dataset": new.info.get("name"),
+        "format": new.info.get("format"),
+        "class_names": list(new.class_names),
+        "class_ids": new_ids,
+        "train_count": len(new.train_targets),
+        "test_count": len(new.test_targets),
+        "identity": new.identity,
+        "learned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sdlora_version": __version__,
+    }
+
+
+def _new_task(results: dict[str, Any], new: DatasetBundle, task: int, seen: int, earlier: list[Dataset]) -> TaskData:
+    """The learned classes as the run's next task: positions ``seen..`` after every class seen so far, their
+    training data, and the test data of every earlier task that could be rebuilt (``earlier``) plus their own."""
+    start, end = seen, seen + new.num_classes
+    mapping = {c: start + c for c in range(new.num_classes)}
+    task_of_position = [t for t, ids in enumerate(results["tasks"]) for _ in ids] + [task] * new.num_classes
+    return TaskData(
+        task=task,
+        class_start=start,
+        class_end=end,
+        train=_Positions(new.train, new.train_targets, mapping),
+        statistics=_Positions(_with_eval_transform(new), new.train_targets, mapping),
+        test=ConcatDataset([*earlier, _Positions(new.test, new.test_targets, mapping)]),
+        task_of_position=task_of_position,
+    )
+
+
+def _extended_results(
+    old: RunResults,
+    state: RunState,
+    metrics: dict[str, Any],
+    method: Method,
+    record_new: dict[str, Any],
+    known: list[str],
+    seen: int,
+) -> RunResults:
+    """The run record with the learned task appended: ``state`` and its ``metrics`` after the task, the classes
+    of ``record_new`` (which goes to ``learned_tasks``) after the ``seen`` ones named ``known``."""
+    task, new_ids = int(record_new["task"]), list(record_new["class_ids"])
+    # Positions after the seen ones belonged to dataset classes the run never learned (a scenario cut short
+    # with num_tasks); the run now continues with the learned classes there instead.
+    return dataclasses.replace(
+        old,
+        status="finished",
+        class_order=[*old.class_order[:seen], *new_ids],
+        class_names=[*known, *record_new["class_names"]],
+        tasks=[*old.tasks, new_ids],
+        num_tasks=task + 1,
+        completed_tasks=task + 1,
+        **metrics,
+        trainable_params_per_task=list(state.trainable_per_task),
+        stored_params_total=int(method.parameter_counts()["stored"]),
+        task_log=list(state.task_log),
+        wall_time_s=round(state.wall_time_s, 3),
+        learned_tasks=[*old.learned_tasks, record_new],
+    )

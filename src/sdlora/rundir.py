@@ -581,13 +581,12 @@ def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tu
         RunError: not a run directory, or no checkpoint yet.
     """
     from .backbones import create_backbone
-    from .config import load_config
-    from .methods import create_method
+    from .methods import create_method, load_run_config
 
     out = Path(run_dir)
     if not (out / "config.yaml").exists():
         raise RunError(f"{out} is not a run directory (no config.yaml)")
-    cfg, _ = load_config(str(out / "config.yaml"))
+    cfg, _ = load_run_config(str(out / "config.yaml"))
     ck = committed_checkpoint(out)
     if ck is None:
         raise RunError(f"{out} has no checkpoint yet (checkpoints/task_*.json); finish a task first")
@@ -604,7 +603,8 @@ def text_encoder_for_run(cfg: RunConfig) -> TextEncoder:
     and its ``data.max_length``. ``encoder(["a text", ...])`` returns the model-input batch (a dict of tensors).
 
     Args:
-        cfg: the run's config (``build_method_from_run(run_dir)[1]`` or ``load_config(run_dir / "config.yaml")[0]``).
+        cfg: the run's config (``build_method_from_run(run_dir)[1]``, or
+            ``load_run_config(run_dir / "config.yaml")[0]``).
 
     Raises:
         ValueError: the run's backbone is not a Hugging Face text backbone.

@@ -14,10 +14,10 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from sdlora.backbones import imgfocus  # noqa: E402
 from sdlora.backbones.imgfocus import (  # noqa: E402
     convert_onnx_to_timm,
-    default_cache_dir,
     find_imgfocus_onnx,
     load_imgfocus_state_dict,
 )
+from sdlora.fileio import default_cache_dir  # noqa: E402
 
 D, LAYERS, GRID, PATCH = 8, 2, 2, 14
 

@@ -192,23 +192,23 @@ def test_ablation_fixed_freezes_old_magnitudes_at_their_values():
 
 # ------------------------------------------------------------------------------------------- per-method options
 def test_method_options_are_typed_by_the_methods_own_dataclass(tmp_path):
-    from sdlora.config import load_config
     from sdlora.configtools import ConfigError, dump_yaml
+    from sdlora.methods import load_run_config
     from sdlora.methods.inflora import InfLoRAOptions
 
     path = tmp_path / "c.yaml"
     cfg_data = two_task_config("inflora")
     cfg_data["method"]["options"] = {"rank": 3}
     dump_yaml(cfg_data, path)
-    cfg, cfg_dict = load_config(str(path))
+    cfg, cfg_dict = load_run_config(str(path))
     # Defaults are filled in, so the saved config lists every option of the method.
     assert cfg_dict["method"]["options"] == {"lamb": 0.98, "lame": 1.0, "rank": 3, "max_batches": None}
     assert tiny_method("inflora", options={"rank": 3}).options == InfLoRAOptions(rank=3)
     with pytest.raises(ConfigError, match=r"method\.options\.rnak.*did you mean 'rank'"):
-        load_config(str(path), ["method.options.rnak=2"])
+        load_run_config(str(path), ["method.options.rnak=2"])
     with pytest.raises(ConfigError, match=r"method\.options.*lamb and lame"):
-        load_config(str(path), ["method.options.lamb=1.5"])
+        load_run_config(str(path), ["method.options.lamb=1.5"])
     with pytest.raises(ConfigError, match=r"method 'simplecil' takes no options"):
-        load_config(str(path), ["method.name=simplecil"])
+        load_run_config(str(path), ["method.name=simplecil"])
     with pytest.raises(ConfigError, match=r"method\.name.*unknown method 'nope'"):
-        load_config(str(path), ["method.name=nope"])
+        load_run_config(str(path), ["method.name=nope"])

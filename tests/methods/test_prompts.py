@@ -208,10 +208,10 @@ def test_classes_are_registered():
 )
 def test_presets_build_on_vit_b16_with_the_papers_prompt_budget(preset, per_task):
     from sdlora.backbones import create_backbone
-    from sdlora.config import load_config
+    from sdlora.methods import load_run_config
 
     # Random init, five blocks (the prompted ones) and 32 px: the prompt budget depends only on width and layers.
-    cfg, _ = load_config(preset, ["backbone.pretrained=false", "data.image_size=32", "backbone.kwargs.depth=5"])
+    cfg, _ = load_run_config(preset, ["backbone.pretrained=false", "data.image_size=32", "backbone.kwargs.depth=5"])
     method = create_method(cfg.method, create_backbone(cfg.backbone, 32))
     method.begin_task(make_ctx(0, 0, 20, [], num_tasks=10))
     head = 20 * 768 + 20

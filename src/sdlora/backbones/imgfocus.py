@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..fileio import atomic_write_bytes, sha256_file
+from ..fileio import atomic_write_bytes, default_cache_dir, sha256_file
 from ..lora.surgery import QKV_ORDER
 
 __all__ = [
@@ -40,7 +40,6 @@ __all__ = [
     "IMGFOCUS_ONNX_SHA256",
     "imgfocus_version",
     "convert_onnx_to_timm",
-    "default_cache_dir",
     "find_imgfocus_onnx",
     "load_imgfocus_state_dict",
 ]
@@ -77,20 +76,6 @@ _PARAM_MAP = {
 }
 _MATMUL_NODE = re.compile(r"^/backbone/encoder/layer\.(\d+)/(.+)/MatMul$")
 _LAYER_INIT = re.compile(r"^backbone\.encoder\.layer\.(\d+)\.")
-
-
-def default_cache_dir() -> Path:
-    """Return sdlora's user cache directory (not created).
-
-    ``$SDLORA_CACHE`` if set, else ``$XDG_CACHE_HOME/sdlora``, else ``~/.cache/sdlora``.
-    """
-    env = os.environ.get("SDLORA_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg:
-        return Path(xdg).expanduser() / "sdlora"
-    return Path.home() / ".cache" / "sdlora"
 
 
 def find_imgfocus_onnx() -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..fileio import default_cache_dir
 from .base import DataConfig, RawDataset, SplitData, register_dataset, stratified_test_mask
 
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_SYSTEM_DIR", "IMG_EXTENSIONS", "read_idx", "scan_image_folder"]
@@ -33,8 +34,6 @@ _DOCS = "see docs/datasets.md"
 
 
 def _data_cache_dir() -> Path:
-    from ..backbones.imgfocus import default_cache_dir
-
     return default_cache_dir() / "data"
 
 

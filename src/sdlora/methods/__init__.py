@@ -9,6 +9,7 @@ from . import (
     sdlora,  # noqa: F401  (registers sdlora, sdlora_rr, sdlora_kd)
 )
 from .base import METHODS, LowRankUpdate, Method, NoOptions, TaskContext, create_method, parse_options, register_method
+from .options import load_run_config, resolve_method_config
 
 __all__ = [
     "METHODS",
@@ -17,6 +18,8 @@ __all__ = [
     "NoOptions",
     "TaskContext",
     "create_method",
+    "load_run_config",
     "parse_options",
     "register_method",
+    "resolve_method_config",
 ]

@@ -1,0 +1,41 @@
+"""Checking a run's ``method`` section against the registered methods: the name must be registered and the
+options must fit the method's options dataclass (``config`` cannot do this: it sits below the methods).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import RunConfig, load_config
+from ..configtools import ConfigError, to_dict
+from .base import METHODS, parse_options
+
+__all__ = ["load_run_config", "resolve_method_config"]
+
+
+def resolve_method_config(cfg: RunConfig) -> RunConfig:
+    """Check ``method.name`` against the registry and ``method.options`` against the method's options dataclass,
+    filling the options' defaults in place (so the saved config lists every option). Returns ``cfg``.
+
+    Raises:
+        ConfigError: unknown method (the message lists the registered ones) or bad options (with the key path).
+    """
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}", "method.name")
+    cfg.method.options = to_dict(parse_options(METHODS[name], cfg.method.options))
+    return cfg
+
+
+def load_run_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[RunConfig, dict[str, Any]]:
+    """:func:`sdlora.config.load_config` with the method checked and its options' defaults filled in
+    (:func:`resolve_method_config`): the config as a run uses and saves it.
+
+    Returns:
+        The typed config and its plain-data form (what is written to the run directory).
+
+    Raises:
+        ConfigError: as ``load_config``, also for an unknown method or bad method options, attributed to the file
+            or to the ``--set`` override that set the value.
+    """
+    return load_config(name_or_path, overrides, check=resolve_method_config)
