@@ -63,26 +63,38 @@ class Results:
 
 
 def report(args: argparse.Namespace, res: Results, header: dict[str, str]) -> str:
+    """The whole markdown report: the header, then one section per table."""
     lines: list[str] = []
     w = lines.append
-    tasks, modes = args.tasks, args.modes
-    first = tasks[0]
-    plain = ("train", "plain")
-
-    def vs_first(mode: str, t: int, field: str) -> float | None:
-        """Ratio to the first task count of the same mode (time: quotient of the paired ratios)."""
-        return div(res.get(("train", mode, t), field), res.get(("train", mode, first), field))
-
-    def quart(key: tuple) -> str:
-        q1, q3 = res.get(key, "ratio_q1"), res.get(key, "ratio_q3")
-        return "-" if q1 is None or q3 is None else f"{q1:.3f}-{q3:.3f}"
-
     w("# sdlora core benchmark")
     w("")
     for k, v in header.items():
         w(f"- {k}: {v}")
     w("")
+    step_time_section(args, res, w)
+    memory_section(args, res, w)
+    arithmetic(args, res, w)
+    fastest_section(args, res, w)
+    if not args.skip_inference:
+        inference_section(args, res, w)
+    goals_section(args, res, w)
+    return "\n".join(lines)
 
+
+def vs_first(res: Results, first: int, mode: str, t: int, field: str) -> float | None:
+    """Ratio to the first task count of the same mode (time: quotient of the paired ratios)."""
+    return div(res.get(("train", mode, t), field), res.get(("train", mode, first), field))
+
+
+def quart(res: Results, key: tuple) -> str:
+    """The quartiles of a configuration's per-round ratios, as text."""
+    q1, q3 = res.get(key, "ratio_q1"), res.get(key, "ratio_q3")
+    return "-" if q1 is None or q3 is None else f"{q1:.3f}-{q3:.3f}"
+
+
+def step_time_section(args: argparse.Namespace, res: Results, w: Callable[[str], None]) -> None:
+    """Training step time of every configuration, paired against the plain-LoRA reference."""
+    tasks, modes, first, plain = args.tasks, args.modes, args.tasks[0], ("train", "plain")
     w(
         f"## Training step time (forward + backward + SGD step; {args.warmup} warm-up, {args.reps} timed rounds"
         f"{f', {args.runs} runs' if args.runs > 1 else ''})"
@@ -111,15 +123,14 @@ def report(args: argparse.Namespace, res: Results, header: dict[str, str]) -> st
             f"| plain LoRA (reference) | - | - | {fmt(res.get(plain, 'ms'))} | 1.000 | - | - | - | 1.000 | "
             f"{fmt(res.get(plain, 'other_load'), '.2f')} |"
         )
-    lib = ("train", "library_plain")
     for key, label in (
-        (lib, "library plain LoRA (`seq_lora` config)"),
+        (("train", "library_plain"), "library plain LoRA (`seq_lora` config)"),
         (("train", "plain_slice"), "plain LoRA, in-place slice add (previous reference)"),
     ):
         if res.ok(key):
             w(
                 f"| {label} | - | - | {fmt(res.get(key, 'ms'))} | "
-                f"{fmt(res.get(key, 'ratio'), '.3f')} | {quart(key)} | {res.span(key, 'ratio')} | - | "
+                f"{fmt(res.get(key, 'ratio'), '.3f')} | {quart(res, key)} | {res.span(key, 'ratio')} | - | "
                 f"{fmt(div(res.get(key, 'flops'), res.get(key, 'ref_flops')), '.3f')} | "
                 f"{fmt(res.get(key, 'other_load'), '.2f')} |"
             )
@@ -133,13 +144,23 @@ def report(args: argparse.Namespace, res: Results, header: dict[str, str]) -> st
                 continue
             w(
                 f"| {mode} | {t} | {res.first(key, 'route') or '-'} | {fmt(res.get(key, 'ms'))} | "
-                f"{fmt(res.get(key, 'ratio'), '.3f')} | {quart(key)} | {res.span(key, 'ratio')} | "
-                f"{fmt(vs_first(mode, t, 'ratio'), '.3f')} | "
+                f"{fmt(res.get(key, 'ratio'), '.3f')} | {quart(res, key)} | {res.span(key, 'ratio')} | "
+                f"{fmt(vs_first(res, first, mode, t, 'ratio'), '.3f')} | "
                 f"{fmt(div(res.get(key, 'flops'), res.get(key, 'ref_flops')), '.3f')} | "
                 f"{fmt(res.get(key, 'other_load'), '.2f')} |"
             )
     w("")
 
+
+def memory_section(args: argparse.Namespace, res: Results, w: Callable[[str], None]) -> None:
+    """Peak memory and bytes saved for backward per configuration."""
+    tasks, modes, first, plain, lib = (
+        args.tasks,
+        args.modes,
+        args.tasks[0],
+        ("train", "plain"),
+        ("train", "library_plain"),
+    )
     w("## Training memory")
     w("")
     w(
@@ -169,14 +190,16 @@ def report(args: argparse.Namespace, res: Results, header: dict[str, str]) -> st
                 continue
             p, s = res.get(key, "peak_mib"), res.get(key, "saved_mib")
             w(
-                f"| {mode} | {t} | {fmt(p, '.0f')} | {fmt(vs_first(mode, t, 'peak_mib'), '.3f')} | "
-                f"{fmt(div(p, pk), '.3f')} | {fmt(s)} | {fmt(vs_first(mode, t, 'saved_mib'), '.3f')} | "
+                f"| {mode} | {t} | {fmt(p, '.0f')} | {fmt(vs_first(res, first, mode, t, 'peak_mib'), '.3f')} | "
+                f"{fmt(div(p, pk), '.3f')} | {fmt(s)} | {fmt(vs_first(res, first, mode, t, 'saved_mib'), '.3f')} | "
                 f"{fmt(div(s, sv), '.3f')} |"
             )
     w("")
 
-    arithmetic(args, res, w)
 
+def fastest_section(args: argparse.Namespace, res: Results, w: Callable[[str], None]) -> None:
+    """The fastest compute mode at each task count."""
+    tasks, modes = args.tasks, args.modes
     w("## Fastest compute mode per task count (training step, x plain LoRA)")
     w("")
     w("| task | " + " | ".join(modes) + " | fastest |")
@@ -187,51 +210,62 @@ def report(args: argparse.Namespace, res: Results, header: dict[str, str]) -> st
         w(f"| {t} | " + " | ".join(fmt(got.get(m), ".3f") for m in modes) + f" | {best or '-'} |")
     w("")
 
-    if not args.skip_inference:
-        w(
-            f"## Inference after {args.infer_task} tasks (no_grad forward, eval mode; {args.warmup} warm-up, "
-            f"{args.infer_reps} timed rounds)"
-        )
-        w("")
-        w(
-            "Each row is timed interleaved with a bare backbone built in the same process (*x bare*, paired). The "
-            "unmerged model folds its components into a cached weight at the first call and reuses it until a "
-            "tensor it depends on changes; `stacked` and `loop` never fold (references)."
-        )
-        w("")
-        w("| model | batch | forward ms | bare ms (same process) | x bare | round quartiles | other load |")
-        w("|---|---:|---:|---:|---:|---|---:|")
-        for bsz in args.infer_batch:
-            rows = [("bare backbone", ("infer", "bare", bsz)), ("merge_and_unload()", ("infer", "merged", bsz))]
-            rows += [(f"unmerged, compute={m}", ("infer", "unmerged", m, bsz)) for m in args.infer_modes]
-            for label, key in rows:
-                if key not in res.runs:
-                    continue
-                if not res.ok(key):
-                    w(f"| {label} | {bsz} | error | | | | |")
-                    continue
-                bare = label == "bare backbone"
-                w(
-                    f"| {label} | {bsz} | {fmt(res.get(key, 'ms'), '.2f')} | {fmt(res.get(key, 'ref_ms'), '.2f')} | "
-                    f"{'1.000' if bare else fmt(res.get(key, 'ratio'), '.3f')} | {'-' if bare else quart(key)} | "
-                    f"{fmt(res.get(key, 'other_load'), '.2f')} |"
-                )
-        diffs = [res.get(("infer", "merged", b), "max_abs_diff") for b in args.infer_batch]
-        diffs = [d for d in diffs if d is not None]
-        if diffs:
-            w("")
-            w(f"max |merged - unmerged| over the batch's features: {max(diffs):.2e}")
-        w("")
 
+def inference_section(args: argparse.Namespace, res: Results, w: Callable[[str], None]) -> None:
+    """Inference after the last task: bare, merged and unmerged models, paired against the bare backbone."""
+    w(
+        f"## Inference after {args.infer_task} tasks (no_grad forward, eval mode; {args.warmup} warm-up, "
+        f"{args.infer_reps} timed rounds)"
+    )
+    w("")
+    w(
+        "Each row is timed interleaved with a bare backbone built in the same process (*x bare*, paired). The "
+        "unmerged model folds its components into a cached weight at the first call and reuses it until a "
+        "tensor it depends on changes; `stacked` and `loop` never fold (references)."
+    )
+    w("")
+    w("| model | batch | forward ms | bare ms (same process) | x bare | round quartiles | other load |")
+    w("|---|---:|---:|---:|---:|---|---:|")
+    for bsz in args.infer_batch:
+        rows = [("bare backbone", ("infer", "bare", bsz)), ("merge_and_unload()", ("infer", "merged", bsz))]
+        rows += [(f"unmerged, compute={m}", ("infer", "unmerged", m, bsz)) for m in args.infer_modes]
+        for label, key in rows:
+            if key not in res.runs:
+                continue
+            if not res.ok(key):
+                w(f"| {label} | {bsz} | error | | | | |")
+                continue
+            bare = label == "bare backbone"
+            w(
+                f"| {label} | {bsz} | {fmt(res.get(key, 'ms'), '.2f')} | {fmt(res.get(key, 'ref_ms'), '.2f')} | "
+                f"{'1.000' if bare else fmt(res.get(key, 'ratio'), '.3f')} | {'-' if bare else quart(res, key)} | "
+                f"{fmt(res.get(key, 'other_load'), '.2f')} |"
+            )
+    diffs = [res.get(("infer", "merged", b), "max_abs_diff") for b in args.infer_batch]
+    diffs = [d for d in diffs if d is not None]
+    if diffs:
+        w("")
+        w(f"max |merged - unmerged| over the batch's features: {max(diffs):.2e}")
+    w("")
+
+
+def goals_section(args: argparse.Namespace, res: Results, w: Callable[[str], None]) -> None:
+    """Every figure against its goal, then the configurations that failed."""
+    tasks, modes, first = args.tasks, args.modes, args.tasks[0]
     w("## Goals")
     w("")
     w("| check | goal | task | " + " | ".join(modes) + " |")
     w("|---|---:|---:|" + "---:|" * len(modes))
     checks: list[tuple[str, float, Callable[[str, int], float | None], list[int]]] = [
         ("step time x plain LoRA", GOAL_PLAIN, lambda m, t: res.get(("train", m, t), "ratio"), tasks),
-        (f"step time x task {first}", GOAL_TIME, lambda m, t: vs_first(m, t, "ratio"), tasks[1:]),
-        (f"peak memory x task {first}", GOAL_MEM, lambda m, t: vs_first(m, t, "peak_mib"), tasks[1:]),
-        (f"saved for backward x task {first}", GOAL_MEM, lambda m, t: vs_first(m, t, "saved_mib"), tasks[1:]),
+        (f"step time x task {first}", GOAL_TIME, lambda m, t: vs_first(res, first, m, t, "ratio"), tasks[1:]),
+        (f"peak memory x task {first}", GOAL_MEM, lambda m, t: vs_first(res, first, m, t, "peak_mib"), tasks[1:]),
+        (
+            f"saved for backward x task {first}",
+            GOAL_MEM,
+            lambda m, t: vs_first(res, first, m, t, "saved_mib"),
+            tasks[1:],
+        ),
     ]
     for label, goal, fn, ts in checks:
         for t in ts:
@@ -252,7 +286,6 @@ def report(args: argparse.Namespace, res: Results, header: dict[str, str]) -> st
         w("")
         for k, e in err:
             w(f"- {' '.join(map(str, k))}: {e}")
-    return "\n".join(lines)
 
 
 def arithmetic(args: argparse.Namespace, res: Results, w: Callable[[str], None]) -> None:
