@@ -1,5 +1,5 @@
 """One task's optimisation and evaluation: optimiser, learning-rate schedule, autocast, the epoch loop (with DDP
-under torchrun) and the per-task correct counts on the test data.
+under torchrun) and the per-task correct counts on the test data; :class:`Runtime` says how and where tasks train.
 """
 
 from __future__ import annotations
