@@ -49,6 +49,7 @@ from .config import RunConfig, load_config
 from .data import DataConfig, DatasetBundle, build_dataset
 from .distributed import DistInfo, select_device
 from .engine import RunState, TaskData, run_task
+from .environment import capture_environment
 from .fileio import atomic_write_json
 from .methods import Method, create_method
 from .predict import check_device, run_class_names
@@ -369,6 +370,8 @@ def _learn_locked(
         method.to(dev)
         restore_rng_state(tensors, record["rng"])
         state = RunState.from_checkpoint(record, session_start=t_start)
+        for change in state.continue_in(capture_environment(dev)):
+            log.warning("learning in another environment than the run's earlier tasks: %s", change)
 
         # Class ids: learned classes continue the run's id space, after every id used so far (the run's dataset
         # ids 0..K-1 and earlier learned ones), so an id never names two classes.
@@ -428,6 +431,8 @@ def _learn_locked(
             task_log=list(state.task_log),
             wall_time_s=round(state.wall_time_s, 3),
             learned_tasks=[*old.learned_tasks, record_new],
+            environment=dict(state.environment),
+            earlier_environments=list(state.earlier_environments),
         )
         new_results = updated.to_dict()
         # Commit: checkpoint first (ignored until results.json names its task), then results.json.
