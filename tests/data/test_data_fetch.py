@@ -483,3 +483,29 @@ def test_domainnet_zips_and_split_files_are_read_by_the_coda_yaml_reader(server,
     raw = _load("domainnet", tmp_path / "domainnet", format="coda_yaml")
     assert len(raw.train.paths) == len(train) and len(raw.test.paths) == len(test)
     assert (tmp_path / "domainnet" / "sketch_test.txt").is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the command line
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_cli_data_get_reports_the_checks_and_exit_codes(monkeypatch, tmp_path, capsys):
+    from sdlora.cli import main
+
+    archive = _cifar_archive()
+    spec = fetch.DATASET_SPECS["cifar100"]
+    src = dataclasses.replace(spec.sources[0], url="http://127.0.0.1:9/x", md5=_md5(archive), md5_source="test")
+    monkeypatch.setitem(fetch.DATASET_SPECS, "cifar100", dataclasses.replace(spec, sources=(src,)))
+    local = tmp_path / "cifar-100-python.tar.gz"
+    local.write_bytes(archive)
+    root = tmp_path / "root"
+    assert main(["data", "get", "cifar100", "--root", str(root), "--from", str(local), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"cifar100: ready in {root / 'cifar100'}" in out and "matches the published checksum (test)" in out
+    # a wrong archive is bad input (2); an unreachable server is a failure (1); both say why in one line
+    local.write_bytes(b"not the archive")
+    assert main(["data", "get", "cifar100", "--root", str(tmp_path / "r2"), "--from", str(local)]) == 2
+    assert "differs from the published" in capsys.readouterr().err
+    assert main(["data", "get", "cifar100", "--root", str(tmp_path / "r3"), "--no-progress"]) == 1
+    assert "no network?" in capsys.readouterr().err
