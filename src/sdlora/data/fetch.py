@@ -197,6 +197,7 @@ def _size(path: Path) -> int:
 def _fetch_part(url: str, part: Path, *, progress: bool, timeout: float, need: int | None) -> None:
     """Download ``url`` into ``part``, resuming what is there; retries a broken connection with a Range request."""
     stalled = 0
+    cut: BaseException
     while True:
         offset = _size(part)
         try:
