@@ -639,8 +639,8 @@ DATASET_SPECS: dict[str, DatasetSpec] = {
         split="CODA-Prompt's imagenet-r_{train,test}.yaml (24,000 / 6,000 images), materialised as train/ and test/ "
         "folders (labels: sorted wnids, as the official code's ImageFolder); a pre-split archive given with --from "
         "(e.g. PILOT's) is used as it is",
-        licence="MIT (hendrycks/imagenet-r repository); the images are renditions collected from the web. Split "
-        "files: CODA-Prompt, MIT",
+        licence="no licence file in the hendrycks/imagenet-r repository snapshot we read; images collected from the "
+        "web, see the authors' terms. Split files: CODA-Prompt, MIT",
     ),
     "imagenet_a": DatasetSpec(
         name="imagenet_a",
@@ -659,7 +659,8 @@ DATASET_SPECS: dict[str, DatasetSpec] = {
         split=f"sdlora's seeded per-class split: {IMAGENET_A_TEST_FRACTION:.0%} test per class, seed "
         f"{IMAGENET_A_SPLIT_SEED}, file lists in split.json. NOT the paper's split: the PILOT pre-split archive "
         "the official code uses has no published file list; pass it with --from to use it",
-        licence="MIT (hendrycks/natural-adv-examples repository); images collected from the web",
+        licence="the hendrycks/natural-adv-examples repository is MIT (its code); images collected from the web, "
+        "see the authors' terms",
     ),
     "cub200": DatasetSpec(
         name="cub200",
@@ -676,7 +677,8 @@ DATASET_SPECS: dict[str, DatasetSpec] = {
         layout=_layout_cub200,
         extracted_size=1200 * _MB,
         split="the official train_test_split.txt of the archive (5,994 / 5,794)",
-        licence="Caltech: for non-commercial research and educational purposes; images from Flickr",
+        licence="no licence in the archive's README (it asks to cite the dataset); images from Flickr, see the "
+        "CaltechDATA record's terms",
     ),
     "domainnet": DatasetSpec(
         name="domainnet",
@@ -686,7 +688,7 @@ DATASET_SPECS: dict[str, DatasetSpec] = {
         extracted_size=17_600 * _MB,
         split="CODA-Prompt's domainnet_{train,test}.yaml (format coda_yaml, the preset's; InfLoRA's protocol); the "
         "official cleaned <domain>_{train,test}.txt lists are kept next to them (format txt)",
-        licence="DomainNet: fair use for research (http://ai.bu.edu/M3SDA/); split files: CODA-Prompt, MIT",
+        licence="DomainNet: the terms on http://ai.bu.edu/M3SDA/ (not checked here); split files: CODA-Prompt, MIT",
     ),
 }
 
