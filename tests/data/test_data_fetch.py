@@ -127,6 +127,10 @@ def _md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()  # noqa: S324 - the published checksums are md5
 
 
+def _blob(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # noqa: S324 - git's object id
+
+
 def _serve_spec(
     monkeypatch: pytest.MonkeyPatch, server: _Server, name: str, payloads: dict[str, bytes], publish_md5: bool = True
 ) -> None:
@@ -137,7 +141,9 @@ def _serve_spec(
         path = "/" + s.filename
         server.files[path] = payloads[s.filename]
         md5 = _md5(payloads[s.filename]) if (publish_md5 and s.md5) else None
-        sources.append(dataclasses.replace(s, url=server.url(path), md5=md5, md5_source="test" if md5 else None))
+        blob = _blob(payloads[s.filename]) if (publish_md5 and s.git_blob) else None
+        where = "test" if (md5 or blob) else None
+        sources.append(dataclasses.replace(s, url=server.url(path), md5=md5, git_blob=blob, md5_source=where))
     monkeypatch.setitem(fetch.DATASET_SPECS, name, dataclasses.replace(spec, sources=tuple(sources)))
 
 
@@ -298,6 +304,28 @@ def test_a_folder_not_made_by_data_get_is_not_overwritten(tmp_path):
         get_dataset("cifar100", tmp_path, progress=False)
 
 
+def test_git_blob_ids_are_gits(tmp_path):
+    # two well-known object ids: the empty blob and "hello\n" (git hash-object)
+    f = tmp_path / "f"
+    f.write_bytes(b"")
+    assert fetch._git_blob_id(f) == "e69de29bb2d1d6434b8b29ae775ad8c2e48c5391"
+    f.write_bytes(b"hello\n")
+    assert fetch._git_blob_id(f) == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+def test_a_split_file_that_is_not_the_published_one_is_refused(server, monkeypatch, tmp_path):
+    payloads = {"imagenet-r.tar": _tar({"imagenet-r/n0/a.jpg": _png(0)}, mode="w"),
+                "imagenet-r_train.yaml": b"data: []\n", "imagenet-r_test.yaml": b"data: []\n"}  # fmt: skip
+    _serve_spec(monkeypatch, server, "imagenet_r", payloads)
+    spec = fetch.DATASET_SPECS["imagenet_r"]
+    wrong = dataclasses.replace(spec.sources[1], git_blob="a039907f411700078d505572df4df09ab6e2d669")
+    sources = (spec.sources[0], wrong, spec.sources[2])
+    monkeypatch.setitem(fetch.DATASET_SPECS, "imagenet_r", dataclasses.replace(spec, sources=sources))
+    with pytest.raises(ArchiveError, match="git blob id .* differs from the published a039907f"):
+        get_dataset("imagenet_r", tmp_path, progress=False)
+    assert not (tmp_path / "imagenet-r").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # safe extraction
 # --------------------------------------------------------------------------------------------------------------------
@@ -394,7 +422,7 @@ def test_imagenet_r_is_split_as_the_coda_prompt_files_say(server, monkeypatch, t
         },  # fmt: skip
     )
     report = get_dataset("imagenet_r", tmp_path, progress=False)
-    assert any("imagenet-r_train.yaml: no published checksum" in c for c in report.checks)
+    assert any("imagenet-r_train.yaml: git blob id" in c and "matches the published" in c for c in report.checks)
     root = tmp_path / "imagenet-r"
     raw = _load("imagenet_r", root, format="folders")
     assert raw.class_names == wnids

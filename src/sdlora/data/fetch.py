@@ -4,7 +4,8 @@ Every step leaves either nothing or something that says what it is:
 
 * downloads go to ``ROOT/.downloads/<file>.part``, resumed with an HTTP ``Range`` request after an interruption,
   and are renamed to ``<file>`` only after the checksum matched;
-* checksums: the published one where it exists (:attr:`Source.md5`, with :attr:`Source.md5_source`); otherwise the
+* checksums: the published one where it exists (:attr:`Source.md5`, or :attr:`Source.git_blob` for a file of a git
+  repository, with :attr:`Source.md5_source`); otherwise the
   sha256 of the first complete download is recorded in ``ROOT/.downloads/checksums.json`` and later downloads (or
   ``--from`` files) must match it. :func:`get_dataset` reports which of the two happened;
 * archives are extracted into a staging directory ``ROOT/.staging-<folder>`` after every member was checked (no
@@ -84,6 +85,8 @@ class Source:
         md5_source: where ``md5`` is published.
         size: approximate size in bytes, for the disk estimate only (never used to accept a file).
         archive: extract it (tar or zip) or copy it as a file.
+        git_blob: for a file of a git repository, its published git object id (the sha1 of ``b"blob <size>\\0"`` and
+            the content), checked instead of an md5; the source is in ``md5_source``.
     """
 
     url: str
@@ -92,6 +95,7 @@ class Source:
     md5_source: str | None = None
     size: int = 0
     archive: bool = True
+    git_blob: str | None = None
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,14 @@ def _digest(path: Path, algo: str) -> str:
     return h.hexdigest()
 
 
+def _git_blob_id(path: Path) -> str:
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())  # noqa: S324 - git's object id, not a security hash
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _recorded(downloads: Path) -> dict[str, Any]:
     path = downloads / CHECKSUMS
     return dict(read_json(path)) if path.is_file() else {}
@@ -265,6 +277,14 @@ def verify(path: Path, source: Source, downloads: Path) -> tuple[str, str | None
     Raises:
         ArchiveError: the checksum differs.
     """
+    if source.git_blob:
+        got = _git_blob_id(path)
+        if got != source.git_blob:
+            raise ArchiveError(
+                f"{path}: git blob id {got} differs from the published {source.git_blob} ({source.md5_source}); "
+                "the file is damaged or not the published one"
+            )
+        return f"{source.filename}: git blob id {got} matches the published one ({source.md5_source})", None
     if source.md5:
         got = _digest(path, "md5")
         if got != source.md5:
@@ -582,7 +602,25 @@ def _layout_domainnet(raw: Path, final: Path, files: dict[str, Path]) -> None:
 
 
 _MB = 1_000_000
-_CODA = "https://raw.githubusercontent.com/GT-RIPL/CODA-Prompt/main/dataloaders/splits/"
+#: CODA-Prompt's split files at the commit that last changed them (HEAD of main when this was written).
+CODA_COMMIT = "6417d4f68754be68b697c7ca2323ee61e791e1a3"
+_CODA = f"https://raw.githubusercontent.com/GT-RIPL/CODA-Prompt/{CODA_COMMIT}/dataloaders/splits/"
+#: Their git blob ids, as the repository publishes them (``git ls-tree -r CODA_COMMIT dataloaders/splits``).
+CODA_BLOBS = {
+    "imagenet-r_train.yaml": "a039907f411700078d505572df4df09ab6e2d669",
+    "imagenet-r_test.yaml": "23c3881c77e253ff492bf97a2b8ed0b0a966adad",
+    "domainnet_train.yaml": "bf86d2fb6a4cafaa8dc413bc25998e9ec9728809",
+    "domainnet_test.yaml": "3c5407918567c97203c85b074ccc323ed4643a7e",
+}
+
+
+def _coda(filename: str, size: int) -> Source:
+    where = f"git ls-tree of GT-RIPL/CODA-Prompt@{CODA_COMMIT[:8]}:dataloaders/splits/{filename}"
+    return Source(
+        _CODA + filename, filename, md5_source=where, size=size, archive=False, git_blob=CODA_BLOBS[filename]
+    )
+
+
 _DN = "http://csr.bu.edu/ftp/visda/2019/multi-source/"
 
 
@@ -596,7 +634,7 @@ def _domainnet_sources() -> tuple[Source, ...]:
         for split in ("train", "test"):
             out.append(Source(f"{_DN}domainnet/txt/{d}_{split}.txt", f"{d}_{split}.txt", size=2 * _MB, archive=False))
     for split in ("train", "test"):
-        out.append(Source(f"{_CODA}domainnet_{split}.yaml", f"domainnet_{split}.yaml", size=4 * _MB, archive=False))
+        out.append(_coda(f"domainnet_{split}.yaml", 4 * _MB))
     return tuple(out)
 
 
@@ -631,8 +669,8 @@ DATASET_SPECS: dict[str, DatasetSpec] = {
                 md5_source="torch-uncertainty torch_uncertainty/datasets/imagenet/imagenet_r.py tgz_md5",
                 size=2100 * _MB,
             ),
-            Source(_CODA + "imagenet-r_train.yaml", "imagenet-r_train.yaml", size=1 * _MB, archive=False),
-            Source(_CODA + "imagenet-r_test.yaml", "imagenet-r_test.yaml", size=1 * _MB, archive=False),
+            _coda("imagenet-r_train.yaml", 1_137_662),
+            _coda("imagenet-r_test.yaml", 284_216),
         ),
         layout=_layout_imagenet_r,
         extracted_size=2100 * _MB,
