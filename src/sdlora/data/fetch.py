@@ -5,9 +5,9 @@ Every step leaves either nothing or something that says what it is:
 * downloads go to ``ROOT/.downloads/<file>.part``, resumed with an HTTP ``Range`` request after an interruption,
   and are renamed to ``<file>`` only after the checksum matched;
 * checksums: the published one where it exists (:attr:`Source.md5`, or :attr:`Source.git_blob` for a file of a git
-  repository, with :attr:`Source.md5_source`); otherwise the
-  sha256 of the first complete download is recorded in ``ROOT/.downloads/checksums.json`` and later downloads (or
-  ``--from`` files) must match it. :func:`get_dataset` reports which of the two happened;
+  repository, with :attr:`Source.md5_source`); otherwise the sha256 of the first download is recorded in
+  ``ROOT/.downloads/checksums.json`` once the dataset was laid out, and later downloads (or ``--from`` files) must
+  match it. :func:`get_dataset` reports which check was made;
 * archives are extracted into a staging directory ``ROOT/.staging-<folder>`` after every member was checked (no
   absolute names, no ``..``, no links leading out of the tree, no device files or FIFOs);
 * the layout step builds the final folder inside the staging directory, writes the completion marker
