@@ -136,6 +136,11 @@ def test_dry_run_on_the_paper_tables_prints_the_plan(tmp_path, capsys):
     assert text.count("seed 199") == 18  # 3 settings x 2 protocols x 3 seeds
     assert "PROJECTED, NOT MEASURED" in text
     assert not (tmp_path / "o").exists()
+    # data already there is not counted again
+    (tmp_path / "imagenet-r").mkdir()
+    assert main(["reproduce", "table1", "--root", str(tmp_path), "--dry-run", "--out", str(tmp_path / "o")]) == 0
+    text = capsys.readouterr().out
+    assert "imagenet-r exists (not made by 'sdlora data get'" in text and "about 0.0 GB" in text
 
 
 def test_missing_data_names_the_data_get_command(tmp_path, capsys):

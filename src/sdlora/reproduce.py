@@ -294,6 +294,9 @@ def plan_text(tables: list[PaperTable], runs: list[PlannedRun], root: Path, esti
         if is_complete(root, d):
             lines.append(f"  {d}: present in {root / spec.folder}")
             continue
+        if (root / spec.folder).exists():
+            lines.append(f"  {d}: {root / spec.folder} exists (not made by 'sdlora data get'; used as it is)")
+            continue
         need = spec.download_size + spec.extracted_size
         disk += need
         lines.append(
