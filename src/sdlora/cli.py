@@ -424,11 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("list", help="registered methods, datasets, backbones and presets")
     sp.set_defaults(fn=cmd_list)
 
-    # `sdlora data ...`: one subcommand group; each subcommand adds itself to data_sub.
-    data_sub = sub.add_parser("data", help="datasets: download the paper's (get)").add_subparsers(
-        dest="data_command", required=True
-    )
-    _add_data_get_parser(data_sub)
+    _add_data_parsers(sub)
     _add_reproduce_parser(sub)
     return p
 
@@ -436,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------------------
 # sdlora data get, sdlora reproduce
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _add_data_parsers(sub: Any) -> None:
+    """``sdlora data ...``: one subcommand group; each subcommand adds itself to ``data_sub``."""
+    data_sub = sub.add_parser("data", help="datasets: download the paper's (get)").add_subparsers(
+        dest="data_command", required=True
+    )
+    _add_data_get_parser(data_sub)
 
 
 def _add_data_get_parser(data_sub: Any) -> None:
