@@ -37,6 +37,7 @@ class _Server:
         self.files: dict[str, bytes] = {}
         self.cut: dict[str, int] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.ignore_range = False
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,6 +47,8 @@ class _Server:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 rng = self.headers.get("Range")
                 server.requests.append((self.path, rng))
+                if server.ignore_range:
+                    rng = None
                 data = server.files.get(self.path)
                 if data is None:
                     self.send_error(404)
@@ -190,6 +193,16 @@ def test_a_part_file_left_by_a_killed_process_is_resumed(server, monkeypatch, tm
     get_dataset("cifar100", tmp_path, progress=False)
     assert server.requests == [("/cifar-100-python.tar.gz", "bytes=100-")]
     assert (tmp_path / "cifar100" / COMPLETE_MARKER).is_file()
+
+
+def test_a_server_that_ignores_range_gets_the_whole_file_again(server, monkeypatch, tmp_path):
+    archive = _cifar_archive()
+    _serve_spec(monkeypatch, server, "cifar100", {"cifar-100-python.tar.gz": archive})
+    server.ignore_range = True
+    (tmp_path / ".downloads").mkdir()
+    (tmp_path / ".downloads" / "cifar-100-python.tar.gz.part").write_bytes(b"stale bytes" * 10)
+    get_dataset("cifar100", tmp_path, progress=False)
+    assert (tmp_path / ".downloads" / "cifar-100-python.tar.gz").read_bytes() == archive
 
 
 def test_a_connection_that_keeps_breaking_gives_up_with_a_resume_hint(server, monkeypatch, tmp_path):
