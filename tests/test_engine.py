@@ -449,3 +449,25 @@ def test_checkpoint_that_does_not_fit_gives_delete_advice(tmp_path):
     ck.write_text(json.dumps(record))
     with pytest.raises(RunError, match=r"checkpoint .*task_002\.json does not fit this run.*delete it"):
         _run(tmp_path, tiny_config(), resume=True)
+
+
+def test_runs_record_their_environment_and_resume_warns_when_it_changed(tmp_path, monkeypatch, caplog):
+    """results.json says what a run ran on; a resume under other versions keeps the earlier one and warns."""
+    import sdlora.engine as engine_mod
+    from sdlora.environment import capture_environment
+
+    _run(tmp_path, tiny_config(scenario={"num_tasks": 2}))
+    out = tmp_path / "run"
+    first = json.loads((out / "results.json").read_text())
+    assert first["environment"] == capture_environment(torch.device("cpu"))
+    assert first["earlier_environments"] == []
+
+    _kill_after_task(out, 0)
+    other = dict(first["environment"], torch="0.0.0-other")
+    monkeypatch.setattr(engine_mod, "capture_environment", lambda device: dict(other))
+    with caplog.at_level("WARNING", logger="sdlora"):
+        _run(tmp_path, tiny_config(scenario={"num_tasks": 2}), resume=True)
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["environment"] == other
+    assert resumed["earlier_environments"] == [dict(first["environment"], until_task=1)]
+    assert any("another environment" in r.message and "0.0.0-other" in r.message for r in caplog.records)

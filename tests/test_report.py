@@ -128,6 +128,13 @@ def test_format_task_table_partial_and_single_task():
     assert last.endswith("partial run: 1/4 tasks")
 
 
+def test_report_shows_the_environment(tmp_path):
+    env = {"python": "3.11.7", "torch": "2.14.1+cu130", "transformers": "5.25.0", "device": "NVIDIA H100"}
+    a = write_run(tmp_path / "a", dict(RUN_A, environment=env))
+    row = report_table([a]).splitlines()[2]
+    assert row.rstrip("| ").endswith("py3.11.7 torch 2.14.1+cu130 tf 5.25.0 NVIDIA H100")
+
+
 def test_report_markdown_and_files(tmp_path):
     a = write_run(tmp_path / "runs" / "sdlora_s0", RUN_A)
     b = write_run(tmp_path / "runs" / "seq_s1", dict(RUN_B, method="seq_lora"))
@@ -150,11 +157,12 @@ def test_report_markdown_and_files(tmp_path):
         "1,400",
         "5,000",
         "1h 02m",
+        "n/a",  # RUN_A was recorded without an environment (as records written before it existed)
     ]
     cells_b = [c.strip() for c in lines[3].strip("|").split("|")]
     assert cells_b[:2] == ["seq_s1", "seq_lora"]
     assert cells_b[5:10] == ["70.00", "76.67", "70.00", "10.00", "-10.00"]
-    assert cells_b[-1] == "10.0 s"
+    assert cells_b[-2:] == ["10.0 s", "n/a"]
     assert table in (out / "report.md").read_text()
     assert_png(out / "plots" / "curves.png")
     # each run's own tables and plots were regenerated

@@ -49,6 +49,8 @@ def test_required_keys_are_the_fields_without_default():
         "data_identity",
         "learned_tasks",
         "inference_passes",
+        "environment",
+        "earlier_environments",
     }
     assert set(REQUIRED_KEYS) == set(fields) - optional
     # The record written to results.json keeps the field order (the order the file has always had).

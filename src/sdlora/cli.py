@@ -1,5 +1,5 @@
 """Command-line interface: ``sdlora run | demo | compare | check-data | export | predict | learn | report | diagnose |
-list``.
+list | data get | reproduce``.
 
 Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, data, run directory). The reason goes to
 stderr in one line (``sdlora: error: ...``), also when it happened in a DataLoader worker process.
@@ -423,7 +423,100 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("list", help="registered methods, datasets, backbones and presets")
     sp.set_defaults(fn=cmd_list)
+
+    _add_data_parsers(sub)
+    _add_reproduce_parser(sub)
     return p
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sdlora data get, sdlora reproduce
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _add_data_parsers(sub: Any) -> None:
+    """``sdlora data ...``: one subcommand group; each subcommand adds itself to ``data_sub``."""
+    data_sub = sub.add_parser("data", help="datasets: download the paper's (get)").add_subparsers(
+        dest="data_command", required=True
+    )
+    _add_data_get_parser(data_sub)
+
+
+def _add_data_get_parser(data_sub: Any) -> None:
+    from .data.fetch import DATASET_SPECS
+
+    sp = data_sub.add_parser(
+        "get",
+        help="download, verify, extract and lay out a paper dataset as the presets expect",
+        description="Download a paper dataset from its public archive (resumable), verify its checksum (published, "
+        "or recorded at the first download), extract it safely and lay it out under ROOT/<folder> with the "
+        "paper's split. See docs/datasets.md.",
+    )
+    sp.add_argument("name", choices=sorted(DATASET_SPECS))
+    sp.add_argument("--root", required=True, help="data directory; the presets' data.root is ROOT/<folder>")
+    sp.add_argument(
+        "--from",
+        dest="from_files",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="use a file you already have instead of downloading it (repeatable; matched by file name)",
+    )
+    sp.add_argument(
+        "--unverified",
+        action="store_true",
+        help="accept a --from archive whose checksum differs (e.g. a pre-split copy); recorded as not verified",
+    )
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.set_defaults(fn=cmd_data_get)
+
+
+def cmd_data_get(args: argparse.Namespace) -> int:
+    from .data.fetch import get_dataset
+
+    report = get_dataset(
+        args.name, args.root, args.from_files, unverified=args.unverified, progress=not args.no_progress
+    )
+    print("\n".join(report.lines()))
+    return 0
+
+
+def _add_reproduce_parser(sub: Any) -> None:
+    from .reproduce import DEFAULT_SEEDS, PAPER_TABLES, PROTOCOLS, TABLE_ALIASES
+
+    sp = sub.add_parser(
+        "reproduce",
+        help="run the paper's SD-LoRA settings over seeds and tabulate them against the paper",
+        description="Run the paper presets (both protocols) for each seed, resumably, then write one table per "
+        "paper table to OUT/tables: ours (mean +- std), the paper's, the official logs', the differences.",
+    )
+    names = ", ".join(f"{k} ({t.title})" for k, t in PAPER_TABLES.items())
+    sp.add_argument("tables", nargs="*", metavar="TABLE", help=f"{names}; aliases {', '.join(TABLE_ALIASES)}")
+    sp.add_argument("--root", required=True, help="the data directory given to 'sdlora data get'")
+    sp.add_argument("--seeds", type=_seed_list, default=list(DEFAULT_SEEDS), help="default: 1993,1994,1995")
+    sp.add_argument("--protocols", default=",".join(PROTOCOLS), help="official,paper (default: both)")
+    sp.add_argument("--gpus", type=int, default=1, help="processes under torchrun when > 1 (one machine)")
+    sp.add_argument("--out", default="runs/reproduce")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    sp.add_argument("--dry-run", action="store_true", help="print downloads, disk, runs and projected GPU hours")
+    sp.set_defaults(fn=cmd_reproduce)
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import resolve_tables, run_reproduction
+
+    text = run_reproduction(
+        resolve_tables(args.tables),
+        args.root,
+        args.out,
+        seeds=args.seeds,
+        protocols=[p.strip() for p in args.protocols.split(",") if p.strip()],
+        gpus=args.gpus,
+        overrides=args.set,
+        dry_run=args.dry_run,
+    )
+    print(text)
+    return 0
 
 
 _WORKER_WRAPPER = re.compile(

@@ -46,6 +46,7 @@ from .data import Batch, DatasetBundle, Scenario, batch_to, build_dataset, load_
 from .data.check import coverage_problems
 from .data.identity import identity_changes
 from .distributed import DistInfo, all_reduce_sum, check_ranks_agree, init_distributed, select_device
+from .environment import capture_environment, continue_environments
 from .fileio import atomic_write_json, atomic_write_text, read_json
 from .methods import Method, TaskContext, create_method, resolve_method_config
 from .metrics import compute_metrics
@@ -102,6 +103,8 @@ class RunState:
         next_task: the 0-based task to run next (= tasks finished).
         elapsed_before: wall time of earlier sessions (restored from the checkpoint; not saved on its own).
         session_start: ``time.time()`` when this session started (not saved).
+        environment: :func:`sdlora.environment.capture_environment` of the session that ran the last task;
+            earlier_environments: the ones before it that differed (:meth:`continue_in`).
     """
 
     correct: list[list[int | None]] = field(default_factory=list)
@@ -112,6 +115,21 @@ class RunState:
     next_task: int = 0
     elapsed_before: float = field(default=0.0, repr=False, compare=False)
     session_start: float = field(default_factory=time.time, repr=False, compare=False)
+    environment: dict[str, Any] = field(default_factory=dict)
+    earlier_environments: list[dict[str, Any]] = field(default_factory=list)
+
+    def continue_in(self, environment: dict[str, Any]) -> list[str]:
+        """This session runs in ``environment``: record it, keeping a differing earlier one in the history.
+
+        Returns:
+            What differs from the environment recorded before (``key: old -> new``; empty for a new run, or when
+            nothing that decides the numbers changed), for the caller's warning.
+        """
+        self.earlier_environments, changes = continue_environments(
+            self.environment, self.earlier_environments, environment, self.next_task
+        )
+        self.environment = dict(environment)
+        return changes
 
     def metrics(self) -> dict[str, Any]:
         """:func:`sdlora.metrics.compute_metrics` of the counts so far (needs a finished task)."""
@@ -125,6 +143,8 @@ class RunState:
             "trainable_per_task": self.trainable_per_task,
             "task_log": self.task_log,
             "wall_time_s": self.wall_time_s,
+            "environment": self.environment,
+            "earlier_environments": self.earlier_environments,
         }
 
     @classmethod
@@ -148,6 +168,9 @@ class RunState:
                 wall_time_s=float(eng["wall_time_s"]),
                 next_task=int(record["task"]) + 1,
                 elapsed_before=float(eng["wall_time_s"]),
+                # Checkpoints written before environments were recorded have none.
+                environment=dict(eng.get("environment") or {}),
+                earlier_environments=list(eng.get("earlier_environments") or []),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise RunError(f"checkpoint record without a valid engine state ({type(e).__name__}: {e})") from None
@@ -468,13 +491,22 @@ def _run(
         if data.split_record is not None:
             atomic_write_json(out / "split.json", data.split_record)
     n_tasks = scenario.num_tasks
+    environment = capture_environment(device)
     state = RunState(session_start=t_start)
+    state.continue_in(environment)
     results: dict[str, Any] | None = None
     if resume:
         ck = latest_checkpoint(out)
         if ck is not None:
             state = _restore(ck, out, method, data, device, t_start)
             log.info("resuming after task %d of %d from %s", state.next_task, n_tasks, ck)
+            changes = state.continue_in(environment)
+            if changes and info.main:
+                log.warning(
+                    "resuming in another environment than the run's earlier tasks (%s): results may differ from an "
+                    "uninterrupted run; results.json keeps the earlier one in earlier_environments",
+                    "; ".join(changes),
+                )
             # The record, tables and plots are rewritten from the checkpoint: a run killed while writing them (or
             # one whose results.json was lost) gets them back, even when no task remains.
             results = build_results(cfg, method, backbone, data, scenario, state).to_dict()
@@ -599,4 +631,6 @@ def build_results(
         sdlora_version=__version__,
         data_identity=data.identity,
         inference_passes=int(type(method).inference_passes),
+        environment=dict(state.environment),
+        earlier_environments=list(state.earlier_environments),
     )

@@ -50,6 +50,7 @@ from .config import RunConfig
 from .data import DataConfig, DatasetBundle, build_dataset
 from .distributed import DistInfo, select_device
 from .engine import RunState, TaskData, run_task
+from .environment import capture_environment
 from .fileio import atomic_write_json
 from .methods import Method, create_method, load_run_config
 from .predict import check_device, run_class_names
@@ -360,6 +361,8 @@ def _learn_locked(
         )
         method = _restored_method(cfg, tensors, record, dev)
         state = RunState.from_checkpoint(record, session_start=t_start)
+        for change in state.continue_in(capture_environment(dev)):
+            log.warning("learning in another environment than the run's earlier tasks: %s", change)
 
         # Class ids: learned classes continue the run's id space, after every id used so far (the run's dataset
         # ids 0..K-1 and earlier learned ones), so an id never names two classes.
@@ -476,4 +479,6 @@ def _extended_results(
         task_log=list(state.task_log),
         wall_time_s=round(state.wall_time_s, 3),
         learned_tasks=[*old.learned_tasks, record_new],
+        environment=dict(state.environment),
+        earlier_environments=list(state.earlier_environments),
     )

@@ -28,6 +28,7 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
+from .environment import short_environment
 from .fileio import atomic_write_bytes, atomic_write_text
 from .results import RunEvent, load_results
 
@@ -337,6 +338,7 @@ _REPORT_HEADER = (
     "trainable params/task",
     "stored params",
     "wall time",
+    "environment",
 )
 
 
@@ -356,6 +358,7 @@ def _report_rows(labels: Sequence[str], all_results: Sequence[Mapping[str, Any]]
             _params(_max_or_none(r["trainable_params_per_task"])),
             _params(r["stored_params_total"]),
             _duration(r["wall_time_s"]),
+            short_environment(r.get("environment") or {}),
         ]
         for label, r in zip(labels, all_results, strict=True)
     ]
@@ -365,8 +368,8 @@ def report_table(run_dirs: Sequence[str | os.PathLike]) -> str:
     """Markdown table with one row per run, without writing anything.
 
     Columns: run directory name, method, dataset, seed, tasks (``done/planned`` for a partial run), Acc, AAA, mean
-    task accuracy, forgetting, BWT, trainable parameters per task (the maximum over tasks), stored parameters and
-    wall time.
+    task accuracy, forgetting, BWT, trainable parameters per task (the maximum over tasks), stored parameters,
+    wall time and the environment (:func:`sdlora.environment.short_environment`).
 
     Args:
         run_dirs: Run directories, each with a ``results.json``.

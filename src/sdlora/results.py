@@ -58,6 +58,12 @@ class RunResults:
             is and how to recognise it, so later learns can evaluate on its test split. Learned classes take ids
             after every id used before (``class_order``), and a learn drops unseen dataset classes from
             ``class_order`` and ``class_names``.
+        environment: :func:`sdlora.environment.capture_environment` of the session that wrote the record (Python,
+            torch/timm/transformers/peft/numpy versions, device, sdlora version and git commit); empty in records
+            written before it existed.
+        earlier_environments: the environments of earlier sessions of this run that differ from ``environment``
+            (a run resumed or extended by ``learn`` under other versions), oldest first, each with ``until_task``:
+            the number of tasks completed when that environment was last used.
     """
 
     status: Literal["running", "finished"] | None = None
@@ -89,6 +95,8 @@ class RunResults:
     data_identity: dict[str, Any] = field(default_factory=dict)
     inference_passes: int = 1
     learned_tasks: list[dict[str, Any]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    earlier_environments: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data in field order (what ``results.json`` holds)."""
