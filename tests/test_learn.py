@@ -284,3 +284,23 @@ def test_text_learn_is_the_engines_next_task(tmp_path, tiny_bert_dir, capsys):
     assert res["accuracy_matrix"][3][:2] == [None, None] and res["accuracy_matrix"][3][2] is not None
     assert res["learned_tasks"][1]["dataset"] == "text_csv" and res["learned_tasks"][1]["name"] == "late"
     assert res["learned_tasks"][1]["test_count"] == 2 and res["class_names"][-1] == "late"
+
+
+def test_learn_from_another_directory_reads_a_relative_data_root_where_the_run_did(tmp_path, monkeypatch):
+    """Issue 22, item 5: a relative data.root was read against learn's working directory: the run's own test data
+    was "not available" and the new row was recorded on the new classes only, for good."""
+    _folder(tmp_path / "work" / "first4", ALL[:4])
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = tiny_config(
+        data={"name": "imagefolder", "root": "first4", "train_per_class": None, "test_per_class": None},
+        scenario={"shuffle": False},
+        train={"epochs": 1, "threads": 1},
+    )
+    run = tmp_path / "run"
+    assert main(["-q", "run", str(write_config(tmp_path / "rel.yaml", cfg)), "--out", str(run)]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    report = learn(run, _folder(tmp_path / "new", ["c4", "c5"]))
+    assert report.skipped == []
+    assert all(v is not None for v in _results(run)["accuracy_matrix"][2])
+    assert _results(run)["dataset"]["resolved_root"] == str(tmp_path / "work" / "first4")

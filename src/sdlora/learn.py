@@ -63,7 +63,7 @@ from .rundir import (
     seed_everything,
 )
 
-__all__ = ["LearnError", "LearnReport", "learn"]
+__all__ = ["LearnError", "LearnReport", "learn", "load_test_sources", "task_test_sources"]
 
 log = logging.getLogger(__name__)
 _pkg_log = logging.getLogger("sdlora")
@@ -208,10 +208,35 @@ class _Source:
     positions: dict[int, int]  # label in that dataset -> class position in the run
 
 
-def _earlier_sources(cfg: RunConfig, results: dict[str, Any], text: bool = False) -> list[_Source]:
-    """The sources of every earlier task's test data, with the class positions of their labels."""
+def _run_data_config(cfg: RunConfig, results: dict[str, Any]) -> DataConfig:
+    """The run's data config with ``data.root`` as the run resolved it (``results.json`` ``dataset.resolved_root``):
+    a relative root is not read against the caller's working directory."""
+    root = cfg.data.root
+    if root is None or Path(root).expanduser().is_absolute():
+        return cfg.data
+    recorded = (results.get("dataset") or {}).get("resolved_root")
+    if recorded:
+        return dataclasses.replace(cfg.data, root=str(recorded))
+    log.warning(
+        "the run's data.root %r is relative and the run does not record where it pointed (an older sdlora wrote "
+        "it): it is read from the working directory %s",
+        root,
+        os.getcwd(),
+    )
+    return cfg.data
+
+
+def task_test_sources(cfg: RunConfig, results: dict[str, Any], text: bool = False) -> list[_Source]:
+    """Where the test data of each task in ``results["tasks"]`` comes from, with the class positions of its labels:
+    the run's own dataset for the scenario's tasks, the folder recorded in ``learned_tasks`` for learned ones."""
     learned = {int(r["task"]): r for r in results.get("learned_tasks") or []}
-    base = _Source(f"the run's {cfg.data.name} test split", cfg.data, results.get("data_identity") or {}, [], {})
+    base = _Source(
+        f"the run's {cfg.data.name} test split",
+        _run_data_config(cfg, results),
+        results.get("data_identity") or {},
+        [],
+        {},
+    )
     folders: list[_Source] = []
     pos = 0
     for t, ids in enumerate(results["tasks"]):
@@ -236,7 +261,7 @@ def _earlier_sources(cfg: RunConfig, results: dict[str, Any], text: bool = False
     return ([base] if base.tasks else []) + folders
 
 
-def _earlier_tests(
+def load_test_sources(
     cfg: RunConfig, sources: list[_Source], mean: Any, std: Any, tokenizer: Any = None
 ) -> tuple[list[Dataset], list[tuple[int, str]]]:
     """Rebuild each source's test split and check it against the digest the run recorded.
@@ -372,7 +397,7 @@ def _learn_locked(
         # ids 0..K-1 and earlier learned ones), so an id never names two classes.
         next_id = max(int(c) for c in results["class_order"]) + 1
         new_ids = list(range(next_id, next_id + new.num_classes))
-        earlier, skipped_at = _earlier_tests(cfg, _earlier_sources(cfg, results, text), mean, std, tokenizer)
+        earlier, skipped_at = load_test_sources(cfg, task_test_sources(cfg, results, text), mean, std, tokenizer)
         for t, reason in skipped_at:
             log.warning("task %d is not evaluated in the new row: %s", t + 1, reason)
         start, end = seen, seen + new.num_classes

@@ -127,12 +127,10 @@ def run_class_names(run_dir: str | os.PathLike, cfg: RunConfig, num_seen: int) -
 
 
 def _num_seen(method: Method) -> int:
-    prototypes = getattr(method, "prototypes", None)
-    if method.head.num_blocks:
-        return int(method.head.num_classes)
-    if isinstance(prototypes, Tensor):
-        return int(prototypes.shape[0])
-    raise PredictError("the run's method has no classes yet")
+    n = method.num_seen_classes()
+    if n <= 0:
+        raise PredictError("the run's method has no classes yet")
+    return n
 
 
 def check_device(device: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -374,6 +375,9 @@ def build_dataset(
         "root": cfg.root,
         "format": cfg.resolved_format,
         **raw.info,
+        # data.root as an absolute path: code that comes back to the run from another working directory (sdlora
+        # learn, diagnose) reads the same data with a relative data.root.
+        "resolved_root": None if cfg.root is None else str(Path(cfg.root).expanduser().resolve()),
         "num_classes": num_classes,
         "train_count": len(train),
         "test_count": len(test),
