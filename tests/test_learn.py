@@ -304,3 +304,27 @@ def test_learn_from_another_directory_reads_a_relative_data_root_where_the_run_d
     assert report.skipped == []
     assert all(v is not None for v in _results(run)["accuracy_matrix"][2])
     assert _results(run)["dataset"]["resolved_root"] == str(tmp_path / "work" / "first4")
+
+
+def test_one_class_learn_is_refused_where_it_would_learn_nothing(tmp_path, capsys):
+    """Issue 22, item 7: over one logit the current-task loss is 0: the class was 'learned' untrained, exit 0."""
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    snapshot = {p: p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"}
+    one = _folder(tmp_path / "one", ["c4"])
+    assert main(["learn", str(two), "--data", str(one)]) == 2
+    err = capsys.readouterr().err
+    assert "holds one class ('c4')" in err and "loss_scope: all" in err and "simplecil" in err
+    assert {p: p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"} == snapshot
+    # what the message names works: a loss over every seen class, or prototypes
+    all_scope = tiny_config(
+        method={"name": "sdlora", "adapter": {"rank": 2}, "loss_scope": "all"},
+        data={"name": "imagefolder", "root": str(tmp_path / "first4"), "train_per_class": None},
+        scenario={"shuffle": False},
+        train={"epochs": 1, "threads": 1},
+    )
+    all_scope["data"]["test_per_class"] = None
+    config = write_config(tmp_path / "all.yaml", all_scope)
+    assert main(["-q", "run", str(config), "--out", str(tmp_path / "all")]) == 0
+    for run in (tmp_path / "all", _run(tmp_path, "simplecil", tmp_path / "first4", "simplecil")):
+        assert learn(run, one).class_names == ["c4"]
+        assert _results(run)["accuracy_matrix"][2][2] is not None

@@ -197,6 +197,32 @@ def _check_new_names(known: list[str], new: list[str], root: str, text: bool = F
         )
 
 
+def _check_one_class(method: Method, name: str, shown: str) -> None:
+    """Refuse a task of one class where the method would learn nothing from it; warn where only the head learns.
+
+    After the first task the default loss is cross-entropy over the current task's logits (``loss_scope:
+    current``); over one logit it is 0 for every sample, so neither the adapter nor the head gets a gradient and
+    the class would be "learned" with an untrained head row.
+    """
+    if not type(method).trains or not type(method).uses_head or method.cfg.loss_scope == "all":
+        return  # prototypes, a ridge head or a loss over every seen class: one class is learned like any other
+    if method.align_config.enabled:
+        log.warning(
+            "--data %s holds one class (%r): the task's loss is over its one logit (loss_scope: current), so the "
+            "backbone learns nothing from it; only classifier alignment fits its head row",
+            shown,
+            name,
+        )
+        return
+    raise LearnError(
+        f"--data {shown} holds one class ({name!r}): this run's method ({method.cfg.name}) trains with "
+        "the current task's logits only (method.loss_scope: current), and cross-entropy over one logit is 0, so "
+        "nothing would be learned. Add at least one more class folder, or learn it into a run whose method learns "
+        "one class: method.loss_scope: all, classifier alignment (sdlora_ca, method.align.enabled: true) or a "
+        "prototype head (simplecil, ranpac)"
+    )
+
+
 @dataclass
 class _Source:
     """Where the test data of some earlier tasks comes from: the run's own dataset or one learned folder."""
@@ -390,6 +416,8 @@ def _learn_locked(
         method: Method = create_method(cfg.method, backbone).to(dev)
         method.load_state(tensors, record["method"])
         method.to(dev)
+        if new.num_classes == 1:
+            _check_one_class(method, new.class_names[0], str(data_root))
         restore_rng_state(tensors, record["rng"])
         state = RunState.from_checkpoint(record, session_start=t_start)
 
