@@ -312,3 +312,29 @@ def test_looping_directory_links_do_not_hang_folder_or_glob_inputs(tmp_path, mon
     monkeypatch.chdir(tmp_path / "imgs")
     files, _ = _with_alarm(20, collect_inputs, ["**/*.png"])
     assert sorted(files) == ["a/b/x.png", "a/x.png"]
+
+
+def test_out_is_checked_before_the_work_and_write_errors_are_one_line(trained, tmp_path, monkeypatch, capsys):
+    """Issue 22, item 9: --out was checked only after every input was classified (a wrong path threw the job away)
+    and a read-only folder gave a raw OSError."""
+    import sdlora.predict
+
+    run, data = trained
+    image = str(next((data / "test").rglob("*.png")))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run was loaded before --out was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(sdlora.predict, "load_run", no_work)
+        for bad, why in ((tmp_path / "missing" / "p.csv", "does not exist"), (tmp_path / "p.txt", ".csv or .jsonl")):
+            assert main(["predict", str(run), image, "--device", "cpu", "--out", str(bad)]) == 2
+            assert why in capsys.readouterr().err
+
+    def read_only(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sdlora.predict, "atomic_write_text", read_only)
+    assert main(["predict", str(run), image, "--device", "cpu", "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the predictions: Permission denied" in err and "Traceback" not in err

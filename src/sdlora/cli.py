@@ -167,6 +167,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         Prediction,
         Predictor,
         TextInput,
+        check_output,
         collect_inputs,
         collect_texts,
         format_predictions,
@@ -174,6 +175,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_predictions,
     )
 
+    if args.out:
+        check_output(args.out)  # before the work: a wrong path must not throw a long job away
     run = load_run(args.run_dir, device=args.device)
     texts: list[TextInput] = []
     if run.modality == "text":
@@ -236,8 +239,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
+    from .rundir import regenerate_run_files
 
-    print(report(args.run_dirs, args.out))
+    print(report(args.run_dirs, args.out, regenerate=regenerate_run_files))
     return 0
 
 

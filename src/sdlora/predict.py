@@ -44,6 +44,7 @@ __all__ = [
     "Predictor",
     "TextInput",
     "check_device",
+    "check_output",
     "collect_inputs",
     "collect_texts",
     "format_predictions",
@@ -523,6 +524,29 @@ def _jsonl_text(preds: Sequence[Prediction]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def check_output(out: str | os.PathLike) -> Path:
+    """``out`` as a path predictions can be written to; call it before classifying anything, so a wrong path does
+    not throw the work away.
+
+    Raises:
+        PredictError: an extension other than ``.csv`` / ``.jsonl``, a folder that does not exist, a folder or an
+            existing file this process cannot write (read-only), or ``out`` is a folder.
+    """
+    path = Path(out)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise PredictError(f"--out must end in .csv or .jsonl, got {path.name!r}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise PredictError(f"--out: folder {parent} does not exist")
+    if path.is_dir():
+        raise PredictError(f"--out {path}: is a folder; give a file name ending in {suffix}")
+    # The file is written next to its target and renamed (atomic): the folder must be writable, not only the file.
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PredictError(f"--out {path}: cannot write into folder {parent} (read-only or no permission)")
+    return path
+
+
 def write_predictions(preds: Sequence[Prediction], out: str | os.PathLike) -> None:
     """Write predictions to ``out`` (``.csv`` or ``.jsonl``), atomically.
 
@@ -531,15 +555,14 @@ def write_predictions(preds: Sequence[Prediction], out: str | os.PathLike) -> No
     ``text`` column / key after ``input`` (the whole text; ``input`` is its ``file:line``).
 
     Raises:
-        PredictError: another extension, or the folder of ``out`` does not exist.
+        PredictError: :func:`check_output` refuses ``out``, or the write fails (the message names the reason).
     """
-    path = Path(out)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise PredictError(f"--out must end in .csv or .jsonl, got {path.name!r}")
-    if not path.parent.is_dir():
-        raise PredictError(f"--out: folder {path.parent} does not exist")
-    atomic_write_text(path, _csv_text(preds) if suffix == ".csv" else _jsonl_text(preds))
+    path = check_output(out)
+    text = _csv_text(preds) if path.suffix.lower() == ".csv" else _jsonl_text(preds)
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise PredictError(f"--out {path}: cannot write the predictions: {e.strerror or e}") from None
 
 
 #: Characters of a text shown on the terminal (the CSV / JSONL output keeps the whole text).

@@ -58,6 +58,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "prepare_run_dir",
+    "regenerate_run_files",
     "restore_rng_state",
     "rng_state",
     "run_dir_lock",
@@ -398,6 +399,28 @@ def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite
         kept = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
         if kept:
             log.info("--overwrite kept what sdlora did not write in %s: %s", out, ", ".join(kept))
+
+
+def regenerate_run_files(run_dir: str | os.PathLike) -> bool:
+    """Rewrite a run's tables and plots from its ``results.json`` while holding its lock (``sdlora report``).
+
+    ``results.json`` is read again under the lock, so a run that a live process writes is not given tables older
+    than its record. A run in use by another process (which keeps its own tables current) or one that cannot be
+    written (a read-only archive) is left as it is, with a warning. Returns whether the files were rewritten.
+    """
+    from .report import plot_run, write_run_tables
+    from .results import load_results
+
+    out = Path(run_dir)
+    try:
+        with run_dir_lock(out):
+            results = load_results(out)
+            write_run_tables(out, results)
+            plot_run(out, results)
+    except (RunError, OSError) as e:
+        log.warning("%s: tables and plots not rewritten: %s", out, e)
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ RNG
