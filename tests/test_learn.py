@@ -7,6 +7,7 @@ end exactly where a 3-task run over all the classes ends (same accuracy matrix, 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -328,3 +329,40 @@ def test_one_class_learn_is_refused_where_it_would_learn_nothing(tmp_path, capsy
     for run in (tmp_path / "all", _run(tmp_path, "simplecil", tmp_path / "first4", "simplecil")):
         assert learn(run, one).class_names == ["c4"]
         assert _results(run)["accuracy_matrix"][2][2] is not None
+
+
+def test_class_names_in_two_unicode_spellings_are_one_class(tmp_path, capsys):
+    """Issue 22, item 9: the NFD spelling of a known NFC class was learned as a new class."""
+    import unicodedata
+
+    from engine_helpers import write_image_folder
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    first = write_image_folder(tmp_path / "first", {"c0": 4, nfc: 4}, {"c0": 2, nfc: 2})
+    run = _run(tmp_path, "run", first)
+    with pytest.raises(LearnError, match=re.escape(f"already knows the class(es) {nfd!r} (known as {nfc!r})")):
+        learn(run, write_image_folder(tmp_path / "nfd", {nfd: 4, "tea": 4}, {nfd: 2, "tea": 2}))
+    assert _results(run)["completed_tasks"] == 1 and len(_results(run)["class_names"]) == 2
+    both = write_image_folder(tmp_path / "both", {nfc: 4, nfd: 4}, {nfc: 2, nfd: 2})
+    assert (
+        main(["-q", "run", str(write_config(tmp_path / "b.yaml", _config_for(both))), "--out", str(tmp_path / "b")])
+        == 2
+    )
+    assert "two Unicode spellings" in capsys.readouterr().err
+
+
+def test_class_name_with_a_line_break_is_refused(tmp_path):
+    """Issue 22, item 9: a label holding a newline made the PEFT export's labels.txt longer than the classifier."""
+    from engine_helpers import write_image_folder
+
+    run = _run(tmp_path, "run", _folder(tmp_path / "first4", ALL[:4]))
+    with pytest.raises(LearnError, match=r"class name 'c4\\nc5' holds a line break"):
+        learn(run, write_image_folder(tmp_path / "nl", {"c4\nc5": 4, "tea": 4}, {"c4\nc5": 2, "tea": 2}))
+    assert _results(run)["completed_tasks"] == 2
+
+
+def _config_for(root: Path) -> dict:
+    cfg = tiny_config(data={"name": "imagefolder", "root": str(root), "train_per_class": None}, train={"epochs": 1})
+    cfg["data"]["test_per_class"] = None
+    return cfg

@@ -13,8 +13,8 @@ class with the run's ``data.test_fraction`` and seed. Every image is used (the r
 (a Hugging Face text backbone) a ``text_csv`` / ``text_jsonl`` source with the run's ``data.text_column`` and
 ``data.label_column``: one ``.csv`` / ``.tsv`` / ``.jsonl`` file split per class with the run's
 ``data.test_fraction`` and seed, or a directory holding ``train.<ext>`` and ``test.<ext>``; tokenised with the
-run's tokenizer and ``data.max_length``. A class name the run already knows (compared case-insensitively) is
-refused: this is class-incremental learning, not fine-tuning.
+run's tokenizer and ``data.max_length``. A class name the run already knows (compared case-insensitively, in Unicode
+NFC) is refused: this is class-incremental learning, not fine-tuning.
 
 Evaluation. The new row of the accuracy matrix covers the new task and every earlier one: the run's own test
 split (rebuilt from its config and checked against the ``data_identity`` digest the run recorded) and the test
@@ -182,12 +182,20 @@ def _load_new_data(
     return data
 
 
+def _name_key(name: str) -> str:
+    """How class names are compared: Unicode NFC (macOS may spell a folder name decomposed, NFD), no surrounding
+    spaces, case-insensitive."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).strip().casefold()
+
+
 def _check_new_names(known: list[str], new: list[str], root: str, text: bool = False) -> None:
-    seen = {n.strip().casefold(): n for n in known}
+    seen = {_name_key(n): n for n in known}
     clash = [
-        repr(n) if seen[n.strip().casefold()] == n else f"{n!r} (known as {seen[n.strip().casefold()]!r})"
+        repr(n) if seen[_name_key(n)] == n else f"{n!r} (known as {seen[_name_key(n)]!r})"
         for n in new
-        if n.strip().casefold() in seen
+        if _name_key(n) in seen
     ]
     if clash:
         raise LearnError(

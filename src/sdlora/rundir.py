@@ -579,7 +579,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     except Exception as e:
         raise RunError(f"corrupt checkpoint {path}: {e}; {advice}") from None
     problem = _schema_problem(record, path)
-    if problem is None and "record_sha256" in record and record["record_sha256"] != _record_digest(record):
+    if problem is None and not isinstance(record.get("record_sha256"), str):
+        # Every record sdlora writes carries its own digest; one without it cannot be told from an edited one.
+        problem = (
+            "it has no 'record_sha256' (sdlora writes one into every checkpoint record: this one was edited, or "
+            "written by a development version before records carried it), so its content cannot be checked"
+        )
+    if problem is None and record["record_sha256"] != _record_digest(record):
         problem = "its content does not match its recorded sha256 (edited or damaged after it was written)"
     if problem is not None:
         raise RunError(f"corrupt checkpoint {path}: {problem}; {advice}")

@@ -316,6 +316,33 @@ def _token_stats(encodings: list[dict[str, torch.Tensor]], max_length: int) -> d
     }
 
 
+def _check_class_names(dataset: str, names: Sequence[str]) -> None:
+    """Refuse class names that other tools cannot keep apart or keep whole.
+
+    A line break or other control character splits a name in ``labels.txt`` (one name per line, the PEFT export)
+    so the list no longer lines up with the classifier; two names that differ only in Unicode normalisation (NFC
+    ``é`` and NFD ``e`` + combining accent, as macOS and Linux file systems may spell one folder) look the same
+    everywhere and would be two classes.
+    """
+    import unicodedata
+
+    bad = [n for n in names if any(unicodedata.category(ch) == "Cc" for ch in str(n))]
+    if bad:
+        raise ValueError(
+            f"{dataset}: class name {bad[0]!r} holds a line break or another control character; rename the class "
+            "(folder or label) to a name of printable characters"
+        )
+    spelled: dict[str, str] = {}
+    for n in names:
+        key = unicodedata.normalize("NFC", str(n))
+        if key in spelled and spelled[key] != n:
+            raise ValueError(
+                f"{dataset}: class names {spelled[key]!r} and {n!r} are the same name in two Unicode spellings "
+                "(NFC and NFD); rename one so each class has one spelling"
+            )
+        spelled[key] = str(n)
+
+
 def build_dataset(
     cfg: DataConfig,
     *,
@@ -356,6 +383,7 @@ def build_dataset(
         )
     if not raw.train.is_text and tokenizer is not None:
         raise ValueError(f"dataset {cfg.name!r} holds images, but the backbone is a text model")
+    _check_class_names(cfg.name, raw.class_names)
     if cfg.largest_classes is not None:
         raw = keep_largest_classes(raw, cfg.largest_classes)
     train, test = raw.train, raw.test
