@@ -360,6 +360,7 @@ def test_merged_export_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
 def test_killed_exports_leave_no_copies_and_the_target_is_never_missing(tmp_path, monkeypatch):
     """Issue 22, item 9: a killed export left its hidden staging copy for good, and a kill between moving the old
     export aside and renaming the new one into place left nothing at the target."""
+    import contextlib
     import os
 
     import sdlora.export
@@ -380,10 +381,8 @@ def test_killed_exports_leave_no_copies_and_the_target_is_never_missing(tmp_path
 
     with monkeypatch.context() as m:
         m.setattr(os, "replace", killed_at_install)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             write_peft_export(method, out, config=cfg, completed_tasks=1, class_names=["x", "y"], include_base=False)
-        except KeyboardInterrupt:
-            pass
     # the target holds one whole export, the old or the new one
     assert (out / "labels.txt").read_text() in ("a\nb\n", "x\ny\n") and (out / "sdlora_export.json").is_file()
     write_peft_export(method, out, config=cfg, completed_tasks=1, class_names=["x", "y"], include_base=False)
