@@ -214,10 +214,11 @@ def test_missing_earlier_test_set_is_reported_and_skipped(tmp_path, capsys):
 
 
 def _extra(tmp_path: Path) -> Path:
-    """A folder with one more class (reuses c7's pixels under a new name)."""
+    """A folder with two more classes (reuses c6's and c7's pixels under new names; one class alone is refused)."""
     root = tmp_path / "new3"
     src = tmp_path / "new2"
     for split in ("train", "test"):
+        shutil.copytree(src / split / "c6", root / split / "early")
         shutil.copytree(src / split / "c7", root / split / "late")
     return root
 
@@ -278,13 +279,14 @@ def test_text_learn_is_the_engines_next_task(tmp_path, tiny_bert_dir, capsys):
     with open(tmp_path / "first4" / "test.jsonl", "a") as f:
         f.write('{"text": "one more cat", "label": "c0"}\n')
     late = tmp_path / "late.csv"
-    late.write_text("text,label\n" + "".join(f"tree {w},late\n" for w in ("a", "the", "old", "new", "red", "blue")))
+    words = ("a", "the", "old", "new", "red", "blue")
+    late.write_text("text,label\n" + "".join(f"tree {w},late\nboat {w},soon\n" for w in words))
     report = learn(two, late)
     assert {t for t, _ in report.skipped} == {0, 1} and "has changed" in report.skipped[0][1]
     res = _results(two)
     assert res["accuracy_matrix"][3][:2] == [None, None] and res["accuracy_matrix"][3][2] is not None
     assert res["learned_tasks"][1]["dataset"] == "text_csv" and res["learned_tasks"][1]["name"] == "late"
-    assert res["learned_tasks"][1]["test_count"] == 2 and res["class_names"][-1] == "late"
+    assert res["learned_tasks"][1]["test_count"] == 4 and res["class_names"][-2:] == ["late", "soon"]
 
 
 def test_learn_from_another_directory_reads_a_relative_data_root_where_the_run_did(tmp_path, monkeypatch):
@@ -366,3 +368,33 @@ def _config_for(root: Path) -> dict:
     cfg = tiny_config(data={"name": "imagefolder", "root": str(root), "train_per_class": None}, train={"epochs": 1})
     cfg["data"]["test_per_class"] = None
     return cfg
+
+
+def test_resume_never_rebuilds_a_learned_run_from_its_config(tmp_path, monkeypatch, capsys):
+    """Issue 22, item 1: ``run --resume`` on a learned run exited 0 and rewrote results.json from the config's
+    scenario (learned class names, tasks and learned_tasks gone, status "running 3/2"); Ctrl-C in learn advised it."""
+    import sdlora.engine
+
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    config = tmp_path / "two.yaml"
+    new = _folder(tmp_path / "new", ["c4", "c5"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(sdlora.engine, "_train_task", interrupted)
+        assert main(["learn", str(two), "--data", str(new)]) == 130
+    assert "--resume" not in capsys.readouterr().err
+    assert main(["-q", "learn", str(two), "--data", str(new)]) == 0
+    files = {p: p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"}
+    assert main(["-q", "run", str(config), "--out", str(two), "--resume"]) == 2
+    assert "1 task(s) added by sdlora learn" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"} == files
+    # the record lost: the newest checkpoint says it is a learned task, the same refusal
+    (two / "results.json").unlink()
+    assert main(["-q", "run", str(config), "--out", str(two), "--resume"]) == 2
+    assert "added by sdlora learn" in capsys.readouterr().err
+    _, record = load_checkpoint(two / "checkpoints" / "task_002.json")
+    assert record["learned"]["class_names"] == ["c4", "c5"] and record["learned"]["identity"]["test_sha256"]
+    assert record["data_identity"] == json.loads(files[two / "results.json"])["data_identity"]

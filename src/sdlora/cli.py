@@ -452,6 +452,16 @@ def error_text(e: BaseException) -> str:
     return text.split(": ", 1)[1] if re.match(r"^[\w.]+: ", text) else text
 
 
+def _after_interrupt(command: str) -> str:
+    """What to do after Ctrl-C: only ``run`` and ``demo`` continue with ``--resume`` (a learn is not resumed: it
+    left the run as it was, and ``--resume`` rebuilds a run from its config)."""
+    if command in ("run", "demo"):
+        return "continue with --resume"
+    if command == "learn":
+        return "the run is as it was before this learn; run the same learn again"
+    return "run the command again"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .configtools import ConfigError
 
@@ -468,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdlora: error: {error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sdlora: interrupted; continue with --resume", file=sys.stderr)
+        print(f"sdlora: interrupted; {_after_interrupt(args.command)}", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("SDLORA_DEBUG"):

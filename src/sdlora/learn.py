@@ -490,7 +490,15 @@ def _learn_locked(
         )
         new_results = updated.to_dict()
         # Commit: checkpoint first (ignored until results.json names its task), then results.json.
-        save_checkpoint(out, task, method, state.to_checkpoint(), keep=None)
+        save_checkpoint(
+            out,
+            task,
+            method,
+            state.to_checkpoint(),
+            keep=None,
+            data_identity=results.get("data_identity"),
+            learned=record_new,
+        )
         atomic_write_json(out / RESULTS_FILE, new_results)
         on_run_event(RunEvent("task_end", out, task, new_results))
         on_run_event(RunEvent("run_end", out, task, new_results))

@@ -56,6 +56,7 @@ __all__ = [
     "config_changes",
     "ensure_run_dir",
     "latest_checkpoint",
+    "learned_task_count",
     "load_checkpoint",
     "prepare_run_dir",
     "regenerate_run_files",
@@ -376,6 +377,13 @@ def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite
             "pass --resume to continue it or --overwrite to replace it, or choose another --out"
         )
     if resume and state != "empty":
+        learned = learned_task_count(out)
+        if learned:
+            raise RunError(
+                f"{out} holds {learned} task(s) added by sdlora learn; --resume rebuilds a run from its config's "
+                "scenario and would drop them. The run is finished: sdlora report rewrites its tables and plots, "
+                "sdlora learn adds more classes (to start over, use --overwrite or another --out)"
+            )
         changes = config_changes(out, cfg_dict)
         if changes:
             raise RunError(
@@ -421,6 +429,20 @@ def regenerate_run_files(run_dir: str | os.PathLike) -> bool:
         log.warning("%s: tables and plots not rewritten: %s", out, e)
         return False
     return True
+
+
+def learned_task_count(out: Path) -> int:
+    """How many tasks ``sdlora learn`` added to the run in ``out``: the ``learned_tasks`` of its ``results.json``,
+    or, when that record is missing or unreadable, whether its newest checkpoint is a learned one (its record holds
+    ``learned``)."""
+    record = _json_dict(out / RESULTS_FILE)
+    if record:
+        learned = record.get("learned_tasks")
+        return len(learned) if isinstance(learned, list) else 0
+    ck = latest_checkpoint(out)  # no or unreadable record: the checkpoints tell
+    if ck is None:
+        return 0
+    return 1 if "learned" in _json_dict(ck) else 0
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -471,6 +493,7 @@ def save_checkpoint(
     engine_state: dict[str, Any],
     keep: int | None,
     data_identity: dict[str, Any] | None = None,
+    learned: dict[str, Any] | None = None,
 ) -> None:
     """Write ``checkpoints/task_NNN.{safetensors,json}`` atomically; the JSON (written last, with the
     tensors' sha256) is the commit marker, so a run killed while writing leaves the previous one valid.
@@ -485,6 +508,9 @@ def save_checkpoint(
         engine_state: the engine's JSON-able state (``RunState.to_checkpoint()``), stored under ``engine``.
         keep: keep only the newest ``keep`` checkpoints (None: all).
         data_identity: the run's ``data_identity`` (what ``--resume`` compares the data with).
+        learned: for a task ``sdlora learn`` added, its ``learned_tasks`` entry (folder, class names, the identity
+            of the folder's data): such a checkpoint is not one of the config's scenario, and ``--resume`` refuses
+            it (:func:`learned_task_count`).
     """
     from safetensors.torch import save
 
@@ -506,6 +532,8 @@ def save_checkpoint(
     }
     if data_identity is not None:
         record["data_identity"] = data_identity
+    if learned is not None:
+        record["learned"] = learned
     record = to_jsonable(record)
     record["record_sha256"] = _record_digest(record)
     atomic_write_json(stem.with_suffix(".json"), record)
