@@ -47,7 +47,8 @@ from . import __version__
 from .backbones import create_backbone
 from .config import RunConfig, load_config
 from .data import DataConfig, DatasetBundle, build_dataset
-from .engine import DistInfo, RunState, Runtime, TaskData, run_task, select_device
+from .distributed import DistInfo, select_device
+from .engine import RunState, TaskData, run_task
 from .fileio import atomic_write_json
 from .methods import Method, create_method
 from .predict import check_device, run_class_names
@@ -62,6 +63,7 @@ from .rundir import (
     save_checkpoint,
     seed_everything,
 )
+from .training import Runtime
 
 __all__ = ["LearnError", "LearnReport", "learn", "load_test_sources", "task_test_sources"]
 
