@@ -384,7 +384,7 @@ def test_resume_never_rebuilds_a_learned_run_from_its_config(tmp_path, monkeypat
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(sdlora.engine, "_train_task", interrupted)
+        m.setattr(sdlora.engine, "train_task", interrupted)
         assert main(["learn", str(two), "--data", str(new)]) == 130
     assert "--resume" not in capsys.readouterr().err
     assert main(["-q", "learn", str(two), "--data", str(new)]) == 0
@@ -399,3 +399,33 @@ def test_resume_never_rebuilds_a_learned_run_from_its_config(tmp_path, monkeypat
     _, record = load_checkpoint(two / "checkpoints" / "task_002.json")
     assert record["learned"]["class_names"] == ["c4", "c5"] and record["learned"]["identity"]["test_sha256"]
     assert record["data_identity"] == json.loads(files[two / "results.json"])["data_identity"]
+    # a learn checkpoint of an older sdlora (no "learned" entry): the engine sees a task past the scenario
+    from sdlora import rundir
+
+    record.pop("learned")
+    record["record_sha256"] = rundir._record_digest(record)
+    (two / "checkpoints" / "task_002.json").write_text(json.dumps(record))
+    assert main(["-q", "run", str(config), "--out", str(two), "--resume"]) == 2
+    assert "is after task 3, but the config's scenario has 2" in capsys.readouterr().err
+
+
+def test_resume_after_a_killed_learn_uses_the_committed_checkpoint(tmp_path, monkeypatch):
+    """Issue 22, item 1: --resume read the newest checkpoint, so the uncommitted one of a killed learn became a third
+    task of a two-task scenario (status "running 3/2", class_<id> names)."""
+    import sdlora.learn
+
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    before = _results(two)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # killed after the learn's checkpoint, before its results.json
+        m.setattr(sdlora.learn, "atomic_write_json", killed)
+        with pytest.raises(KeyboardInterrupt):
+            learn(two, _folder(tmp_path / "new", ["c4", "c5"]))
+    assert main(["-q", "run", str(tmp_path / "two.yaml"), "--out", str(two), "--resume"]) == 0
+    after = _results(two)
+    for key in ("status", "completed_tasks", "num_tasks", "class_names", "tasks", "accuracy_matrix"):
+        assert after[key] == before[key], key
+    assert load_run(two, device="cpu").class_names == ALL[:4]

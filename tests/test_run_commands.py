@@ -16,7 +16,8 @@ import pytest
 
 from engine_helpers import tiny_config, write_config
 from sdlora.cli import main
-from sdlora.engine import build_method_from_run, state_fingerprint
+from sdlora.distributed import state_fingerprint
+from sdlora.engine import build_method_from_run
 from sdlora.methods import METHODS
 from sdlora.predict import load_run
 from test_learn import ALL, _folder

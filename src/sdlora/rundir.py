@@ -570,10 +570,11 @@ def _schema_problem(record: Any, path: Path) -> str | None:
 def committed_checkpoint(out: Path) -> Path | None:
     """The checkpoint that ``results.json`` describes: the newest one whose task the record counts as completed.
 
-    ``sdlora learn`` writes its checkpoint before ``results.json`` (the commit point of a learn); a learn killed in
-    between leaves a checkpoint of a task the record does not have, which must not be loaded (its classes have no
-    names, its row no place in the matrix). The engine writes ``results.json`` before each checkpoint, so for a
-    run it made this is :func:`latest_checkpoint`. Without a readable ``results.json`` it is the newest checkpoint.
+    ``sdlora run`` and ``sdlora learn`` both write a task's checkpoint before ``results.json`` (the commit point);
+    a process killed in between leaves a checkpoint of a task the record does not have, which must not be loaded
+    (its classes have no names, its row no place in the matrix): every reader of a run and ``--resume`` use this
+    function, so all of them see the same task. Without a readable ``results.json`` it is the newest checkpoint
+    (what ``--resume`` rebuilds a lost record from; :func:`build_method_from_run` refuses such a run).
     """
     done = sorted((out / "checkpoints").glob("task_*.json")) if (out / "checkpoints").exists() else []
     try:
@@ -627,8 +628,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------- rebuild a method
 def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Method, RunConfig, dict[str, Any]]:
-    """Rebuild a run's method from its ``config.yaml`` and newest committed checkpoint (:func:`committed_checkpoint`;
-    for export, inspection, prediction).
+    """Rebuild a run's method from its ``config.yaml`` and the checkpoint its ``results.json`` commits to
+    (:func:`committed_checkpoint`; for export, inspection, prediction). A run without ``results.json`` is refused.
 
     Returns:
         ``(method, cfg, record)``: the method with the checkpoint's state on ``device``, the run's config and the
@@ -644,6 +645,13 @@ def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tu
     out = Path(run_dir)
     if not (out / "config.yaml").exists():
         raise RunError(f"{out} is not a run directory (no config.yaml)")
+    if not (out / RESULTS_FILE).is_file():
+        # results.json commits the checkpoints (both run and learn write it after the checkpoint): without it no
+        # task is known to be complete, and class names and tasks are unknown.
+        raise RunError(
+            f"{out} has no {RESULTS_FILE} (killed before its first task was recorded, or the file was lost); "
+            f"sdlora run CONFIG --out {out} --resume rebuilds it from the checkpoints"
+        )
     cfg, _ = load_config(str(out / "config.yaml"))
     ck = committed_checkpoint(out)
     if ck is None:

@@ -208,7 +208,7 @@ SPLIT_FOLDER_NAMES = {
 }  # fmt: skip
 
 
-def walk_visible(directory: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+def walk_visible(directory: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str]]]:
     """``os.walk`` of ``directory`` that follows directory links, each real directory once, without hidden entries.
 
     Yields ``(dirpath, dirnames, filenames)`` (sorted; names starting with ``.`` left out: macOS ``._x.png``
@@ -218,9 +218,10 @@ def walk_visible(directory: str | os.PathLike) -> Iterator[tuple[str, list[str],
     share, so both see the same files.
     """
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    top = os.fspath(directory)
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
-        parent = os.path.realpath(os.path.dirname(dirpath)) if dirpath != os.fspath(directory) else ""
+        parent = os.path.realpath(os.path.dirname(dirpath)) if dirpath != top else ""
         loop = parent == real or parent.startswith(real.rstrip(os.sep) + os.sep)
         if loop or real in seen:
             log.warning(
