@@ -323,6 +323,103 @@ def load_test_sources(
     return datasets, skipped
 
 
+def _log_start(label: str, new: DatasetBundle, shown: str, task: int, out: Path, dev: torch.device) -> None:
+    log.info(
+        "learn %r: %d new classes (%s) from %s, %d train / %d test %s, as task %d of run %s on %s",
+        label,
+        new.num_classes,
+        ", ".join(new.class_names),
+        shown,
+        len(new.train_targets),
+        len(new.test_targets),
+        "texts" if new.info.get("modality") == "text" else "images",
+        task + 1,
+        out,
+        dev,
+    )
+
+
+def _committed_state(out: Path, completed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and record of the checkpoint ``results.json`` commits to (after task ``completed``)."""
+    ck = committed_checkpoint(out)
+    if ck is None:
+        raise RunError(f"{out} has no checkpoint (train.checkpoint was off?): nothing to continue from")
+    tensors, record = load_checkpoint(ck)
+    if int(record["task"]) + 1 != completed:
+        raise RunError(
+            f"{out}: the newest checkpoint is after task {int(record['task']) + 1} but results.json records "
+            f"{completed} tasks; the run directory is inconsistent"
+        )
+    return tensors, record
+
+
+def _task_data(task: int, tasks: list[list[int]], new: DatasetBundle, earlier: list[Dataset]) -> TaskData:
+    """The learned task for :func:`sdlora.engine.run_task`: the new classes at the positions after the ``tasks``
+    seen so far, tested with every earlier task's test data (``earlier``) and the new test split."""
+    start = sum(len(ids) for ids in tasks)
+    mapping = {c: start + c for c in range(new.num_classes)}
+    return TaskData(
+        task=task,
+        class_start=start,
+        class_end=start + new.num_classes,
+        train=_Positions(new.train, new.train_targets, mapping),
+        statistics=_Positions(_with_eval_transform(new), new.train_targets, mapping),
+        test=ConcatDataset([*earlier, _Positions(new.test, new.test_targets, mapping)]),
+        task_of_position=[t for t, ids in enumerate(tasks) for _ in ids] + [task] * new.num_classes,
+    )
+
+
+def _learned_entry(task: int, label: str, root: Path, new: DatasetBundle, new_ids: list[int]) -> dict[str, Any]:
+    """The ``learned_tasks`` entry of a learned task: where its data is, its classes and the data's identity."""
+    return {
+        "task": task,
+        "name": label,
+        "root": str(root),
+        "dataset": new.info.get("name"),
+        "format": new.info.get("format"),
+        "class_names": list(new.class_names),
+        "class_ids": new_ids,
+        "train_count": len(new.train_targets),
+        "test_count": len(new.test_targets),
+        "identity": new.identity,
+        "learned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sdlora_version": __version__,
+    }
+
+
+def _extended_results(
+    results: dict[str, Any],
+    out: Path,
+    state: RunState,
+    method: Method,
+    known: list[str],
+    new: DatasetBundle,
+    new_ids: list[int],
+    entry: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's record with the learned task appended (what the learn commits)."""
+    old = parse_results(results, str(out / RESULTS_FILE))
+    seen = len(known)
+    # Positions after the seen ones belonged to dataset classes the run never learned (a scenario cut short with
+    # num_tasks); the run now continues with the learned classes there instead.
+    updated = dataclasses.replace(
+        old,
+        status="finished",
+        class_order=[*old.class_order[:seen], *new_ids],
+        class_names=[*known, *new.class_names],
+        tasks=[*old.tasks, new_ids],
+        num_tasks=entry["task"] + 1,
+        completed_tasks=entry["task"] + 1,
+        **state.metrics(),
+        trainable_params_per_task=list(state.trainable_per_task),
+        stored_params_total=int(method.parameter_counts()["stored"]),
+        task_log=list(state.task_log),
+        wall_time_s=round(state.wall_time_s, 3),
+        learned_tasks=[*old.learned_tasks, entry],
+    )
+    return updated.to_dict()
+
+
 def learn(
     run_dir: str | os.PathLike,
     data_root: str | os.PathLike,
@@ -376,16 +473,8 @@ def _learn_locked(
             "first (sdlora run CONFIG --out RUN_DIR --resume), then learn new classes"
         )
     cfg, _ = load_config(str(out / "config.yaml"))
-    ck = committed_checkpoint(out)
-    if ck is None:
-        raise RunError(f"{out} has no checkpoint (train.checkpoint was off?): nothing to continue from")
-    tensors, record = load_checkpoint(ck)
+    tensors, record = _committed_state(out, int(results["completed_tasks"]))
     task = int(record["task"]) + 1
-    if task != int(results["completed_tasks"]):
-        raise RunError(
-            f"{out}: the newest checkpoint is after task {task} but results.json records "
-            f"{results['completed_tasks']} tasks; the run directory is inconsistent"
-        )
     mean, std = results["backbone"]["mean"], results["backbone"]["std"]
     text = results["backbone"].get("modality") == "text"
     tokenizer = None
@@ -407,23 +496,10 @@ def _learn_locked(
         if tcfg.threads is not None:
             torch.set_num_threads(tcfg.threads)
         dev = select_device(device or tcfg.device, DistInfo())
-        log.info(
-            "learn %r: %d new classes (%s) from %s, %d train / %d test %s, as task %d of run %s on %s",
-            label,
-            new.num_classes,
-            ", ".join(new.class_names),
-            data_root,
-            len(new.train_targets),
-            len(new.test_targets),
-            "texts" if text else "images",
-            task + 1,
-            out,
-            dev,
-        )
+        _log_start(label, new, str(data_root), task, out, dev)
         # The run's method as after its last task, and the global RNG as the engine would continue with it.
         seed_everything(cfg.seed)
-        backbone = create_backbone(cfg.backbone, cfg.data.image_size)
-        method: Method = create_method(cfg.method, backbone).to(dev)
+        method: Method = create_method(cfg.method, create_backbone(cfg.backbone, cfg.data.image_size)).to(dev)
         method.load_state(tensors, record["method"])
         method.to(dev)
         if new.num_classes == 1:
@@ -438,18 +514,8 @@ def _learn_locked(
         earlier, skipped_at = load_test_sources(cfg, task_test_sources(cfg, results, text), mean, std, tokenizer)
         for t, reason in skipped_at:
             log.warning("task %d is not evaluated in the new row: %s", t + 1, reason)
-        start, end = seen, seen + new.num_classes
-        mapping = {c: start + c for c in range(new.num_classes)}
-        task_of_position = [t for t, ids in enumerate(results["tasks"]) for _ in ids] + [task] * new.num_classes
-        data = TaskData(
-            task=task,
-            class_start=start,
-            class_end=end,
-            train=_Positions(new.train, new.train_targets, mapping),
-            statistics=_Positions(_with_eval_transform(new), new.train_targets, mapping),
-            test=ConcatDataset([*earlier, _Positions(new.test, new.test_targets, mapping)]),
-            task_of_position=task_of_position,
-        )
+        end = seen + new.num_classes
+        data = _task_data(task, results["tasks"], new, earlier)
         rt = Runtime(train=tcfg, seed=cfg.seed, device=dev, workers=cfg.data.num_workers)
         skipped = sorted({t for t, _ in skipped_at})
         entry = run_task(method, state, data, rt, num_tasks=task + 1, not_evaluated=skipped)
@@ -457,40 +523,8 @@ def _learn_locked(
         if skipped:
             entry["not_evaluated"] = {str(t): r for t, r in skipped_at}
 
-        record_new = {
-            "task": task,
-            "name": label,
-            "root": str(root),
-            "dataset": new.info.get("name"),
-            "format": new.info.get("format"),
-            "class_names": list(new.class_names),
-            "class_ids": new_ids,
-            "train_count": len(new.train_targets),
-            "test_count": len(new.test_targets),
-            "identity": new.identity,
-            "learned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "sdlora_version": __version__,
-        }
-        old = parse_results(results, str(out / RESULTS_FILE))
-        metrics = state.metrics()
-        # Positions after the seen ones belonged to dataset classes the run never learned (a scenario cut short
-        # with num_tasks); the run now continues with the learned classes there instead.
-        updated = dataclasses.replace(
-            old,
-            status="finished",
-            class_order=[*old.class_order[:seen], *new_ids],
-            class_names=[*known, *new.class_names],
-            tasks=[*old.tasks, new_ids],
-            num_tasks=task + 1,
-            completed_tasks=task + 1,
-            **metrics,
-            trainable_params_per_task=list(state.trainable_per_task),
-            stored_params_total=int(method.parameter_counts()["stored"]),
-            task_log=list(state.task_log),
-            wall_time_s=round(state.wall_time_s, 3),
-            learned_tasks=[*old.learned_tasks, record_new],
-        )
-        new_results = updated.to_dict()
+        record_new = _learned_entry(task, label, root, new, new_ids)
+        new_results = _extended_results(results, out, state, method, known, new, new_ids, record_new)
         # Commit: checkpoint first (ignored until results.json names its task), then results.json.
         save_checkpoint(
             out,
@@ -509,8 +543,8 @@ def _learn_locked(
             label,
             task + 1,
             end,
-            metrics["acc_after_task"][-1],
-            metrics["accuracy_matrix"][-1][task],
+            new_results["acc_after_task"][-1],
+            new_results["accuracy_matrix"][-1][task],
         )
     finally:
         _pkg_log.removeHandler(file_handler)

@@ -281,6 +281,24 @@ def keep_largest_classes(raw: RawDataset, n: int) -> RawDataset:
     return RawDataset(cut(raw.train), cut(raw.test), [raw.class_names[c] for c in kept], info, raw.split_record)
 
 
+def _base_info(cfg: DataConfig, raw: RawDataset, n_train: int, n_test: int) -> dict[str, Any]:
+    """The dataset part of ``results.json`` (``DatasetBundle.info``) before the modality's own entries."""
+    return {
+        "name": cfg.name,
+        "root": cfg.root,
+        "format": cfg.resolved_format,
+        **raw.info,
+        # data.root as an absolute path: code that comes back to the run from another working directory (sdlora
+        # learn, diagnose) reads the same data with a relative data.root.
+        "resolved_root": None if cfg.root is None else str(Path(cfg.root).expanduser().resolve()),
+        "num_classes": len(raw.class_names),
+        "train_count": n_train,
+        "test_count": n_test,
+        "train_per_class": cfg.train_per_class,
+        "test_per_class": cfg.test_per_class,
+    }
+
+
 def _digest(split: SplitData, root: str | None) -> str:
     return split_digest(split.targets, images=split.images, paths=split.paths, texts=split.texts, root=root)
 
@@ -398,20 +416,7 @@ def build_dataset(
             raise ValueError(f"{cfg.name}: {split_name} labels outside 0..{num_classes - 1}")
     train_tf = ImageTransform(cfg.image_size, train=cfg.augment, mean=mean, std=std)
     test_tf = ImageTransform(cfg.image_size, train=False, mean=mean, std=std)
-    info = {
-        "name": cfg.name,
-        "root": cfg.root,
-        "format": cfg.resolved_format,
-        **raw.info,
-        # data.root as an absolute path: code that comes back to the run from another working directory (sdlora
-        # learn, diagnose) reads the same data with a relative data.root.
-        "resolved_root": None if cfg.root is None else str(Path(cfg.root).expanduser().resolve()),
-        "num_classes": num_classes,
-        "train_count": len(train),
-        "test_count": len(test),
-        "train_per_class": cfg.train_per_class,
-        "test_per_class": cfg.test_per_class,
-    }
+    info = _base_info(cfg, raw, len(train), len(test))
     enc_train = enc_test = None
     if train.is_text:
         assert train.texts is not None and test.texts is not None
