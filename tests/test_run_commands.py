@@ -3,7 +3,8 @@
 ``predict``, ``export`` (merged and PEFT), ``diagnose``, ``report``, ``learn`` and ``run --resume`` must each read
 the run as the same task with the same model: the class names and tasks of ``results.json``, the checkpoint that
 ``results.json`` commits to. A method a command cannot serve is refused with exit 2 and one line, never a
-traceback. Three methods (one per kind of classifier: a linear head, prototypes, a closed-form ridge head) run by
+traceback (the prompt methods have no merged backbone; methods without a low-rank update no PEFT adapter).
+Three methods (one per kind of classifier: a linear head, prototypes, a closed-form ridge head) run by
 default, the others with ``-m slow``.
 """
 
@@ -70,7 +71,13 @@ def _every_reader(run: Path, tmp_path: Path, tag: str, names: list[str], capsys)
     assert f"after task {len(_results(run)['tasks'])} of" in shown
     assert sum(line.startswith("task ") for line in shown.splitlines()) == len(_results(run)["tasks"])
 
-    assert main(["-q", "export", str(run), "--out", str(tmp_path / f"merged-{tag}.safetensors")]) == 0
+    capsys.readouterr()
+    rc = main(["-q", "export", str(run), "--out", str(tmp_path / f"merged-{tag}.safetensors")])
+    err = capsys.readouterr().err
+    if rc == 0:
+        assert (tmp_path / f"merged-{tag}.safetensors").is_file()
+    else:  # prompt methods: no merged backbone, refused in one line
+        assert rc == 2 and err.count("\n") == 1 and "sdlora: error:" in err
     rc = main(["-q", "export", str(run), "--format", "peft", "--no-base", "--out", str(tmp_path / f"peft-{tag}")])
     err = capsys.readouterr().err
     if rc == 0:
