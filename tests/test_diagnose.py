@@ -42,7 +42,7 @@ def test_diagnose_agrees_with_the_run(tmp_path, capsys):
         assert row["within"] >= row["acc"] - 1e-9  # knowing the task can only help
     first = diagnose_run(tmp_path / "run", task=1)
     assert first["after_task"] == 1 and first["tasks"][0]["acc"] == pytest.approx(results["accuracy_matrix"][0][0])
-    with pytest.raises(RunError, match="no checkpoint after task 7"):
+    with pytest.raises(RunError, match="--task 7: .* has completed 3 task"):
         diagnose_run(tmp_path / "run", task=7)
     assert main(["diagnose", str(tmp_path / "run"), "--task", "2", "--json", str(tmp_path / "d.json")]) == 0
     printed = capsys.readouterr().out
@@ -60,3 +60,34 @@ def test_diagnose_a_text_run(tmp_path, tiny_bert_dir):
     results = run_experiment(cfg, tmp_path / "run")
     d = diagnose_run(tmp_path / "run")
     assert [row["acc"] for row in d["tasks"]] == pytest.approx(results["accuracy_matrix"][-1])
+
+
+def test_diagnose_reads_learned_tasks_and_only_committed_checkpoints(tmp_path, monkeypatch):
+    """Issue 22, item 4: diagnose raised IndexError on a run that had learned a task (its scenario has no such
+    task) and read a learn checkpoint that results.json does not commit to."""
+    from sdlora.learn import learn
+    from test_learn import ALL, _folder, _run
+
+    run = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    new = _folder(tmp_path / "new", ["c4", "c5"])
+    import sdlora.learn
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # killed after the checkpoint, before results.json (the commit)
+        m.setattr(sdlora.learn, "atomic_write_json", killed)
+        with pytest.raises(KeyboardInterrupt):
+            learn(run, new)
+    assert (run / "checkpoints" / "task_002.json").exists()
+    d = diagnose_run(run)
+    assert d["after_task"] == 2 and len(d["tasks"]) == 2
+    with pytest.raises(RunError, match="--task 3: .* has completed 2 task"):
+        diagnose_run(run, task=3)
+
+    learn(run, new)
+    results = json.loads((run / "results.json").read_text())
+    d = diagnose_run(run)
+    assert d["after_task"] == 3 and [r["n"] for r in d["tasks"]] == [6, 6, 6]
+    for t, row in enumerate(d["tasks"]):  # the same test images, the same model: the row learn recorded
+        assert row["acc"] == pytest.approx(results["accuracy_matrix"][2][t])

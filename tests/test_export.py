@@ -338,3 +338,61 @@ def test_hf_peft_export_loads_on_the_transformers_model(
         torch.testing.assert_close(ns["logits"], want_logits, atol=1e-5, rtol=1e-5)
         # the adapter changes the function (not two bare backbones compared)
         assert (want_features - method.low_rank_update().base(x)).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------- kills and targets
+def test_merged_export_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    """Issue 22, item 9: ``--out RUN/results.json`` silently replaced the run's own record with tensors."""
+    from sdlora.cli import main
+
+    run = tmp_path / "run"
+    run_tiny(run, two_task_config("sdlora"))
+    for victim in (run / "results.json", run / "checkpoints" / "task_001.safetensors"):
+        before = victim.read_bytes()
+        assert main(["export", str(run), "--out", str(victim)]) == 2
+        assert "is not an earlier sdlora merged export" in capsys.readouterr().err
+        assert victim.read_bytes() == before
+    out = tmp_path / "m.safetensors"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert main(["export", str(run), "--out", str(out)]) == 0  # an earlier export is replaced
+
+
+def test_killed_exports_leave_no_copies_and_the_target_is_never_missing(tmp_path, monkeypatch):
+    """Issue 22, item 9: a killed export left its hidden staging copy for good, and a kill between moving the old
+    export aside and renaming the new one into place left nothing at the target."""
+    import contextlib
+    import os
+
+    import sdlora.export
+
+    method, cfg = _sdlora_tasks(1)
+    out = tmp_path / "peft"
+    write_peft_export(method, out, config=cfg, completed_tasks=1, class_names=["a", "b"], include_base=False)
+    # what kill -9 leaves: a half-written staging directory and an export moved aside
+    (tmp_path / ".peft.0123abcd.tmp").mkdir()
+    (tmp_path / ".peft.0123abcd.tmp" / "adapter_config.json").write_text("{")
+    (tmp_path / ".peft.89abcdef.old").mkdir()
+    real_replace = os.replace
+
+    def killed_at_install(src, dst):
+        if Path(dst) == out:
+            raise KeyboardInterrupt  # the process dies here
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed_at_install)
+        with contextlib.suppress(KeyboardInterrupt):
+            write_peft_export(method, out, config=cfg, completed_tasks=1, class_names=["x", "y"], include_base=False)
+    # the target holds one whole export, the old or the new one
+    assert (out / "labels.txt").read_text() in ("a\nb\n", "x\ny\n") and (out / "sdlora_export.json").is_file()
+    write_peft_export(method, out, config=cfg, completed_tasks=1, class_names=["x", "y"], include_base=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+    # where the one-step swap is not available, a kill between the renames is repaired by the next export
+    monkeypatch.setattr(sdlora.export, "_exchange", lambda a, b: False)
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", killed_at_install)
+        with pytest.raises(KeyboardInterrupt):
+            write_peft_export(method, out, config=cfg, completed_tasks=1, class_names=["p", "q"], include_base=False)
+    sdlora.export._recover_staging(out)
+    assert (out / "labels.txt").read_text() == "x\ny\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]

@@ -7,6 +7,7 @@ end exactly where a 3-task run over all the classes ends (same accuracy matrix, 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -214,10 +215,11 @@ def test_missing_earlier_test_set_is_reported_and_skipped(tmp_path, capsys):
 
 
 def _extra(tmp_path: Path) -> Path:
-    """A folder with one more class (reuses c7's pixels under a new name)."""
+    """A folder with two more classes (reuses c6's and c7's pixels under new names; one class alone is refused)."""
     root = tmp_path / "new3"
     src = tmp_path / "new2"
     for split in ("train", "test"):
+        shutil.copytree(src / split / "c6", root / split / "early")
         shutil.copytree(src / split / "c7", root / split / "late")
     return root
 
@@ -278,10 +280,152 @@ def test_text_learn_is_the_engines_next_task(tmp_path, tiny_bert_dir, capsys):
     with open(tmp_path / "first4" / "test.jsonl", "a") as f:
         f.write('{"text": "one more cat", "label": "c0"}\n')
     late = tmp_path / "late.csv"
-    late.write_text("text,label\n" + "".join(f"tree {w},late\n" for w in ("a", "the", "old", "new", "red", "blue")))
+    words = ("a", "the", "old", "new", "red", "blue")
+    late.write_text("text,label\n" + "".join(f"tree {w},late\nboat {w},soon\n" for w in words))
     report = learn(two, late)
     assert {t for t, _ in report.skipped} == {0, 1} and "has changed" in report.skipped[0][1]
     res = _results(two)
     assert res["accuracy_matrix"][3][:2] == [None, None] and res["accuracy_matrix"][3][2] is not None
     assert res["learned_tasks"][1]["dataset"] == "text_csv" and res["learned_tasks"][1]["name"] == "late"
-    assert res["learned_tasks"][1]["test_count"] == 2 and res["class_names"][-1] == "late"
+    assert res["learned_tasks"][1]["test_count"] == 4 and res["class_names"][-2:] == ["late", "soon"]
+
+
+def test_learn_from_another_directory_reads_a_relative_data_root_where_the_run_did(tmp_path, monkeypatch):
+    """Issue 22, item 5: a relative data.root was read against learn's working directory: the run's own test data
+    was "not available" and the new row was recorded on the new classes only, for good."""
+    _folder(tmp_path / "work" / "first4", ALL[:4])
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = tiny_config(
+        data={"name": "imagefolder", "root": "first4", "train_per_class": None, "test_per_class": None},
+        scenario={"shuffle": False},
+        train={"epochs": 1, "threads": 1},
+    )
+    run = tmp_path / "run"
+    assert main(["-q", "run", str(write_config(tmp_path / "rel.yaml", cfg)), "--out", str(run)]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    report = learn(run, _folder(tmp_path / "new", ["c4", "c5"]))
+    assert report.skipped == []
+    assert all(v is not None for v in _results(run)["accuracy_matrix"][2])
+    assert _results(run)["dataset"]["resolved_root"] == str(tmp_path / "work" / "first4")
+
+
+def test_one_class_learn_is_refused_where_it_would_learn_nothing(tmp_path, capsys):
+    """Issue 22, item 7: over one logit the current-task loss is 0: the class was 'learned' untrained, exit 0."""
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    snapshot = {p: p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"}
+    one = _folder(tmp_path / "one", ["c4"])
+    assert main(["learn", str(two), "--data", str(one)]) == 2
+    err = capsys.readouterr().err
+    assert "holds one class ('c4')" in err and "loss_scope: all" in err and "simplecil" in err
+    assert {p: p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"} == snapshot
+    # what the message names works: a loss over every seen class, or prototypes
+    all_scope = tiny_config(
+        method={"name": "sdlora", "adapter": {"rank": 2}, "loss_scope": "all"},
+        data={"name": "imagefolder", "root": str(tmp_path / "first4"), "train_per_class": None},
+        scenario={"shuffle": False},
+        train={"epochs": 1, "threads": 1},
+    )
+    all_scope["data"]["test_per_class"] = None
+    config = write_config(tmp_path / "all.yaml", all_scope)
+    assert main(["-q", "run", str(config), "--out", str(tmp_path / "all")]) == 0
+    for run in (tmp_path / "all", _run(tmp_path, "simplecil", tmp_path / "first4", "simplecil")):
+        assert learn(run, one).class_names == ["c4"]
+        assert _results(run)["accuracy_matrix"][2][2] is not None
+
+
+def test_class_names_in_two_unicode_spellings_are_one_class(tmp_path, capsys):
+    """Issue 22, item 9: the NFD spelling of a known NFC class was learned as a new class."""
+    import unicodedata
+
+    from engine_helpers import write_image_folder
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    first = write_image_folder(tmp_path / "first", {"c0": 4, nfc: 4}, {"c0": 2, nfc: 2})
+    run = _run(tmp_path, "run", first)
+    with pytest.raises(LearnError, match=re.escape(f"already knows the class(es) {nfd!r} (known as {nfc!r})")):
+        learn(run, write_image_folder(tmp_path / "nfd", {nfd: 4, "tea": 4}, {nfd: 2, "tea": 2}))
+    assert _results(run)["completed_tasks"] == 1 and len(_results(run)["class_names"]) == 2
+    both = write_image_folder(tmp_path / "both", {nfc: 4, nfd: 4}, {nfc: 2, nfd: 2})
+    assert (
+        main(["-q", "run", str(write_config(tmp_path / "b.yaml", _config_for(both))), "--out", str(tmp_path / "b")])
+        == 2
+    )
+    assert "two Unicode spellings" in capsys.readouterr().err
+
+
+def test_class_name_with_a_line_break_is_refused(tmp_path):
+    """Issue 22, item 9: a label holding a newline made the PEFT export's labels.txt longer than the classifier."""
+    from engine_helpers import write_image_folder
+
+    run = _run(tmp_path, "run", _folder(tmp_path / "first4", ALL[:4]))
+    with pytest.raises(LearnError, match=r"class name 'c4\\nc5' holds a line break"):
+        learn(run, write_image_folder(tmp_path / "nl", {"c4\nc5": 4, "tea": 4}, {"c4\nc5": 2, "tea": 2}))
+    assert _results(run)["completed_tasks"] == 2
+
+
+def _config_for(root: Path) -> dict:
+    cfg = tiny_config(data={"name": "imagefolder", "root": str(root), "train_per_class": None}, train={"epochs": 1})
+    cfg["data"]["test_per_class"] = None
+    return cfg
+
+
+def test_resume_never_rebuilds_a_learned_run_from_its_config(tmp_path, monkeypatch, capsys):
+    """Issue 22, item 1: ``run --resume`` on a learned run exited 0 and rewrote results.json from the config's
+    scenario (learned class names, tasks and learned_tasks gone, status "running 3/2"); Ctrl-C in learn advised it."""
+    import sdlora.engine
+
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    config = tmp_path / "two.yaml"
+    new = _folder(tmp_path / "new", ["c4", "c5"])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(sdlora.engine, "train_task", interrupted)
+        assert main(["learn", str(two), "--data", str(new)]) == 130
+    assert "--resume" not in capsys.readouterr().err
+    assert main(["-q", "learn", str(two), "--data", str(new)]) == 0
+    files = {p: p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"}
+    assert main(["-q", "run", str(config), "--out", str(two), "--resume"]) == 2
+    assert "1 task(s) added by sdlora learn" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"} == files
+    # the record lost: the newest checkpoint says it is a learned task, the same refusal
+    (two / "results.json").unlink()
+    assert main(["-q", "run", str(config), "--out", str(two), "--resume"]) == 2
+    assert "added by sdlora learn" in capsys.readouterr().err
+    _, record = load_checkpoint(two / "checkpoints" / "task_002.json")
+    assert record["learned"]["class_names"] == ["c4", "c5"] and record["learned"]["identity"]["test_sha256"]
+    assert record["data_identity"] == json.loads(files[two / "results.json"])["data_identity"]
+    # a learn checkpoint of an older sdlora (no "learned" entry): the engine sees a task past the scenario
+    from sdlora import rundir
+
+    record.pop("learned")
+    record["record_sha256"] = rundir._record_digest(record)
+    (two / "checkpoints" / "task_002.json").write_text(json.dumps(record))
+    assert main(["-q", "run", str(config), "--out", str(two), "--resume"]) == 2
+    assert "is after task 3, but the config's scenario has 2" in capsys.readouterr().err
+
+
+def test_resume_after_a_killed_learn_uses_the_committed_checkpoint(tmp_path, monkeypatch):
+    """Issue 22, item 1: --resume read the newest checkpoint, so the uncommitted one of a killed learn became a third
+    task of a two-task scenario (status "running 3/2", class_<id> names)."""
+    import sdlora.learn
+
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
+    before = _results(two)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # killed after the learn's checkpoint, before its results.json
+        m.setattr(sdlora.learn, "atomic_write_json", killed)
+        with pytest.raises(KeyboardInterrupt):
+            learn(two, _folder(tmp_path / "new", ["c4", "c5"]))
+    assert main(["-q", "run", str(tmp_path / "two.yaml"), "--out", str(two), "--resume"]) == 0
+    after = _results(two)
+    for key in ("status", "completed_tasks", "num_tasks", "class_names", "tasks", "accuracy_matrix"):
+        assert after[key] == before[key], key
+    assert load_run(two, device="cpu").class_names == ALL[:4]

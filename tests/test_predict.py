@@ -277,3 +277,64 @@ def test_hf_vision_predict_uses_the_runs_preprocessing(tmp_path, tiny_vit_dir):
     assert not failures and [p.indices[0] for p in preds] == engine_logits.argmax(1).tolist()
     top = torch.softmax(engine_logits, 1).topk(2, 1)
     torch.testing.assert_close(torch.tensor([p.scores for p in preds]), top.values, atol=1e-5, rtol=1e-5)
+
+
+def _with_alarm(seconds: int, fn, *args):
+    """``fn(*args)``, failed (instead of hanging the suite) when it runs longer than ``seconds``."""
+    import signal
+
+    def stop(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_looping_directory_links_do_not_hang_folder_or_glob_inputs(tmp_path, monkeypatch):
+    """Issue 22, item 2: ``up -> ..`` links made predict's folder walk and ``**`` glob run for minutes."""
+    import os
+
+    for d in ("a", "a/b"):
+        (tmp_path / "imgs" / d).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "imgs" / d / "x.png")
+    os.symlink("..", tmp_path / "imgs" / "a" / "b" / "up")
+    os.symlink(tmp_path / "imgs", tmp_path / "imgs" / "a" / "top")
+    want = [str(tmp_path / "imgs" / "a" / "b" / "x.png"), str(tmp_path / "imgs" / "a" / "x.png")]
+    files, problems = _with_alarm(20, collect_inputs, [str(tmp_path / "imgs")])
+    assert sorted(files) == want and not problems
+    files, problems = _with_alarm(20, collect_inputs, [str(tmp_path / "imgs" / "**" / "*.png")])
+    assert sorted(files) == want and not problems
+    monkeypatch.chdir(tmp_path / "imgs")
+    files, _ = _with_alarm(20, collect_inputs, ["**/*.png"])
+    assert sorted(files) == ["a/b/x.png", "a/x.png"]
+
+
+def test_out_is_checked_before_the_work_and_write_errors_are_one_line(trained, tmp_path, monkeypatch, capsys):
+    """Issue 22, item 9: --out was checked only after every input was classified (a wrong path threw the job away)
+    and a read-only folder gave a raw OSError."""
+    import sdlora.predict
+
+    run, data = trained
+    image = str(next((data / "test").rglob("*.png")))
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the run was loaded before --out was checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(sdlora.predict, "load_run", no_work)
+        for bad, why in ((tmp_path / "missing" / "p.csv", "does not exist"), (tmp_path / "p.txt", ".csv or .jsonl")):
+            assert main(["predict", str(run), image, "--device", "cpu", "--out", str(bad)]) == 2
+            assert why in capsys.readouterr().err
+
+    def read_only(path, text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(sdlora.predict, "atomic_write_text", read_only)
+    assert main(["predict", str(run), image, "--device", "cpu", "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the predictions: Permission denied" in err and "Traceback" not in err

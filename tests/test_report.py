@@ -256,3 +256,19 @@ def test_write_compare_rejects_inconsistent_runs(tmp_path):
 def test_required_keys_are_what_make_results_writes():
     # guards the fixture: if the schema grows, the hand-made results must grow with it
     assert set(REQUIRED_KEYS) <= set(RUN_A)
+
+
+def test_report_rewrites_a_run_only_under_its_lock(tmp_path, capsys):
+    """Issue 22, item 9: ``sdlora report`` wrote a run's tables without its lock, over a live run's newer ones."""
+    from sdlora.cli import main
+    from sdlora.rundir import run_dir_lock
+    from test_learn import ALL, _folder, _run
+
+    run = _run(tmp_path, "run", _folder(tmp_path / "data", ALL[:4]))
+    (run / "metrics.csv").unlink()
+    with run_dir_lock(run):  # a live writer
+        assert main(["report", str(run)]) == 0
+        assert not (run / "metrics.csv").exists()
+    assert "tables and plots not rewritten" in capsys.readouterr().err
+    assert main(["report", str(run)]) == 0
+    assert (run / "metrics.csv").exists() and not (run / ".sdlora.lock").exists()

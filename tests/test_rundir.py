@@ -268,3 +268,14 @@ def test_malformed_checkpoint_record_gives_advice_not_a_traceback(tmp_path, reco
     ck.write_text(json.dumps(record))
     with pytest.raises(RunError, match="corrupt checkpoint.*to resume from the previous task"):
         load_checkpoint(ck)
+
+
+def test_checkpoint_record_without_its_sha256_is_refused(tmp_path):
+    """Issue 22, item 9: a record without ``record_sha256`` was trusted, so an edit that also dropped the digest
+    resumed with whatever the record said."""
+    save_checkpoint(tmp_path, 0, _Tiny(1.0), {"next": 1}, keep=None)
+    ck = tmp_path / "checkpoints" / "task_000.json"
+    load_checkpoint(ck)  # as written: accepted
+    _rewrite(ck, lambda r: (r.pop("record_sha256"), r["engine"].update(next=7)))
+    with pytest.raises(RunError, match=r"task_000\.json: it has no 'record_sha256'.*delete .* previous task"):
+        load_checkpoint(ck)

@@ -167,6 +167,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         Prediction,
         Predictor,
         TextInput,
+        check_output,
         collect_inputs,
         collect_texts,
         format_predictions,
@@ -174,6 +175,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_predictions,
     )
 
+    if args.out:
+        check_output(args.out)  # before the work: a wrong path must not throw a long job away
     run = load_run(args.run_dir, device=args.device)
     texts: list[TextInput] = []
     if run.modality == "text":
@@ -236,8 +239,9 @@ def cmd_learn(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import report
+    from .rundir import regenerate_run_files
 
-    print(report(args.run_dirs, args.out))
+    print(report(args.run_dirs, args.out, regenerate=regenerate_run_files))
     return 0
 
 
@@ -541,6 +545,16 @@ def error_text(e: BaseException) -> str:
     return text.split(": ", 1)[1] if re.match(r"^[\w.]+: ", text) else text
 
 
+def _after_interrupt(command: str) -> str:
+    """What to do after Ctrl-C: only ``run`` and ``demo`` continue with ``--resume`` (a learn is not resumed: it
+    left the run as it was, and ``--resume`` rebuilds a run from its config)."""
+    if command in ("run", "demo"):
+        return "continue with --resume"
+    if command == "learn":
+        return "the run is as it was before this learn; run the same learn again"
+    return "run the command again"
+
+
 def main(argv: list[str] | None = None) -> int:
     from .configtools import ConfigError
 
@@ -557,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sdlora: error: {error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sdlora: interrupted; continue with --resume", file=sys.stderr)
+        print(f"sdlora: interrupted; {_after_interrupt(args.command)}", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("SDLORA_DEBUG"):

@@ -63,10 +63,32 @@ def block_statistics(logits: torch.Tensor, labels: torch.Tensor, bounds: list[tu
     }
 
 
+def _checkpoint_for(out: Path, task: int | None, completed: int) -> Path:
+    """The committed checkpoint (``task`` None) or the one after ``task`` (1-based), which must be committed."""
+    from .rundir import RunError, committed_checkpoint
+
+    if task is None:
+        ck = committed_checkpoint(out)
+        if ck is None:
+            raise RunError(f"{out} has no checkpoint yet (checkpoints/task_*.json)")
+        return ck
+    if not 1 <= task <= completed:
+        raise RunError(f"--task {task}: {out} has completed {completed} task(s); give 1..{completed}")
+    ck = out / "checkpoints" / f"task_{task - 1:03d}.json"
+    if not ck.exists():
+        raise RunError(f"{out} has no checkpoint after task {task} ({ck}); the run keeps one per finished task")
+    return ck
+
+
 def diagnose_run(
     run_dir: str | os.PathLike, task: int | None = None, device: str = "cpu", batch_size: int = 256
 ) -> dict[str, Any]:
-    """Score every seen task's test images with the run's checkpoint after ``task`` (1-based; default: the last).
+    """Score every seen task's test images with the run's checkpoint after ``task`` (1-based; default: the last one
+    ``results.json`` commits to).
+
+    The test data of each task is what ``sdlora learn`` evaluates on (:func:`sdlora.learn.task_test_sources`): the
+    run's own test split for the scenario's tasks, the recorded folder for learned ones. A task whose test data is
+    missing or has changed gets ``{"n": 0, "skipped": reason}`` instead of statistics.
 
     Returns:
         ``{"run", "method", "after_task", "num_tasks", "tasks": [block_statistics(...) per seen task]}``.
@@ -74,42 +96,56 @@ def diagnose_run(
     Raises:
         RunError: not a run directory, or no checkpoint for that task.
     """
-    from .engine import build_run
-    from .methods import load_run_config
-    from .rundir import RunError, latest_checkpoint, load_checkpoint
+    from .backbones import create_backbone
+    from .learn import load_test_sources, task_test_sources
+    from .methods import create_method, load_run_config
+    from .results import load_results
+    from .rundir import RunError, load_checkpoint, seed_everything
 
     out = Path(run_dir)
     if not (out / "config.yaml").exists():
         raise RunError(f"{out} is not a run directory (no config.yaml)")
-    if task is None:
-        ck = latest_checkpoint(out)
-        if ck is None:
-            raise RunError(f"{out} has no checkpoint yet (checkpoints/task_*.json)")
-    else:
-        ck = out / "checkpoints" / f"task_{task - 1:03d}.json"
-        if not ck.exists():
-            raise RunError(f"{out} has no checkpoint after task {task} ({ck}); the run keeps one per finished task")
+    results = load_results(out)
+    ck = _checkpoint_for(out, task, int(results["completed_tasks"]))
     cfg, _ = load_run_config(str(out / "config.yaml"))
     tensors, record = load_checkpoint(ck)
     after = int(record["task"]) + 1
     dev = torch.device(device)
-    _backbone, data, scenario, method = build_run(cfg, dev)
+    seed_everything(cfg.seed)
+    method = create_method(cfg.method, create_backbone(cfg.backbone, cfg.data.image_size)).to(dev)
     method.load_state(tensors, record["method"])
     method.eval()
-    bounds = [scenario.task_range(t) for t in range(after)]
-    rows = []
-    for t in range(after):
-        subset = scenario.subset(data.test, data.test_targets, [t])
-        logits, labels = [], []
-        for x, y in DataLoader(subset, batch_size=batch_size, shuffle=False):
+    tokenizer = None
+    if results["backbone"].get("modality") == "text":
+        from .backbones.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.backbone)
+    seen = {**results, "tasks": results["tasks"][:after]}
+    sources = task_test_sources(cfg, seen, text=tokenizer is not None)
+    mean, std = results["backbone"]["mean"], results["backbone"]["std"]
+    datasets, skipped = load_test_sources(cfg, sources, mean, std, tokenizer)
+    logits, labels = [], []
+    for ds in datasets:
+        for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
             logits.append(method(batch_to(x, dev)).float().cpu())  # a tensor, or a dict of them (text)
             labels.append(y)
-        rows.append(block_statistics(torch.cat(logits), torch.cat(labels), bounds))
+    all_logits = torch.cat(logits) if logits else torch.zeros(0, 0)
+    all_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    sizes = [len(ids) for ids in seen["tasks"]]
+    bounds = [(sum(sizes[:t]), sum(sizes[: t + 1])) for t in range(after)]
+    reasons = dict(skipped)
+    rows: list[dict[str, Any]] = []
+    for t, (s, e) in enumerate(bounds):
+        mask = (all_labels >= s) & (all_labels < e)
+        if t in reasons or not bool(mask.any()):
+            rows.append({"n": 0, "skipped": reasons.get(t, "no test samples")})
+            continue
+        rows.append(block_statistics(all_logits[mask], all_labels[mask], bounds))
     return {
         "run": str(out),
         "method": cfg.method.name,
         "after_task": after,
-        "num_tasks": scenario.num_tasks,
+        "num_tasks": int(results["num_tasks"]),
         "tasks": rows,
     }
 
@@ -124,13 +160,17 @@ def format_diagnosis(d: dict[str, Any]) -> str:
     )
     lines = head
     for t, r in enumerate(d["tasks"]):
+        if r.get("skipped"):
+            lines.append(f"task {t + 1:<3} not evaluated: {r['skipped']}")
+            continue
         shares = " ".join(f"{v:6.1f}" for v in r["to_block"])
         logits = " ".join(f"{v:7.2f}" for v in r["max_logit"])
         lines.append(
             f"task {t + 1:<3} {r['n']:>5} {r['acc']:6.1f} {r['within']:6.1f} | {' ' * 24} {shares} | {logits}"
         )
     total = sum(r["n"] for r in d["tasks"])
-    acc = sum(r["acc"] * r["n"] for r in d["tasks"]) / total
-    within = sum(r["within"] * r["n"] for r in d["tasks"]) / total
-    lines.append(f"all      {total:>5} {acc:6.1f} {within:6.1f}")
+    if total:
+        acc = sum(r["acc"] * r["n"] for r in d["tasks"] if r["n"]) / total
+        within = sum(r["within"] * r["n"] for r in d["tasks"] if r["n"]) / total
+        lines.append(f"all      {total:>5} {acc:6.1f} {within:6.1f}")
     return "\n".join(lines)

@@ -56,7 +56,7 @@ from .rundir import (
     CONFIG_HEADER,
     RunError,
     build_method_from_run,
-    latest_checkpoint,
+    committed_checkpoint,
     load_checkpoint,
     prepare_run_dir,
     restore_rng_state,
@@ -496,9 +496,18 @@ def _run(
     state.continue_in(environment)
     results: dict[str, Any] | None = None
     if resume:
-        ck = latest_checkpoint(out)
+        # The checkpoint results.json commits to (the one every reader of the run uses): a checkpoint written by a
+        # process killed before its results.json is ignored, and its task runs again.
+        ck = committed_checkpoint(out)
         if ck is not None:
             state = _restore(ck, out, method, data, device, t_start)
+            if state.next_task > n_tasks:
+                raise RunError(
+                    f"cannot resume {out}: its checkpoint {ck.name} is after task {state.next_task}, but the "
+                    f"config's scenario has {n_tasks}: tasks were added by sdlora learn (or another scenario made "
+                    "it), and rebuilding the run from this config would drop them. Use sdlora report to rewrite "
+                    "its tables and plots, sdlora learn to add classes, or --overwrite / another --out to start over"
+                )
             log.info("resuming after task %d of %d from %s", state.next_task, n_tasks, ck)
             changes = state.continue_in(environment)
             if changes and info.main:
@@ -537,10 +546,12 @@ def _run(
         run_task(method, state, task_data(scenario, data, t), rt, num_tasks=n_tasks)
         results = build_results(cfg, method, backbone, data, scenario, state).to_dict()
         if info.main:
-            atomic_write_json(out / RESULTS_FILE, results)
-            _emit(listeners, RunEvent("task_end", out, t, results))
+            # Commit order (as in sdlora learn): the checkpoint, then results.json, which commits it. A kill in
+            # between leaves a record of the previous task and its checkpoint, never a record without its model.
             if tcfg.checkpoint:
                 save_checkpoint(out, t, method, state.to_checkpoint(), keep=None, data_identity=data.identity)
+            atomic_write_json(out / RESULTS_FILE, results)
+            _emit(listeners, RunEvent("task_end", out, t, results))
         if info.enabled:
             dist.barrier()
     if results is None:  # unreachable: a scenario has at least one task, or the state came from a checkpoint

@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -120,16 +121,59 @@ def _state_cpu(module: nn.Module) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------ merged
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # a libc without it (glibc < 2.28, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _staging_siblings(target: Path) -> list[Path]:
+    """Staging (``.tmp``) and set-aside (``.old``) directories that earlier exports to ``target`` left behind."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[0-9a-f]{{8}}\.(tmp|old)$")
+    if not target.parent.is_dir():
+        return []
+    return sorted(p for p in target.parent.iterdir() if pattern.match(p.name) and p.is_dir())
+
+
+def _recover_staging(target: Path) -> None:
+    """Clean up after exports to ``target`` that were killed: an earlier export set aside (``.old``) while
+    ``target`` is missing (killed between the two renames of the fallback install) is put back; every other
+    staging directory (a half-written ``.tmp``, an ``.old`` already replaced) is deleted. Not safe against a
+    second export to the same ``--out`` running at the same time (one export per target)."""
+    left = _staging_siblings(target)
+    if not target.exists():
+        old = [p for p in left if p.name.endswith(".old")]
+        if old:
+            os.replace(old[-1], target)
+            left.remove(old[-1])
+    for p in left:
+        shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def _staged_dir(target: Path) -> Iterator[Path]:
     """A fresh directory next to ``target`` to write an export into; put at ``target`` when the block ends without
-    an error (an earlier export there is moved aside first and deleted after, so ``target`` always holds one whole
-    export, the old or the new one), deleted when the block raises."""
+    an error, deleted when the block raises. An earlier export at ``target`` is swapped with the new one in one
+    step where the system can (Linux ``renameat2``), so ``target`` always holds one whole export, the old or the
+    new one; elsewhere it is moved aside first and a kill between the two renames is repaired by the next export
+    (:func:`_recover_staging`), which also deletes what killed exports left."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    _recover_staging(target)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
         yield tmp
+        if target.exists() and _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # holds the earlier export now
+            return
         old = None
         if target.exists():
             old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
@@ -140,6 +184,27 @@ def _staged_dir(target: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_merged_file_target(out: Path) -> None:
+    """``out`` may be new or an earlier merged export (its safetensors metadata says so); anything else, such as a
+    run's own ``results.json`` or a checkpoint, is never replaced."""
+    if not out.exists():
+        return
+    fmt = None
+    if out.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(out), framework="pt") as f:
+                fmt = (f.metadata() or {}).get("format")
+        except Exception:  # not a safetensors file at all
+            fmt = None
+    if fmt != MERGED_FORMAT:
+        raise ExportError(
+            f"{out} exists and is not an earlier sdlora merged export; choose a new --out file (an export never "
+            "replaces other files)"
+        )
 
 
 def load_hint(rebuild: dict[str, Any], weights: str) -> str:
@@ -165,6 +230,8 @@ def export_merged(run_dir: str | os.PathLike, out: str | os.PathLike, *, fmt: st
 
     if fmt not in ("merged", "safetensors", "hf"):
         raise ExportError(f"unknown merged format {fmt!r}")
+    if Path(out).is_file() or (Path(out).exists() and fmt == "safetensors"):
+        _check_merged_file_target(Path(out))  # before the work: a file that is not ours is never replaced
     method, cfg, record = build_method_from_run(run_dir)
     plain = method.export_backbone()
     is_hf = isinstance(plain, HFFeatureExtractor)
@@ -212,6 +279,7 @@ def _export_safetensors(
         "method": cfg.method.name,
         "completed_tasks": str(record["task"] + 1),
     }
+    _check_merged_file_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, save(state, metadata=metadata))
     return ExportSummary(

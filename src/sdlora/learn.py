@@ -13,8 +13,8 @@ class with the run's ``data.test_fraction`` and seed. Every image is used (the r
 (a Hugging Face text backbone) a ``text_csv`` / ``text_jsonl`` source with the run's ``data.text_column`` and
 ``data.label_column``: one ``.csv`` / ``.tsv`` / ``.jsonl`` file split per class with the run's
 ``data.test_fraction`` and seed, or a directory holding ``train.<ext>`` and ``test.<ext>``; tokenised with the
-run's tokenizer and ``data.max_length``. A class name the run already knows (compared case-insensitively) is
-refused: this is class-incremental learning, not fine-tuning.
+run's tokenizer and ``data.max_length``. A class name the run already knows (compared case-insensitively, in Unicode
+NFC) is refused: this is class-incremental learning, not fine-tuning.
 
 Evaluation. The new row of the accuracy matrix covers the new task and every earlier one: the run's own test
 split (rebuilt from its config and checked against the ``data_identity`` digest the run recorded) and the test
@@ -45,7 +45,6 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from . import __version__
 from .backbones import create_backbone
-from .backbones.hf import load_tokenizer
 from .config import RunConfig
 from .data import DataConfig, DatasetBundle, build_dataset
 from .distributed import DistInfo, select_device
@@ -55,7 +54,7 @@ from .fileio import atomic_write_json
 from .methods import Method, create_method, load_run_config
 from .predict import check_device, run_class_names
 from .report import on_run_event
-from .results import RESULTS_FILE, RunEvent, RunResults, load_results, parse_results
+from .results import RESULTS_FILE, RunEvent, load_results, parse_results
 from .rundir import (
     RunError,
     committed_checkpoint,
@@ -67,7 +66,7 @@ from .rundir import (
 )
 from .training import Runtime
 
-__all__ = ["LearnError", "LearnReport", "learn"]
+__all__ = ["LearnError", "LearnReport", "learn", "load_test_sources", "task_test_sources"]
 
 log = logging.getLogger(__name__)
 _pkg_log = logging.getLogger("sdlora")
@@ -186,12 +185,20 @@ def _load_new_data(
     return data
 
 
+def _name_key(name: str) -> str:
+    """How class names are compared: Unicode NFC (macOS may spell a folder name decomposed, NFD), no surrounding
+    spaces, case-insensitive."""
+    import unicodedata
+
+    return unicodedata.normalize("NFC", name).strip().casefold()
+
+
 def _check_new_names(known: list[str], new: list[str], root: str, text: bool = False) -> None:
-    seen = {n.strip().casefold(): n for n in known}
+    seen = {_name_key(n): n for n in known}
     clash = [
-        repr(n) if seen[n.strip().casefold()] == n else f"{n!r} (known as {seen[n.strip().casefold()]!r})"
+        repr(n) if seen[_name_key(n)] == n else f"{n!r} (known as {seen[_name_key(n)]!r})"
         for n in new
-        if n.strip().casefold() in seen
+        if _name_key(n) in seen
     ]
     if clash:
         raise LearnError(
@@ -199,6 +206,32 @@ def _check_new_names(known: list[str], new: list[str], root: str, text: bool = F
             "(class-incremental), it does not fine-tune known ones. "
             + ("Remove those rows or rename their labels." if text else "Remove or rename those folders.")
         )
+
+
+def _check_one_class(method: Method, name: str, shown: str) -> None:
+    """Refuse a task of one class where the method would learn nothing from it; warn where only the head learns.
+
+    After the first task the default loss is cross-entropy over the current task's logits (``loss_scope:
+    current``); over one logit it is 0 for every sample, so neither the adapter nor the head gets a gradient and
+    the class would be "learned" with an untrained head row.
+    """
+    if not type(method).trains or not type(method).uses_head or method.cfg.loss_scope == "all":
+        return  # prototypes, a ridge head or a loss over every seen class: one class is learned like any other
+    if method.align_config.enabled:
+        log.warning(
+            "--data %s holds one class (%r): the task's loss is over its one logit (loss_scope: current), so the "
+            "backbone learns nothing from it; only classifier alignment fits its head row",
+            shown,
+            name,
+        )
+        return
+    raise LearnError(
+        f"--data {shown} holds one class ({name!r}): this run's method ({method.cfg.name}) trains with "
+        "the current task's logits only (method.loss_scope: current), and cross-entropy over one logit is 0, so "
+        "nothing would be learned. Add at least one more class folder, or learn it into a run whose method learns "
+        "one class: method.loss_scope: all, classifier alignment (sdlora_ca, method.align.enabled: true) or a "
+        "prototype head (simplecil, ranpac)"
+    )
 
 
 @dataclass
@@ -212,10 +245,35 @@ class _Source:
     positions: dict[int, int]  # label in that dataset -> class position in the run
 
 
-def _earlier_sources(cfg: RunConfig, results: dict[str, Any], text: bool = False) -> list[_Source]:
-    """The sources of every earlier task's test data, with the class positions of their labels."""
+def _run_data_config(cfg: RunConfig, results: dict[str, Any]) -> DataConfig:
+    """The run's data config with ``data.root`` as the run resolved it (``results.json`` ``dataset.resolved_root``):
+    a relative root is not read against the caller's working directory."""
+    root = cfg.data.root
+    if root is None or Path(root).expanduser().is_absolute():
+        return cfg.data
+    recorded = (results.get("dataset") or {}).get("resolved_root")
+    if recorded:
+        return dataclasses.replace(cfg.data, root=str(recorded))
+    log.warning(
+        "the run's data.root %r is relative and the run does not record where it pointed (an older sdlora wrote "
+        "it): it is read from the working directory %s",
+        root,
+        os.getcwd(),
+    )
+    return cfg.data
+
+
+def task_test_sources(cfg: RunConfig, results: dict[str, Any], text: bool = False) -> list[_Source]:
+    """Where the test data of each task in ``results["tasks"]`` comes from, with the class positions of its labels:
+    the run's own dataset for the scenario's tasks, the folder recorded in ``learned_tasks`` for learned ones."""
     learned = {int(r["task"]): r for r in results.get("learned_tasks") or []}
-    base = _Source(f"the run's {cfg.data.name} test split", cfg.data, results.get("data_identity") or {}, [], {})
+    base = _Source(
+        f"the run's {cfg.data.name} test split",
+        _run_data_config(cfg, results),
+        results.get("data_identity") or {},
+        [],
+        {},
+    )
     folders: list[_Source] = []
     pos = 0
     for t, ids in enumerate(results["tasks"]):
@@ -240,7 +298,7 @@ def _earlier_sources(cfg: RunConfig, results: dict[str, Any], text: bool = False
     return ([base] if base.tasks else []) + folders
 
 
-def _earlier_tests(
+def load_test_sources(
     cfg: RunConfig, sources: list[_Source], mean: Any, std: Any, tokenizer: Any = None
 ) -> tuple[list[Dataset], list[tuple[int, str]]]:
     """Rebuild each source's test split and check it against the digest the run recorded.
@@ -264,6 +322,105 @@ def _earlier_tests(
             continue
         datasets.append(_Positions(data.test, data.test_targets, src.positions))
     return datasets, skipped
+
+
+def _log_start(label: str, new: DatasetBundle, shown: str, task: int, out: Path, dev: torch.device) -> None:
+    log.info(
+        "learn %r: %d new classes (%s) from %s, %d train / %d test %s, as task %d of run %s on %s",
+        label,
+        new.num_classes,
+        ", ".join(new.class_names),
+        shown,
+        len(new.train_targets),
+        len(new.test_targets),
+        "texts" if new.info.get("modality") == "text" else "images",
+        task + 1,
+        out,
+        dev,
+    )
+
+
+def _committed_state(out: Path, completed: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and record of the checkpoint ``results.json`` commits to (after task ``completed``)."""
+    ck = committed_checkpoint(out)
+    if ck is None:
+        raise RunError(f"{out} has no checkpoint (train.checkpoint was off?): nothing to continue from")
+    tensors, record = load_checkpoint(ck)
+    if int(record["task"]) + 1 != completed:
+        raise RunError(
+            f"{out}: the newest checkpoint is after task {int(record['task']) + 1} but results.json records "
+            f"{completed} tasks; the run directory is inconsistent"
+        )
+    return tensors, record
+
+
+def _task_data(task: int, tasks: list[list[int]], new: DatasetBundle, earlier: list[Dataset]) -> TaskData:
+    """The learned task for :func:`sdlora.engine.run_task`: the new classes at the positions after the ``tasks``
+    seen so far, tested with every earlier task's test data (``earlier``) and the new test split."""
+    start = sum(len(ids) for ids in tasks)
+    mapping = {c: start + c for c in range(new.num_classes)}
+    return TaskData(
+        task=task,
+        class_start=start,
+        class_end=start + new.num_classes,
+        train=_Positions(new.train, new.train_targets, mapping),
+        statistics=_Positions(_with_eval_transform(new), new.train_targets, mapping),
+        test=ConcatDataset([*earlier, _Positions(new.test, new.test_targets, mapping)]),
+        task_of_position=[t for t, ids in enumerate(tasks) for _ in ids] + [task] * new.num_classes,
+    )
+
+
+def _learned_entry(task: int, label: str, root: Path, new: DatasetBundle, new_ids: list[int]) -> dict[str, Any]:
+    """The ``learned_tasks`` entry of a learned task: where its data is, its classes and the data's identity."""
+    return {
+        "task": task,
+        "name": label,
+        "root": str(root),
+        "dataset": new.info.get("name"),
+        "format": new.info.get("format"),
+        "class_names": list(new.class_names),
+        "class_ids": new_ids,
+        "train_count": len(new.train_targets),
+        "test_count": len(new.test_targets),
+        "identity": new.identity,
+        "learned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sdlora_version": __version__,
+    }
+
+
+def _extended_results(
+    results: dict[str, Any],
+    out: Path,
+    state: RunState,
+    method: Method,
+    known: list[str],
+    new: DatasetBundle,
+    new_ids: list[int],
+    entry: dict[str, Any],
+) -> dict[str, Any]:
+    """The run's record with the learned task appended (what the learn commits)."""
+    old = parse_results(results, str(out / RESULTS_FILE))
+    seen = len(known)
+    # Positions after the seen ones belonged to dataset classes the run never learned (a scenario cut short with
+    # num_tasks); the run now continues with the learned classes there instead.
+    updated = dataclasses.replace(
+        old,
+        status="finished",
+        class_order=[*old.class_order[:seen], *new_ids],
+        class_names=[*known, *new.class_names],
+        tasks=[*old.tasks, new_ids],
+        num_tasks=entry["task"] + 1,
+        completed_tasks=entry["task"] + 1,
+        **state.metrics(),
+        trainable_params_per_task=list(state.trainable_per_task),
+        stored_params_total=int(method.parameter_counts()["stored"]),
+        task_log=list(state.task_log),
+        wall_time_s=round(state.wall_time_s, 3),
+        learned_tasks=[*old.learned_tasks, entry],
+        environment=dict(state.environment),
+        earlier_environments=list(state.earlier_environments),
+    )
+    return updated.to_dict()
 
 
 def learn(
@@ -319,19 +476,15 @@ def _learn_locked(
             "first (sdlora run CONFIG --out RUN_DIR --resume), then learn new classes"
         )
     cfg, _ = load_run_config(str(out / "config.yaml"))
-    ck = committed_checkpoint(out)
-    if ck is None:
-        raise RunError(f"{out} has no checkpoint (train.checkpoint was off?): nothing to continue from")
-    tensors, record = load_checkpoint(ck)
+    tensors, record = _committed_state(out, int(results["completed_tasks"]))
     task = int(record["task"]) + 1
-    if task != int(results["completed_tasks"]):
-        raise RunError(
-            f"{out}: the newest checkpoint is after task {task} but results.json records "
-            f"{results['completed_tasks']} tasks; the run directory is inconsistent"
-        )
     mean, std = results["backbone"]["mean"], results["backbone"]["std"]
     text = results["backbone"].get("modality") == "text"
-    tokenizer = load_tokenizer(cfg.backbone) if text else None  # what the run's data pipeline tokenised with
+    tokenizer = None
+    if text:
+        from .backbones.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.backbone)  # what the run's data pipeline tokenised with
     new = _load_new_data(cfg, root, str(data_root), mean, std, tokenizer)
     seen = sum(len(t) for t in results["tasks"])
     known = run_class_names(out, cfg, seen)
@@ -346,20 +499,15 @@ def _learn_locked(
         if tcfg.threads is not None:
             torch.set_num_threads(tcfg.threads)
         dev = select_device(device or tcfg.device, DistInfo())
-        log.info(
-            "learn %r: %d new classes (%s) from %s, %d train / %d test %s, as task %d of run %s on %s",
-            label,
-            new.num_classes,
-            ", ".join(new.class_names),
-            data_root,
-            len(new.train_targets),
-            len(new.test_targets),
-            "texts" if text else "images",
-            task + 1,
-            out,
-            dev,
-        )
-        method = _restored_method(cfg, tensors, record, dev)
+        _log_start(label, new, str(data_root), task, out, dev)
+        # The run's method as after its last task, and the global RNG as the engine would continue with it.
+        seed_everything(cfg.seed)
+        method: Method = create_method(cfg.method, create_backbone(cfg.backbone, cfg.data.image_size)).to(dev)
+        method.load_state(tensors, record["method"])
+        method.to(dev)
+        if new.num_classes == 1:
+            _check_one_class(method, new.class_names[0], str(data_root))
+        restore_rng_state(tensors, record["rng"])
         state = RunState.from_checkpoint(record, session_start=t_start)
         for change in state.continue_in(capture_environment(dev)):
             log.warning("learning in another environment than the run's earlier tasks: %s", change)
@@ -368,10 +516,11 @@ def _learn_locked(
         # ids 0..K-1 and earlier learned ones), so an id never names two classes.
         next_id = max(int(c) for c in results["class_order"]) + 1
         new_ids = list(range(next_id, next_id + new.num_classes))
-        earlier, skipped_at = _earlier_tests(cfg, _earlier_sources(cfg, results, text), mean, std, tokenizer)
+        earlier, skipped_at = load_test_sources(cfg, task_test_sources(cfg, results, text), mean, std, tokenizer)
         for t, reason in skipped_at:
             log.warning("task %d is not evaluated in the new row: %s", t + 1, reason)
-        data = _new_task(results, new, task, seen, earlier)
+        end = seen + new.num_classes
+        data = _task_data(task, results["tasks"], new, earlier)
         rt = Runtime(train=tcfg, seed=cfg.seed, device=dev, workers=cfg.data.num_workers)
         skipped = sorted({t for t, _ in skipped_at})
         entry = run_task(method, state, data, rt, num_tasks=task + 1, not_evaluated=skipped)
@@ -379,12 +528,18 @@ def _learn_locked(
         if skipped:
             entry["not_evaluated"] = {str(t): r for t, r in skipped_at}
 
-        record_new = _learned_record(task, label, root, new, new_ids)
-        old = parse_results(results, str(out / RESULTS_FILE))
-        metrics = state.metrics()
-        new_results = _extended_results(old, state, metrics, method, record_new, known, seen).to_dict()
+        record_new = _learned_entry(task, label, root, new, new_ids)
+        new_results = _extended_results(results, out, state, method, known, new, new_ids, record_new)
         # Commit: checkpoint first (ignored until results.json names its task), then results.json.
-        save_checkpoint(out, task, method, state.to_checkpoint(), keep=None)
+        save_checkpoint(
+            out,
+            task,
+            method,
+            state.to_checkpoint(),
+            keep=None,
+            data_identity=results.get("data_identity"),
+            learned=record_new,
+        )
         atomic_write_json(out / RESULTS_FILE, new_results)
         on_run_event(RunEvent("task_end", out, task, new_results))
         on_run_event(RunEvent("run_end", out, task, new_results))
@@ -392,93 +547,11 @@ def _learn_locked(
             "learned %r as task %d: acc on %d seen classes %.2f%%, on the new classes %.2f%%",
             label,
             task + 1,
-            data.class_end,
-            metrics["acc_after_task"][-1],
-            metrics["accuracy_matrix"][-1][task],
+            end,
+            new_results["acc_after_task"][-1],
+            new_results["accuracy_matrix"][-1][task],
         )
     finally:
         _pkg_log.removeHandler(file_handler)
         file_handler.close()
     return LearnReport(task, label, list(new.class_names), skipped_at, new_results)
-
-
-def _restored_method(
-    cfg: RunConfig, tensors: dict[str, torch.Tensor], record: dict[str, Any], dev: torch.device
-) -> Method:
-    """The run's method as after its last task (from its checkpoint), and the global RNG as the engine would
-    continue with it."""
-    seed_everything(cfg.seed)
-    backbone = create_backbone(cfg.backbone, cfg.data.image_size)
-    method: Method = create_method(cfg.method, backbone).to(dev)
-    method.load_state(tensors, record["method"])
-    method.to(dev)
-    restore_rng_state(tensors, record["rng"])
-    return method
-
-
-def _learned_record(task: int, label: str, root: Path, new: DatasetBundle, new_ids: list[int]) -> dict[str, Any]:
-    """The entry of ``results.json``'s ``learned_tasks`` for the task just learned."""
-    return {
-        "task": task,
-        "name": label,
-        "root": str(root),
-        "dataset": new.info.get("name"),
-        "format": new.info.get("format"),
-        "class_names": list(new.class_names),
-        "class_ids": new_ids,
-        "train_count": len(new.train_targets),
-        "test_count": len(new.test_targets),
-        "identity": new.identity,
-        "learned_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sdlora_version": __version__,
-    }
-
-
-def _new_task(results: dict[str, Any], new: DatasetBundle, task: int, seen: int, earlier: list[Dataset]) -> TaskData:
-    """The learned classes as the run's next task: positions ``seen..`` after every class seen so far, their
-    training data, and the test data of every earlier task that could be rebuilt (``earlier``) plus their own."""
-    start, end = seen, seen + new.num_classes
-    mapping = {c: start + c for c in range(new.num_classes)}
-    task_of_position = [t for t, ids in enumerate(results["tasks"]) for _ in ids] + [task] * new.num_classes
-    return TaskData(
-        task=task,
-        class_start=start,
-        class_end=end,
-        train=_Positions(new.train, new.train_targets, mapping),
-        statistics=_Positions(_with_eval_transform(new), new.train_targets, mapping),
-        test=ConcatDataset([*earlier, _Positions(new.test, new.test_targets, mapping)]),
-        task_of_position=task_of_position,
-    )
-
-
-def _extended_results(
-    old: RunResults,
-    state: RunState,
-    metrics: dict[str, Any],
-    method: Method,
-    record_new: dict[str, Any],
-    known: list[str],
-    seen: int,
-) -> RunResults:
-    """The run record with the learned task appended: ``state`` and its ``metrics`` after the task, the classes
-    of ``record_new`` (which goes to ``learned_tasks``) after the ``seen`` ones named ``known``."""
-    task, new_ids = int(record_new["task"]), list(record_new["class_ids"])
-    # Positions after the seen ones belonged to dataset classes the run never learned (a scenario cut short
-    # with num_tasks); the run now continues with the learned classes there instead.
-    return dataclasses.replace(
-        old,
-        status="finished",
-        class_order=[*old.class_order[:seen], *new_ids],
-        class_names=[*known, *record_new["class_names"]],
-        tasks=[*old.tasks, new_ids],
-        num_tasks=task + 1,
-        completed_tasks=task + 1,
-        **metrics,
-        trainable_params_per_task=list(state.trainable_per_task),
-        stored_params_total=int(method.parameter_counts()["stored"]),
-        task_log=list(state.task_log),
-        wall_time_s=round(state.wall_time_s, 3),
-        learned_tasks=[*old.learned_tasks, record_new],
-        environment=dict(state.environment),
-        earlier_environments=list(state.earlier_environments),
-    )

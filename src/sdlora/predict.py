@@ -16,6 +16,7 @@ similarities), so they rank classes; they are not calibrated probabilities.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import logging
 import os
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import RunConfig
 from .data import ImageTransform, TextEncoder, batch_to, read_image_file
-from .data.readers import IMG_EXTENSIONS
+from .data.readers import IMG_EXTENSIONS, walk_visible
 from .data.text_readers import read_texts
 from .fileio import atomic_write_text, read_json, to_jsonable
 from .methods import Method
@@ -43,6 +44,7 @@ __all__ = [
     "Predictor",
     "TextInput",
     "check_device",
+    "check_output",
     "collect_inputs",
     "collect_texts",
     "format_predictions",
@@ -126,12 +128,10 @@ def run_class_names(run_dir: str | os.PathLike, cfg: RunConfig, num_seen: int) -
 
 
 def _num_seen(method: Method) -> int:
-    prototypes = getattr(method, "prototypes", None)
-    if method.head.num_blocks:
-        return int(method.head.num_classes)
-    if isinstance(prototypes, Tensor):
-        return int(prototypes.shape[0])
-    raise PredictError("the run's method has no classes yet")
+    n = method.num_seen_classes()
+    if n <= 0:
+        raise PredictError("the run's method has no classes yet")
+    return n
 
 
 def check_device(device: str) -> str:
@@ -181,16 +181,48 @@ def _is_glob(spec: str) -> bool:
 
 
 def _images_under(directory: str) -> tuple[list[str], list[str]]:
-    """Image files under ``directory`` (recursive, sorted) and the other files found there."""
+    """Image files under ``directory`` (recursive, sorted; :func:`walk_visible`, the walk the training readers use)
+    and the other files found there."""
     images: list[str] = []
     others: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if f.startswith("."):
-                continue
+    for dirpath, _dirnames, filenames in walk_visible(directory):
+        for f in filenames:
             (images if f.lower().endswith(IMG_EXTENSIONS) else others).append(os.path.join(dirpath, f))
     return images, others
+
+
+def _match_parts(pattern: Sequence[str], parts: Sequence[str]) -> bool:
+    """Whether path components ``parts`` match glob components ``pattern`` (``**``: any number of components)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return _match_parts(pattern[1:], parts) or (bool(parts) and _match_parts(pattern, parts[1:]))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _match_parts(pattern[1:], parts[1:])
+
+
+def _glob(spec: str) -> list[str]:
+    """``glob.glob(spec, recursive=True)``, sorted, without following a directory link into a loop.
+
+    ``glob``'s own ``**`` follows links and never stops on ``up -> ..`` (each level lists the tree again); a
+    pattern with ``**`` is matched here against :func:`walk_visible` of its fixed leading folder instead (hidden
+    entries are not matched, as ``glob`` does not match them with ``*``).
+    """
+    parts = Path(spec).parts
+    if "**" not in parts:
+        return sorted(glob.glob(spec))
+    fixed = next(i for i, p in enumerate(parts) if _is_glob(p))
+    base = os.path.join(*parts[:fixed]) if fixed else os.curdir
+    pattern = parts[fixed:]
+    if not os.path.isdir(base):
+        return []
+    hits: list[str] = []
+    for dirpath, dirnames, filenames in walk_visible(base):
+        rel = Path(os.path.relpath(dirpath, base)).parts if dirpath != base else ()
+        rel = tuple(p for p in rel if p != os.curdir)
+        for name in (*dirnames, *filenames):
+            if _match_parts(pattern, (*rel, name)):
+                hits.append(os.path.join(*parts[:fixed], *rel, name) if fixed else os.path.join(*rel, name))
+    return sorted(hits)
 
 
 def _expand(
@@ -226,7 +258,7 @@ def _expand(
         elif os.path.exists(spec):
             add([spec])
         elif _is_glob(spec):
-            hits = sorted(glob.glob(spec, recursive=True))
+            hits = _glob(spec)
             if not hits:
                 problems.append((spec, "pattern matches no file"))
             for hit in hits:
@@ -268,12 +300,9 @@ class TextInput:
 
 
 def _text_files_under(directory: str) -> list[str]:
-    """Files under ``directory`` (recursive, sorted, hidden ones left out) that :func:`collect_texts` reads."""
-    out: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
-    return out
+    """Files under ``directory`` (recursive, sorted, hidden ones left out; :func:`walk_visible`) that
+    :func:`collect_texts` reads."""
+    return [os.path.join(d, f) for d, _, filenames in walk_visible(directory) for f in filenames]
 
 
 def collect_texts(specs: Sequence[str], data: Any) -> tuple[list[TextInput], list[tuple[str, str]]]:
@@ -495,6 +524,29 @@ def _jsonl_text(preds: Sequence[Prediction]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def check_output(out: str | os.PathLike) -> Path:
+    """``out`` as a path predictions can be written to; call it before classifying anything, so a wrong path does
+    not throw the work away.
+
+    Raises:
+        PredictError: an extension other than ``.csv`` / ``.jsonl``, a folder that does not exist, a folder or an
+            existing file this process cannot write (read-only), or ``out`` is a folder.
+    """
+    path = Path(out)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".jsonl"):
+        raise PredictError(f"--out must end in .csv or .jsonl, got {path.name!r}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise PredictError(f"--out: folder {parent} does not exist")
+    if path.is_dir():
+        raise PredictError(f"--out {path}: is a folder; give a file name ending in {suffix}")
+    # The file is written next to its target and renamed (atomic): the folder must be writable, not only the file.
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PredictError(f"--out {path}: cannot write into folder {parent} (read-only or no permission)")
+    return path
+
+
 def write_predictions(preds: Sequence[Prediction], out: str | os.PathLike) -> None:
     """Write predictions to ``out`` (``.csv`` or ``.jsonl``), atomically.
 
@@ -503,15 +555,14 @@ def write_predictions(preds: Sequence[Prediction], out: str | os.PathLike) -> No
     ``text`` column / key after ``input`` (the whole text; ``input`` is its ``file:line``).
 
     Raises:
-        PredictError: another extension, or the folder of ``out`` does not exist.
+        PredictError: :func:`check_output` refuses ``out``, or the write fails (the message names the reason).
     """
-    path = Path(out)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".jsonl"):
-        raise PredictError(f"--out must end in .csv or .jsonl, got {path.name!r}")
-    if not path.parent.is_dir():
-        raise PredictError(f"--out: folder {path.parent} does not exist")
-    atomic_write_text(path, _csv_text(preds) if suffix == ".csv" else _jsonl_text(preds))
+    path = check_output(out)
+    text = _csv_text(preds) if path.suffix.lower() == ".csv" else _jsonl_text(preds)
+    try:
+        atomic_write_text(path, text)
+    except OSError as e:
+        raise PredictError(f"--out {path}: cannot write the predictions: {e.strerror or e}") from None
 
 
 #: Characters of a text shown on the terminal (the CSV / JSONL output keeps the whole text).

@@ -23,7 +23,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeGuard
 
 import numpy as np
@@ -386,7 +386,10 @@ def report_table(run_dirs: Sequence[str | os.PathLike]) -> str:
 
 
 def report(
-    run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None, *, regenerate: bool = True
+    run_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike | None = None,
+    *,
+    regenerate: bool | Callable[[str | os.PathLike], object] = True,
 ) -> str:
     """Summarize runs as a markdown table, optionally writing a report with a curves plot.
 
@@ -396,8 +399,12 @@ def report(
         run_dirs: Run directories, each with a ``results.json``.
         out_dir: If given, ``report.md`` (the table plus a link to the plot) and ``plots/curves.png``
             (``acc_after_task`` of every run) are written there.
-        regenerate: Rewrite each run's own tables and plots (:func:`write_run_tables`, :func:`plot_run`). A run
-            directory that cannot be written (read-only archive) is skipped with a warning.
+        regenerate: Rewrite each run's own tables and plots: a function called with each run directory
+            (``sdlora report`` passes :func:`sdlora.rundir.regenerate_run_files`, which holds the run's lock and
+            reads ``results.json`` again under it, so a run being written is never given stale tables), or
+            ``True``: :func:`write_run_tables` and :func:`plot_run` from the records read here, without a lock
+            (only for directories no process writes). A run directory that cannot be written (read-only archive)
+            is skipped with a warning.
 
     Returns:
         The markdown table (see :func:`report_table`).
@@ -410,7 +417,10 @@ def report(
     labels = _labels(run_dirs)
     table = _md_table(_REPORT_HEADER, _report_rows(labels, all_results))
 
-    if regenerate:
+    if callable(regenerate):
+        for d in run_dirs:
+            regenerate(d)
+    elif regenerate:
         for d, r in zip(run_dirs, all_results, strict=True):
             try:
                 write_run_tables(d, r)

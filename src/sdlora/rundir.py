@@ -56,8 +56,10 @@ __all__ = [
     "config_changes",
     "ensure_run_dir",
     "latest_checkpoint",
+    "learned_task_count",
     "load_checkpoint",
     "prepare_run_dir",
+    "regenerate_run_files",
     "restore_rng_state",
     "rng_state",
     "run_dir_lock",
@@ -375,6 +377,13 @@ def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite
             "pass --resume to continue it or --overwrite to replace it, or choose another --out"
         )
     if resume and state != "empty":
+        learned = learned_task_count(out)
+        if learned:
+            raise RunError(
+                f"{out} holds {learned} task(s) added by sdlora learn; --resume rebuilds a run from its config's "
+                "scenario and would drop them. The run is finished: sdlora report rewrites its tables and plots, "
+                "sdlora learn adds more classes (to start over, use --overwrite or another --out)"
+            )
         changes = config_changes(out, cfg_dict)
         if changes:
             raise RunError(
@@ -398,6 +407,42 @@ def prepare_run_dir(out: Path, cfg_dict: dict[str, Any], resume: bool, overwrite
         kept = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
         if kept:
             log.info("--overwrite kept what sdlora did not write in %s: %s", out, ", ".join(kept))
+
+
+def regenerate_run_files(run_dir: str | os.PathLike) -> bool:
+    """Rewrite a run's tables and plots from its ``results.json`` while holding its lock (``sdlora report``).
+
+    ``results.json`` is read again under the lock, so a run that a live process writes is not given tables older
+    than its record. A run in use by another process (which keeps its own tables current) or one that cannot be
+    written (a read-only archive) is left as it is, with a warning. Returns whether the files were rewritten.
+    """
+    from .report import plot_run, write_run_tables
+    from .results import load_results
+
+    out = Path(run_dir)
+    try:
+        with run_dir_lock(out):
+            results = load_results(out)
+            write_run_tables(out, results)
+            plot_run(out, results)
+    except (RunError, OSError) as e:
+        log.warning("%s: tables and plots not rewritten: %s", out, e)
+        return False
+    return True
+
+
+def learned_task_count(out: Path) -> int:
+    """How many tasks ``sdlora learn`` added to the run in ``out``: the ``learned_tasks`` of its ``results.json``,
+    or, when that record is missing or unreadable, whether its newest checkpoint is a learned one (its record holds
+    ``learned``)."""
+    record = _json_dict(out / RESULTS_FILE)
+    if record:
+        learned = record.get("learned_tasks")
+        return len(learned) if isinstance(learned, list) else 0
+    ck = latest_checkpoint(out)  # no or unreadable record: the checkpoints tell
+    if ck is None:
+        return 0
+    return 1 if "learned" in _json_dict(ck) else 0
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -448,6 +493,7 @@ def save_checkpoint(
     engine_state: dict[str, Any],
     keep: int | None,
     data_identity: dict[str, Any] | None = None,
+    learned: dict[str, Any] | None = None,
 ) -> None:
     """Write ``checkpoints/task_NNN.{safetensors,json}`` atomically; the JSON (written last, with the
     tensors' sha256) is the commit marker, so a run killed while writing leaves the previous one valid.
@@ -462,6 +508,9 @@ def save_checkpoint(
         engine_state: the engine's JSON-able state (``RunState.to_checkpoint()``), stored under ``engine``.
         keep: keep only the newest ``keep`` checkpoints (None: all).
         data_identity: the run's ``data_identity`` (what ``--resume`` compares the data with).
+        learned: for a task ``sdlora learn`` added, its ``learned_tasks`` entry (folder, class names, the identity
+            of the folder's data): such a checkpoint is not one of the config's scenario, and ``--resume`` refuses
+            it (:func:`learned_task_count`).
     """
     from safetensors.torch import save
 
@@ -483,6 +532,8 @@ def save_checkpoint(
     }
     if data_identity is not None:
         record["data_identity"] = data_identity
+    if learned is not None:
+        record["learned"] = learned
     record = to_jsonable(record)
     record["record_sha256"] = _record_digest(record)
     atomic_write_json(stem.with_suffix(".json"), record)
@@ -519,10 +570,11 @@ def _schema_problem(record: Any, path: Path) -> str | None:
 def committed_checkpoint(out: Path) -> Path | None:
     """The checkpoint that ``results.json`` describes: the newest one whose task the record counts as completed.
 
-    ``sdlora learn`` writes its checkpoint before ``results.json`` (the commit point of a learn); a learn killed in
-    between leaves a checkpoint of a task the record does not have, which must not be loaded (its classes have no
-    names, its row no place in the matrix). The engine writes ``results.json`` before each checkpoint, so for a
-    run it made this is :func:`latest_checkpoint`. Without a readable ``results.json`` it is the newest checkpoint.
+    ``sdlora run`` and ``sdlora learn`` both write a task's checkpoint before ``results.json`` (the commit point);
+    a process killed in between leaves a checkpoint of a task the record does not have, which must not be loaded
+    (its classes have no names, its row no place in the matrix): every reader of a run and ``--resume`` use this
+    function, so all of them see the same task. Without a readable ``results.json`` it is the newest checkpoint
+    (what ``--resume`` rebuilds a lost record from; :func:`build_method_from_run` refuses such a run).
     """
     done = sorted((out / "checkpoints").glob("task_*.json")) if (out / "checkpoints").exists() else []
     try:
@@ -556,7 +608,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     except Exception as e:
         raise RunError(f"corrupt checkpoint {path}: {e}; {advice}") from None
     problem = _schema_problem(record, path)
-    if problem is None and "record_sha256" in record and record["record_sha256"] != _record_digest(record):
+    if problem is None and not isinstance(record.get("record_sha256"), str):
+        # Every record sdlora writes carries its own digest; one without it cannot be told from an edited one.
+        problem = (
+            "it has no 'record_sha256' (sdlora writes one into every checkpoint record: this one was edited, or "
+            "written by a development version before records carried it), so its content cannot be checked"
+        )
+    if problem is None and record["record_sha256"] != _record_digest(record):
         problem = "its content does not match its recorded sha256 (edited or damaged after it was written)"
     if problem is not None:
         raise RunError(f"corrupt checkpoint {path}: {problem}; {advice}")
@@ -570,8 +628,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 # ------------------------------------------------------------------------------------- rebuild a method
 def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tuple[Method, RunConfig, dict[str, Any]]:
-    """Rebuild a run's method from its ``config.yaml`` and newest committed checkpoint (:func:`committed_checkpoint`;
-    for export, inspection, prediction).
+    """Rebuild a run's method from its ``config.yaml`` and the checkpoint its ``results.json`` commits to
+    (:func:`committed_checkpoint`; for export, inspection, prediction). A run without ``results.json`` is refused.
 
     Returns:
         ``(method, cfg, record)``: the method with the checkpoint's state on ``device``, the run's config and the
@@ -586,6 +644,13 @@ def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tu
     out = Path(run_dir)
     if not (out / "config.yaml").exists():
         raise RunError(f"{out} is not a run directory (no config.yaml)")
+    if not (out / RESULTS_FILE).is_file():
+        # results.json commits the checkpoints (both run and learn write it after the checkpoint): without it no
+        # task is known to be complete, and class names and tasks are unknown.
+        raise RunError(
+            f"{out} has no {RESULTS_FILE} (killed before its first task was recorded, or the file was lost); "
+            f"sdlora run CONFIG --out {out} --resume rebuilds it from the checkpoints"
+        )
     cfg, _ = load_run_config(str(out / "config.yaml"))
     ck = committed_checkpoint(out)
     if ck is None:

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -435,3 +436,15 @@ def test_a_directory_linked_into_two_classes_is_refused(tmp_path, helpers):
     os.symlink(tmp_path / "b", tmp_path / "a" / "b_too")
     with pytest.raises(ValueError, match=r"read both for class 'a' and for class 'b'.*remove the link"):
         scan_image_folder(tmp_path)
+
+
+def test_hidden_entries_in_class_folders_are_skipped(tmp_path, helpers):
+    """Issue 22, item 8: a macOS ``._x.png`` resource fork stopped a run (not an image) and images under
+    ``.thumbnails/`` were trained as the enclosing class."""
+    helpers.write_tree(tmp_path, {"a": 2, "b": 2})
+    (tmp_path / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 not a png")
+    (tmp_path / "a" / ".thumbnails").mkdir()
+    shutil.copy(next((tmp_path / "b").glob("*.png")), tmp_path / "a" / ".thumbnails" / "t.png")
+    classes, paths, targets = scan_image_folder(tmp_path)
+    assert classes == ["a", "b"] and np.bincount(targets).tolist() == [2, 2]
+    assert not any("/." in p for p in paths)

@@ -300,3 +300,23 @@ def test_modality_mismatch_is_a_clear_error(tmp_path, tiny_bert_dir):
             seed=0,
             tokenizer=_FakeTokenizer(),
         )
+
+
+def test_huge_text_lines_are_cut_before_tokenising_with_the_same_tokens(tiny_bert_dir):
+    """Issue 22, item 9: one 22 MB text line took 4.2 GB in predict: the tokenizer splits the whole string before
+    it truncates to max_length."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    seen: list[int] = []
+
+    def recording(texts, **kwargs):
+        seen.extend(len(t) for t in texts)
+        return tok(texts, **kwargs)
+
+    recording.model_input_names = tok.model_input_names  # type: ignore[attr-defined]
+    words = " ".join(f"word{i % 97} and more" for i in range(400_000))  # ~6 MB, one line
+    enc = encode_texts(recording, [words, "short"], 16)
+    assert max(seen) <= 16 * 100  # what 16 tokens of at most 100 characters each can span
+    whole = tok([words[:5000], "short"], padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], whole["input_ids"])  # the tokens the model reads are the same

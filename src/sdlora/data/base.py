@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -280,6 +281,24 @@ def keep_largest_classes(raw: RawDataset, n: int) -> RawDataset:
     return RawDataset(cut(raw.train), cut(raw.test), [raw.class_names[c] for c in kept], info, raw.split_record)
 
 
+def _base_info(cfg: DataConfig, raw: RawDataset, n_train: int, n_test: int) -> dict[str, Any]:
+    """The dataset part of ``results.json`` (``DatasetBundle.info``) before the modality's own entries."""
+    return {
+        "name": cfg.name,
+        "root": cfg.root,
+        "format": cfg.resolved_format,
+        **raw.info,
+        # data.root as an absolute path: code that comes back to the run from another working directory (sdlora
+        # learn, diagnose) reads the same data with a relative data.root.
+        "resolved_root": None if cfg.root is None else str(Path(cfg.root).expanduser().resolve()),
+        "num_classes": len(raw.class_names),
+        "train_count": n_train,
+        "test_count": n_test,
+        "train_per_class": cfg.train_per_class,
+        "test_per_class": cfg.test_per_class,
+    }
+
+
 def _digest(split: SplitData, root: str | None) -> str:
     return split_digest(split.targets, images=split.images, paths=split.paths, texts=split.texts, root=root)
 
@@ -331,6 +350,33 @@ def _subsets(cfg: DataConfig, raw: RawDataset, seed: int) -> tuple[SplitData, Sp
     return train, test
 
 
+def _check_class_names(dataset: str, names: Sequence[str]) -> None:
+    """Refuse class names that other tools cannot keep apart or keep whole.
+
+    A line break or other control character splits a name in ``labels.txt`` (one name per line, the PEFT export)
+    so the list no longer lines up with the classifier; two names that differ only in Unicode normalisation (NFC
+    ``é`` and NFD ``e`` + combining accent, as macOS and Linux file systems may spell one folder) look the same
+    everywhere and would be two classes.
+    """
+    import unicodedata
+
+    bad = [n for n in names if any(unicodedata.category(ch) == "Cc" for ch in str(n))]
+    if bad:
+        raise ValueError(
+            f"{dataset}: class name {bad[0]!r} holds a line break or another control character; rename the class "
+            "(folder or label) to a name of printable characters"
+        )
+    spelled: dict[str, str] = {}
+    for n in names:
+        key = unicodedata.normalize("NFC", str(n))
+        if key in spelled and spelled[key] != n:
+            raise ValueError(
+                f"{dataset}: class names {spelled[key]!r} and {n!r} are the same name in two Unicode spellings "
+                "(NFC and NFD); rename one so each class has one spelling"
+            )
+        spelled[key] = str(n)
+
+
 def build_dataset(
     cfg: DataConfig,
     *,
@@ -371,23 +417,14 @@ def build_dataset(
         )
     if not raw.train.is_text and tokenizer is not None:
         raise ValueError(f"dataset {cfg.name!r} holds images, but the backbone is a text model")
+    _check_class_names(cfg.name, raw.class_names)
     if cfg.largest_classes is not None:
         raw = keep_largest_classes(raw, cfg.largest_classes)
     train, test = _subsets(cfg, raw, seed)
     num_classes = len(raw.class_names)
     train_tf = ImageTransform(cfg.image_size, train=cfg.augment, mean=mean, std=std)
     test_tf = ImageTransform(cfg.image_size, train=False, mean=mean, std=std)
-    info = {
-        "name": cfg.name,
-        "root": cfg.root,
-        "format": cfg.resolved_format,
-        **raw.info,
-        "num_classes": num_classes,
-        "train_count": len(train),
-        "test_count": len(test),
-        "train_per_class": cfg.train_per_class,
-        "test_per_class": cfg.test_per_class,
-    }
+    info = _base_info(cfg, raw, len(train), len(test))
     enc_train = enc_test = None
     if train.is_text:
         assert train.texts is not None and test.texts is not None

@@ -11,6 +11,7 @@ import gzip
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ import torch
 from ..fileio import default_cache_dir
 from .base import DataConfig, RawDataset, SplitData, register_dataset, stratified_test_mask
 
-__all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_SYSTEM_DIR", "IMG_EXTENSIONS", "read_idx", "scan_image_folder"]
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_SYSTEM_DIR",
+    "IMG_EXTENSIONS",
+    "read_idx",
+    "scan_image_folder",
+    "walk_visible",
+]
 
 log = logging.getLogger(__name__)
 
@@ -199,37 +207,51 @@ SPLIT_FOLDER_NAMES = {
 }  # fmt: skip
 
 
-def _list_images(directory: Path, owner: dict[str, str], label: str) -> list[str]:
-    """Image files under ``directory`` (sorted walk). Directory links are followed, each real directory once.
+def walk_visible(directory: str | os.PathLike[str]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk`` of ``directory`` that follows directory links, each real directory once, without hidden entries.
 
-    A link that leads back to the folder itself or one of its ancestors (a loop) or to a directory already read for
-    this class is skipped with a warning, so no image is counted twice. ``owner`` maps every real directory read so
-    far to the class folder that read it: a directory reached from two class folders is an error, since an image
-    belongs to one class.
+    Yields ``(dirpath, dirnames, filenames)`` (sorted; names starting with ``.`` left out: macOS ``._x.png``
+    resource forks, ``.thumbnails/``, ``.git/``, ...). A directory link that leads back to an enclosing folder (a
+    loop such as ``up -> ..``) or to a directory already walked is skipped with a warning: following it would
+    list the same files again, without end for a loop. The one walk that training readers and ``sdlora predict``
+    share, so both see the same files.
     """
-    top = os.path.realpath(directory)
-    out: list[str] = []
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    top = os.fspath(directory)
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         real = os.path.realpath(dirpath)
-        loop = dirpath != str(directory) and (real == top or top.startswith(real.rstrip(os.sep) + os.sep))
+        parent = os.path.realpath(os.path.dirname(dirpath)) if dirpath != top else ""
+        loop = parent == real or parent.startswith(real.rstrip(os.sep) + os.sep)
         if loop or real in seen:
             log.warning(
-                "image folder: skipped the directory link %s -> %s (%s)",
+                "skipped the directory link %s -> %s (%s)",
                 dirpath,
                 real,
-                "a loop back to an enclosing folder" if loop else "a directory already read for this class",
+                "a loop back to an enclosing folder" if loop else "a directory already read",
             )
             dirnames[:] = []
             continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, dirnames, sorted(f for f in filenames if not f.startswith("."))
+
+
+def _list_images(directory: Path, owner: dict[str, str], label: str) -> list[str]:
+    """Image files under ``directory`` (:func:`walk_visible`: links followed, each real directory once, loops and
+    hidden entries skipped).
+
+    ``owner`` maps every real directory read so far to the class folder that read it: a directory reached from two
+    class folders is an error, since an image belongs to one class.
+    """
+    out: list[str] = []
+    for dirpath, _dirnames, filenames in walk_visible(directory):
+        real = os.path.realpath(dirpath)
         if owner.setdefault(real, label) != label:
             raise ValueError(
                 f"image folder: the directory {real} is read both for class {owner[real]!r} and for class {label!r} "
                 f"(through {dirpath}); an image can belong to one class only: remove the link"
             )
-        seen.add(real)
-        dirnames.sort()
-        out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
+        out.extend(os.path.join(dirpath, f) for f in filenames if f.lower().endswith(IMG_EXTENSIONS))
     return out
 
 

@@ -34,6 +34,10 @@ def batch_to(batch: Tensor | Mapping[str, Tensor], device: torch.device, non_blo
     raise TypeError(f"a batch is a tensor or a dict of tensors, got {type(batch).__name__}")
 
 
+#: Characters kept per token of ``max_length`` before tokenising (:func:`encode_texts`).
+MAX_CHARS_PER_TOKEN = 100
+
+
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
     """Tokenise ``texts``: truncated and padded to ``max_length``, int64 ``[N, max_length]`` tensors.
 
@@ -54,6 +58,11 @@ def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[
         raise ValueError(f"max_length must be positive, got {max_length}")
     if not texts:
         return {k: torch.zeros(0, max_length, dtype=torch.long) for k in tokenizer.model_input_names}
+    # The tokenizer splits the whole string before truncating: one 22 MB line took 4 GB. A token of these
+    # tokenizers spans at most MAX_CHARS_PER_TOKEN characters (WordPiece's longest word), so the cut keeps every
+    # token that survives truncation unless the text has runs of whitespace longer than that.
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    texts = [t[:limit] for t in texts]
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return {k: enc[k].to(torch.long) for k in tokenizer.model_input_names if k in enc}
 

@@ -180,6 +180,11 @@ class Method(nn.Module):
         """Logits over all seen classes."""
         return self.head(self.features(x))
 
+    def num_seen_classes(self) -> int:
+        """How many classes :meth:`forward` scores (the width of its logits; 0 before the first task). Override when
+        prediction does not come from ``self.head`` (``uses_head = False``)."""
+        return int(self.head.num_classes) if self.head.num_blocks else 0
+
     def begin_task(self, ctx: TaskContext) -> None:
         """Grow the head by the task's classes; only the new block trains unless the loss covers all classes."""
         self.head.grow(ctx.num_new, device=ctx.device)

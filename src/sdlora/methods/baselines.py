@@ -184,6 +184,9 @@ class SimpleCIL(Method):
         p = F.normalize(self.prototypes, dim=-1)
         return self.scale * f @ p.t()
 
+    def num_seen_classes(self) -> int:
+        return int(self.prototypes.shape[0])
+
     def begin_task(self, ctx: TaskContext) -> None:
         """Nothing to grow or train: the prototypes of the task's classes are added in ``end_task``."""
         if self.prototypes.shape[0] != ctx.class_start:

@@ -220,6 +220,10 @@ class RanPAC(Method):
         with torch.autocast(device_type=f.device.type, enabled=False):
             return self.project(f) @ self.weight.t()
 
+    def num_seen_classes(self) -> int:
+        """Rows of the ridge head (the Phase 1 head, while adapting on the first task)."""
+        return int(self.head.num_classes) if self.adapting else int(self.weight.shape[0])
+
     def classifier(self) -> tuple[Tensor, Tensor] | None:
         """None: the logits are linear in the random features ``ReLU(f W)``, not in the backbone's features."""
         return None
