@@ -18,7 +18,6 @@ from sdlora.config import RunConfig
 from sdlora.configtools import ConfigError, from_dict
 from sdlora.engine import (
     RunError,
-    RunState,
     build_results,
     build_run,
     run_experiment,
@@ -29,6 +28,7 @@ from sdlora.methods import load_run_config
 from sdlora.metrics import compute_metrics
 from sdlora.results import REQUIRED_KEYS
 from sdlora.rundir import latest_checkpoint, load_checkpoint, restore_rng_state
+from sdlora.runstate import RunState
 from sdlora.training import Runtime
 
 

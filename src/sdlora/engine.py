@@ -1,7 +1,8 @@
 """The one training loop: tasks, epochs, batches, evaluation, metrics, checkpoints, resume, torchrun.
 
 The engine drives a run; its parts live below it: ``distributed`` (processes, devices, collectives),
-``batches`` (seeded augmentation, batch order, loaders) and ``training`` (optimiser, epochs, evaluation). Files
+``batches`` (seeded augmentation, batch order, loaders), ``training`` (optimiser, epochs, evaluation) and
+``runstate`` (what the loop carries from task to task). Files
 of the run directory are read and written through ``rundir`` (status, checkpoints, RNG) and ``results`` (the
 record); the derived tables and plots belong to ``report``, which listens to the run's events. Methods only
 implement hooks (``methods/base.py``).
@@ -12,8 +13,8 @@ Pieces, from the outside in:
   the tasks, write ``results.json`` and a checkpoint after each, tell the listeners);
 * :func:`run_task` -- one task on a given method: train, ``end_task``, evaluate on every task so far, update
   the :class:`RunState` (also usable outside a scenario loop, e.g. to add a task to a finished run);
-* :class:`RunState` -- what the loop carries from task to task (accuracy counts, test totals, trainable counts,
-  task log, wall time, next task), saved in every checkpoint and restored on resume.
+* :class:`~sdlora.runstate.RunState` -- what the loop carries from task to task (accuracy counts, test totals,
+  trainable counts, task log, wall time, next task), saved in every checkpoint and restored on resume.
 
 Determinism. Augmentation and batch order are seeded per sample and per epoch (``batches``), so results do not
 depend on ``num_workers``, on the number of processes under torchrun, or on whether a run was resumed. The global
@@ -28,7 +29,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +47,9 @@ from .data import Batch, DatasetBundle, Scenario, batch_to, build_dataset, load_
 from .data.check import coverage_problems
 from .data.identity import identity_changes
 from .distributed import DistInfo, all_reduce_sum, check_ranks_agree, init_distributed, select_device
-from .environment import capture_environment, continue_environments
+from .environment import capture_environment
 from .fileio import atomic_write_json, atomic_write_text, read_json
 from .methods import Method, TaskContext, create_method, resolve_method_config
-from .metrics import compute_metrics
 from .report import on_run_event
 from .results import RESULTS_FILE, RunEvent, RunResults
 from .rundir import (
@@ -64,11 +64,11 @@ from .rundir import (
     save_checkpoint,
     seed_everything,
 )
+from .runstate import RunState
 from .training import Runtime, evaluate, train_task
 
 __all__ = [
     "RunError",
-    "RunState",
     "TaskData",
     "build_method_from_run",
     "build_results",
@@ -85,98 +85,6 @@ _pkg_log = logging.getLogger("sdlora")
 
 #: a listener of the run's progress (see :class:`sdlora.results.RunEvent`)
 EventHandler = Callable[[RunEvent], None]
-
-
-# ------------------------------------------------------------------------------------------ run state
-@dataclass
-class RunState:
-    """What the task loop carries from one task to the next; saved in every checkpoint.
-
-    Attributes:
-        correct: ``correct[i][j]``: correctly classified test samples of task ``j`` after training task ``i``;
-            ``None`` for an earlier task whose test data was not available then (``sdlora learn``).
-        totals: test samples of every task seen so far (the totals of earlier tasks never change).
-        trainable_per_task: scalars that learned in each task (``method.parameter_counts()["trainable"]`` right
-            after ``begin_task``).
-        task_log: one entry per finished task (see :func:`run_task`).
-        wall_time_s: wall time of the run up to the last finished task, over all sessions.
-        next_task: the 0-based task to run next (= tasks finished).
-        elapsed_before: wall time of earlier sessions (restored from the checkpoint; not saved on its own).
-        session_start: ``time.time()`` when this session started (not saved).
-        environment: :func:`sdlora.environment.capture_environment` of the session that ran the last task;
-            earlier_environments: the ones before it that differed (:meth:`continue_in`).
-    """
-
-    correct: list[list[int | None]] = field(default_factory=list)
-    totals: list[int] = field(default_factory=list)
-    trainable_per_task: list[int] = field(default_factory=list)
-    task_log: list[dict[str, Any]] = field(default_factory=list)
-    wall_time_s: float = 0.0
-    next_task: int = 0
-    elapsed_before: float = field(default=0.0, repr=False, compare=False)
-    session_start: float = field(default_factory=time.time, repr=False, compare=False)
-    environment: dict[str, Any] = field(default_factory=dict)
-    earlier_environments: list[dict[str, Any]] = field(default_factory=list)
-
-    def continue_in(self, environment: dict[str, Any]) -> list[str]:
-        """This session runs in ``environment``: record it, keeping a differing earlier one in the history.
-
-        Returns:
-            What differs from the environment recorded before (``key: old -> new``; empty for a new run, or when
-            nothing that decides the numbers changed), for the caller's warning.
-        """
-        self.earlier_environments, changes = continue_environments(
-            self.environment, self.earlier_environments, environment, self.next_task
-        )
-        self.environment = dict(environment)
-        return changes
-
-    def metrics(self) -> dict[str, Any]:
-        """:func:`sdlora.metrics.compute_metrics` of the counts so far (needs a finished task)."""
-        return compute_metrics(self.correct, self.totals)
-
-    def to_checkpoint(self) -> dict[str, Any]:
-        """The JSON-able engine state stored in a checkpoint (``record["engine"]``; the task is ``record["task"]``)."""
-        return {
-            "correct": self.correct,
-            "totals": self.totals,
-            "trainable_per_task": self.trainable_per_task,
-            "task_log": self.task_log,
-            "wall_time_s": self.wall_time_s,
-            "environment": self.environment,
-            "earlier_environments": self.earlier_environments,
-        }
-
-    @classmethod
-    def from_checkpoint(cls, record: dict[str, Any], session_start: float | None = None) -> RunState:
-        """The state saved in a checkpoint record (as ``rundir.load_checkpoint`` returns it).
-
-        Args:
-            record: the checkpoint's JSON record; its ``engine`` entry is :meth:`to_checkpoint`'s output.
-            session_start: when the resuming session started (default: now); later wall times add to the saved one.
-
-        Raises:
-            RunError: the record lacks the engine state (not a checkpoint of this engine).
-        """
-        try:
-            eng = record["engine"]
-            state = cls(
-                correct=[[None if v is None else int(v) for v in row] for row in eng["correct"]],
-                totals=[int(t) for t in eng["totals"]],
-                trainable_per_task=[int(n) for n in eng["trainable_per_task"]],
-                task_log=list(eng["task_log"]),
-                wall_time_s=float(eng["wall_time_s"]),
-                next_task=int(record["task"]) + 1,
-                elapsed_before=float(eng["wall_time_s"]),
-                # Checkpoints written before environments were recorded have none.
-                environment=dict(eng.get("environment") or {}),
-                earlier_environments=list(eng.get("earlier_environments") or []),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise RunError(f"checkpoint record without a valid engine state ({type(e).__name__}: {e})") from None
-        if session_start is not None:
-            state.session_start = session_start
-        return state
 
 
 # ------------------------------------------------------------------------------------------ one task

@@ -48,7 +48,7 @@ from .backbones import create_backbone
 from .config import RunConfig
 from .data import DataConfig, DatasetBundle, build_dataset
 from .distributed import DistInfo, select_device
-from .engine import RunState, TaskData, run_task
+from .engine import TaskData, run_task
 from .environment import capture_environment
 from .fileio import atomic_write_json
 from .methods import Method, create_method, load_run_config
@@ -64,6 +64,7 @@ from .rundir import (
     save_checkpoint,
     seed_everything,
 )
+from .runstate import RunState
 from .training import Runtime
 
 __all__ = ["LearnError", "LearnReport", "learn", "load_test_sources", "task_test_sources"]
