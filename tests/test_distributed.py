@@ -22,7 +22,8 @@ import torch
 from engine_helpers import tiny_config, write_config
 from sdlora.config import RunConfig
 from sdlora.configtools import from_dict
-from sdlora.engine import DistInfo, check_ranks_agree, run_experiment
+from sdlora.distributed import DistInfo, check_ranks_agree
+from sdlora.engine import run_experiment
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 
@@ -153,6 +154,7 @@ DRIVER = textwrap.dedent(
     import json, os, sys
     import torch, torch.distributed as dist
     from sdlora import engine
+    from sdlora.distributed import state_fingerprint
     from sdlora.config import load_config
     from sdlora.methods.sdlora import SDLoRA
 
@@ -164,7 +166,7 @@ DRIVER = textwrap.dedent(
 
     def recording_end_task(self, ctx):
         report = end_task(self, ctx)
-        records.append({"task": ctx.task, "report": report, "fingerprint": engine.state_fingerprint(self)})
+        records.append({"task": ctx.task, "report": report, "fingerprint": state_fingerprint(self)})
         return report
 
     check = engine.check_ranks_agree

@@ -13,14 +13,12 @@ import pytest
 import torch
 
 from engine_helpers import folder_config, tiny_config, write_config, write_image_folder
+from sdlora.batches import GlobalBatchSampler, SeededAugment
 from sdlora.config import RunConfig, load_config
 from sdlora.configtools import ConfigError, from_dict
 from sdlora.engine import (
-    GlobalBatchSampler,
     RunError,
     RunState,
-    Runtime,
-    SeededAugment,
     build_results,
     build_run,
     run_experiment,
@@ -30,6 +28,7 @@ from sdlora.engine import (
 from sdlora.metrics import compute_metrics
 from sdlora.results import REQUIRED_KEYS
 from sdlora.rundir import latest_checkpoint, load_checkpoint, restore_rng_state
+from sdlora.training import Runtime
 
 
 def _run(tmp_path, cfg_dict, out_name="run", **kw):
@@ -260,8 +259,6 @@ class _RandomSample(torch.utils.data.Dataset):
 
 
 def test_seeded_augment_depends_on_seed_epoch_and_index_only():
-    from sdlora.engine import SeededAugment
-
     aug = SeededAugment(_RandomSample(), base_seed=5)
     first = [aug[i] for i in range(4)]
     torch.rand(10)  # the global RNG state must not matter
@@ -281,8 +278,6 @@ def _augmented_config():
 
 
 def test_augmented_runs_are_deterministic_resumable_and_vary_by_epoch(tmp_path, monkeypatch):
-    from sdlora.engine import SeededAugment
-
     seen: set[tuple[int, int]] = set()
     original = SeededAugment.__getitem__
 

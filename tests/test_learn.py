@@ -16,7 +16,8 @@ from PIL import Image
 
 from engine_helpers import tiny_config, write_config
 from sdlora.cli import main
-from sdlora.engine import build_method_from_run, state_fingerprint
+from sdlora.distributed import state_fingerprint
+from sdlora.engine import build_method_from_run
 from sdlora.learn import LearnError, learn
 from sdlora.predict import Predictor, load_run
 from sdlora.rundir import RunError, load_checkpoint, run_dir_lock
@@ -162,7 +163,7 @@ def test_killed_learn_leaves_the_run_as_it_was_and_can_be_rerun(tmp_path, monkey
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(sdlora.engine, "_train_task", interrupted)
+        m.setattr(sdlora.engine, "train_task", interrupted)
         with pytest.raises(KeyboardInterrupt):
             learn(two, new)
     now = {p.relative_to(two): p.read_bytes() for p in two.rglob("*") if p.is_file() and p.name != "log.txt"}

@@ -1,9 +1,10 @@
 """The one training loop: tasks, epochs, batches, evaluation, metrics, checkpoints, resume, torchrun.
 
-Everything that touches a device or another process lives here; files of the run directory are read and
-written through ``rundir`` (status, checkpoints, RNG) and ``results`` (the record); the derived tables and
-plots belong to ``report``, which listens to the run's events. Methods only implement hooks
-(``methods/base.py``).
+The engine drives a run; its parts live below it: ``distributed`` (processes, devices, collectives),
+``batches`` (seeded augmentation, batch order, loaders) and ``training`` (optimiser, epochs, evaluation). Files
+of the run directory are read and written through ``rundir`` (status, checkpoints, RNG) and ``results`` (the
+record); the derived tables and plots belong to ``report``, which listens to the run's events. Methods only
+implement hooks (``methods/base.py``).
 
 Pieces, from the outside in:
 
@@ -14,42 +15,37 @@ Pieces, from the outside in:
 * :class:`RunState` -- what the loop carries from task to task (accuracy counts, test totals, trainable counts,
   task log, wall time, next task), saved in every checkpoint and restored on resume.
 
-Determinism. Each training sample's augmentation is drawn from its own generator seeded by
-``(seed, task, epoch, index)``, and batches come from a seeded global permutation, so results do not depend on
-``num_workers``, on the number of processes under torchrun, or on whether a run was resumed. The global RNG
-state is also saved in every checkpoint and restored on resume (it drives parameter initialisation).
+Determinism. Augmentation and batch order are seeded per sample and per epoch (``batches``), so results do not
+depend on ``num_workers``, on the number of processes under torchrun, or on whether a run was resumed. The global
+RNG state is also saved in every checkpoint and restored on resume (it drives parameter initialisation).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import inspect
 import logging
-import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from . import __version__
 from .backbones import Backbone, create_backbone
-from .config import RunConfig, TrainConfig, resolve_method_config
+from .batches import SeededAugment, make_loader, shard
+from .config import RunConfig, resolve_method_config
 from .configtools import ConfigError, dump_yaml, to_dict
 from .data import Batch, DatasetBundle, Scenario, batch_to, build_dataset, load_raw_dataset
 from .data.check import coverage_problems
 from .data.identity import identity_changes
+from .distributed import DistInfo, all_reduce_sum, check_ranks_agree, init_distributed, select_device
 from .fileio import atomic_write_json, atomic_write_text, read_json
 from .methods import Method, TaskContext, create_method
 from .metrics import compute_metrics
@@ -67,12 +63,11 @@ from .rundir import (
     save_checkpoint,
     seed_everything,
 )
+from .training import Runtime, evaluate, train_task
 
 __all__ = [
-    "DistInfo",
     "RunError",
     "RunState",
-    "Runtime",
     "TaskData",
     "build_method_from_run",
     "build_results",
@@ -89,318 +84,6 @@ _pkg_log = logging.getLogger("sdlora")
 
 #: a listener of the run's progress (see :class:`sdlora.results.RunEvent`)
 EventHandler = Callable[[RunEvent], None]
-
-
-# ------------------------------------------------------------------------------------------ processes
-@dataclass
-class DistInfo:
-    """Process layout: a single process, or one of ``world`` processes started by torchrun."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    #: this run created the process group (so it destroys it at the end); False when a caller set one up
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-
-def init_distributed(device_spec: str) -> DistInfo:
-    """Join the torchrun process group when ``WORLD_SIZE`` > 1 (nccl on CUDA, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_spec != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        # Before the group exists: NCCL collectives (barrier, object broadcasts) run on the current device,
-        # which would otherwise be GPU 0 in every process.
-        torch.cuda.set_device(local_rank)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank=rank, world=world, local_rank=local_rank, owns_group=owns)
-
-
-def select_device(spec: str, info: DistInfo) -> torch.device:
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
-    if not torch.cuda.is_available():
-        raise RunError(f"train.device={spec!r} but CUDA is not available; use train.device=cpu or auto")
-    if info.enabled and spec == "cuda":
-        return torch.device("cuda", info.local_rank)
-    return torch.device(spec)
-
-
-def _all_reduce_sum(t: Tensor, info: DistInfo) -> Tensor:
-    if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def _comm_device(device: torch.device) -> torch.device:
-    """Where small tensors for collectives live: NCCL needs CUDA tensors, gloo takes CPU ones."""
-    return device if device.type == "cuda" else torch.device("cpu")
-
-
-def _ddp_kwargs() -> dict[str, Any]:
-    """No buffer broadcast on every forward: SD-LoRA keeps frozen factors and magnitudes as buffers, identical
-    on every process and never changed by a training step. (torch >= 2.14 renames the switch.)"""
-    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
-    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
-
-
-def state_fingerprint(method: Method) -> str:
-    """sha256 over ``method.state()`` tensors (names, dtypes, shapes, bytes): the trainable head and adapter
-    state that a checkpoint holds, not the frozen backbone."""
-    tensors, _ = method.state()
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def check_ranks_agree(method: Method, info: DistInfo, device: torch.device, task: int) -> None:
-    """Raise on every process if the processes hold different method states after a task.
-
-    The processes are meant to agree bit for bit without any broadcast: the same seed gives the same
-    initialisation, DDP gives every process the same averaged gradients, and what ``end_task`` does (SD-LoRA
-    freezing/normalising directions, the SD-LoRA-KD least-squares fit and absorption) is a deterministic
-    function of those weights, run by every process on its own copy. This check (one small all_reduce per
-    task) makes a silent divergence -- e.g. a nondeterministic step in a future method's ``end_task`` -- a
-    loud error instead of a checkpoint that only describes rank 0.
-    """
-    if not info.enabled:
-        return
-    digest = bytes.fromhex(state_fingerprint(method))
-    # 4 non-negative 62-bit chunks of the digest; equal everywhere iff max(h) == -max(-h) == min(h).
-    h = torch.tensor(
-        [int.from_bytes(digest[i : i + 8], "big") >> 2 for i in range(0, 32, 8)],
-        dtype=torch.int64,
-        device=_comm_device(device),
-    )
-    both = torch.cat([h, -h])
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    if not torch.equal(both[:4], -both[4:]):
-        raise RunError(
-            f"after task {task + 1} the {info.world} processes hold different model states (rank {info.rank}: "
-            f"{digest.hex()[:16]}); something in training or end_task is not deterministic across processes"
-        )
-
-
-# ---------------------------------------------------------------------------------------------- data
-class SeededAugment(Dataset):
-    """Draws each sample's random transform from a generator seeded by ``(base, epoch, index)``.
-
-    This makes augmentation independent of worker count, process count and resume point. The transforms draw
-    from torch's default CPU generator; it is seeded for the sample and restored afterwards, so the caller's
-    random stream is untouched. (Only that generator: ``torch.manual_seed`` would also reseed every CUDA
-    generator, which made the main process's CUDA stream depend on whether samples were loaded there or in
-    workers, and ``torch.random.fork_rng`` costs ~200 us per sample, against ~3 us for this.)
-    """
-
-    def __init__(self, dataset: Dataset, base_seed: int) -> None:
-        self.dataset = dataset
-        self.base_seed = base_seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> Any:
-        gen = torch.default_generator
-        state = gen.get_state()
-        gen.manual_seed((self.base_seed * 1_000_003 + self.epoch * 7_919 + int(i)) % (2**63 - 1))
-        try:
-            return self.dataset[i]
-        finally:
-            gen.set_state(state)
-
-
-class GlobalBatchSampler(Sampler[list[int]]):
-    """Batches of a seeded permutation of ``n`` samples; each process takes its slice of every global batch.
-
-    With one process this is an ordinary shuffled batch sampler. With ``world`` processes every global batch is
-    the same as with one, split into contiguous shards, so the averaged gradient is the same (up to float
-    summation order). A last global batch smaller than ``world`` is dropped there, since every process must
-    take part in each step.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
-        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
-        self.epoch = 0
-
-    def _global_batches(self) -> list[np.ndarray]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        batches = [order[i : i + self.batch_size] for i in range(0, self.n, self.batch_size)]
-        return [b for b in batches if len(b) >= self.world]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for b in self._global_batches():
-            yield np.array_split(b, self.world)[self.rank].tolist()
-
-    def __len__(self) -> int:
-        return len(self._global_batches())
-
-
-def _loader(
-    dataset: Dataset,
-    batch_sampler: Sampler | None,
-    batch_size: int,
-    workers: int,
-    pin: bool,
-    indices: list[int] | None = None,
-) -> DataLoader:
-    if indices is not None:
-        dataset = torch.utils.data.Subset(dataset, indices)
-    if batch_sampler is not None:
-        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
-
-
-def _shard(n: int, info: DistInfo) -> list[int]:
-    """Contiguous shard of ``range(n)`` for this process (no padding: counts are summed, not averaged)."""
-    return np.array_split(np.arange(n), info.world)[info.rank].tolist()
-
-
-def _progress(iterable: Any, total: int, desc: str, info: DistInfo) -> Any:
-    from tqdm import tqdm
-
-    quiet = not info.main or not sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, leave=False, disable=quiet, dynamic_ncols=True)
-
-
-# -------------------------------------------------------------------------------------------- training
-def _optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
-
-
-def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int) -> Any:
-    if cfg.scheduler == "multistep":
-        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones), gamma=cfg.gamma)
-    if cfg.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=cfg.min_lr)
-    return None
-
-
-def _autocast(cfg: TrainConfig, device: torch.device) -> Any:
-    if cfg.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-@torch.no_grad()
-def evaluate(
-    method: Method,
-    loader: DataLoader,
-    task_of_pos: Tensor,
-    n_tasks_seen: int,
-    device: torch.device,
-    cfg: TrainConfig,
-    info: DistInfo,
-) -> tuple[list[int], list[int]]:
-    """Correct and total test samples per task j < n_tasks_seen (argmax over all seen classes), summed over
-    processes."""
-    method.eval()
-    correct = torch.zeros(n_tasks_seen, dtype=torch.long, device=device)
-    total = torch.zeros(n_tasks_seen, dtype=torch.long, device=device)
-    for x, y in _progress(loader, len(loader), "eval", info):
-        x, y = batch_to(x, device, non_blocking=True), y.to(device, non_blocking=True)
-        with _autocast(cfg, device):
-            pred = method(x).argmax(1)
-        groups = task_of_pos[y]
-        total += torch.bincount(groups, minlength=n_tasks_seen)
-        correct += torch.bincount(groups[pred == y], minlength=n_tasks_seen)
-    _all_reduce_sum(correct, info)
-    _all_reduce_sum(total, info)
-    return correct.tolist(), total.tolist()
-
-
-def _train_task(method: Method, ctx: TaskContext, train_set: SeededAugment, rt: Runtime) -> dict[str, Any]:
-    tcfg, info, device = rt.train, rt.info, rt.device
-    epochs = ctx.epochs
-    params = method.trainable_parameters()
-    if not method.trains or epochs == 0 or not params:
-        return {"epochs": 0, "steps": 0, "loss": None}
-    opt = _optimizer(params, tcfg, tcfg.lr_for(ctx.task))
-    sched = _scheduler(opt, tcfg, epochs)
-    sampler = GlobalBatchSampler(
-        len(train_set), tcfg.batch_size, seed=rt.seed * 1000 + ctx.task, rank=info.rank, world=info.world
-    )
-    loader = _loader(train_set, sampler, tcfg.batch_size, rt.workers, device.type == "cuda")
-    # DDP is built per task: the trainable set (current A_t, B_t, magnitudes, new head block) changes at each
-    # task boundary, and DDP registers its gradient hooks for the parameters that require grad when it is built.
-    # (A DDP built once would keep hooks on the previous task's A_t/B_t and on magnitude Parameters that
-    # begin_task/end_task have since replaced: SD-LoRA re-creates alpha_prev/alpha_cur each task and turns them
-    # into buffers in between, and the head grows a new block.) Building it also broadcasts rank 0's
-    # parameters and buffers, which are identical anyway (same seed, same updates; checked after each task).
-    model: nn.Module = method
-    if info.enabled:
-        model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None, **_ddp_kwargs()
-        )
-    steps, last_loss = 0, float("nan")
-    method.train()
-    for epoch in range(epochs):
-        sampler.epoch = epoch
-        train_set.epoch = epoch
-        running, count = 0.0, 0
-        for x, y in _progress(loader, len(loader), f"task {ctx.task + 1} epoch {epoch + 1}/{epochs}", info):
-            x, y = batch_to(x, device, non_blocking=True), y.to(device, non_blocking=True)
-            with _autocast(tcfg, device):
-                logits = model(x)
-            loss = method.training_loss(logits.float(), y, ctx)
-            shard_loss = loss  # mean over this process's shard, for the log
-            # Under torchrun each process holds a shard of the global batch; DDP averages gradients over
-            # processes, so scaling by shard/global*world makes the step equal to the single-process one.
-            if info.enabled:
-                loss = loss * (len(y) * info.world / _global_len(len(y), info, device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tcfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
-            opt.step()
-            steps += 1
-            running += float(shard_loss.detach()) * len(y)
-            count += len(y)
-        if sched is not None:
-            sched.step()
-        if info.enabled:
-            # Sum over processes: the logged loss is the epoch mean over all samples, as with one process, and
-            # every process takes the same decision on divergence below (one raising alone would hang the rest).
-            sums = torch.tensor([running, count], dtype=torch.float64, device=_comm_device(device))
-            _all_reduce_sum(sums, info)
-            running, count = float(sums[0]), int(sums[1])
-        last_loss = running / max(count, 1)
-        if not math.isfinite(last_loss):
-            raise RunError(
-                f"training diverged in task {ctx.task + 1}, epoch {epoch + 1} (loss {last_loss}); "
-                "lower train.lr or set train.grad_clip"
-            )
-    return {"epochs": epochs, "steps": steps, "loss": last_loss}
-
-
-def _global_len(n_local: int, info: DistInfo, device: torch.device) -> float:
-    t = torch.tensor([n_local], dtype=torch.float64, device=_comm_device(device))
-    _all_reduce_sum(t, info)
-    return float(t.item())
 
 
 # ------------------------------------------------------------------------------------------ run state
@@ -474,25 +157,6 @@ class RunState:
 
 
 # ------------------------------------------------------------------------------------------ one task
-@dataclass
-class Runtime:
-    """How and where tasks train: the train config, the run's seed, the device, the process layout.
-
-    Attributes:
-        train: optimisation settings.
-        seed: the run's seed (seeds each task's augmentation and batch order).
-        device: where the model and batches live.
-        info: process layout (a single process by default).
-        workers: DataLoader worker processes.
-    """
-
-    train: TrainConfig
-    seed: int
-    device: torch.device
-    info: DistInfo = field(default_factory=DistInfo)
-    workers: int = 0
-
-
 @dataclass
 class TaskData:
     """The data of one task, labels already mapped to class positions.
@@ -580,13 +244,13 @@ def run_task(
     tcfg, device, info = rt.train, rt.device, rt.info
 
     def statistics_batches() -> Iterator[tuple[Batch, Tensor]]:
-        loader = _loader(
+        loader = make_loader(
             task.statistics,
             None,
             tcfg.eval_batch_size,
             rt.workers,
             device.type == "cuda",
-            indices=_shard(len(task.statistics), info),  # type: ignore[arg-type]
+            indices=shard(len(task.statistics), info),  # type: ignore[arg-type]
         )
         for x, y in loader:
             yield batch_to(x, device), y.to(device)
@@ -599,24 +263,24 @@ def run_task(
         device=device,
         epochs=tcfg.epochs_for(t),
         statistics_batches=statistics_batches,
-        all_reduce=lambda x: _all_reduce_sum(x, info),
+        all_reduce=lambda x: all_reduce_sum(x, info),
         seed=rt.seed,
     )
     method.begin_task(ctx)
     trainable = int(method.parameter_counts()["trainable"])
     train_set = SeededAugment(task.train, base_seed=rt.seed * 1000 + t)
-    train_stats = _train_task(method, ctx, train_set, rt)
+    train_stats = train_task(method, ctx, train_set, rt)
     end_report = method.end_task(ctx)
     end_report.update(method.after_task(ctx))  # optional classifier alignment (method.align)
     check_ranks_agree(method, info, device, t)
     t_train = time.time() - t0
-    test_loader = _loader(
+    test_loader = make_loader(
         task.test,
         None,
         tcfg.eval_batch_size,
         rt.workers,
         device.type == "cuda",
-        indices=_shard(len(task.test), info),  # type: ignore[arg-type]
+        indices=shard(len(task.test), info),  # type: ignore[arg-type]
     )
     task_of_pos = torch.tensor(task.task_of_position, dtype=torch.long, device=device)
     correct, total = evaluate(method, test_loader, task_of_pos, t + 1, device, tcfg, info)

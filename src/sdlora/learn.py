@@ -51,7 +51,8 @@ from .backbones import create_backbone
 from .config import RunConfig, load_config
 from .data import DataConfig, DatasetBundle, build_dataset
 from .data.hf import HF_PREFIX, hf_source_format
-from .engine import DistInfo, RunState, Runtime, TaskData, run_task, select_device
+from .distributed import DistInfo, select_device
+from .engine import RunState, TaskData, run_task
 from .fileio import atomic_write_json
 from .methods import Method, create_method
 from .predict import check_device, run_class_names
@@ -66,6 +67,7 @@ from .rundir import (
     save_checkpoint,
     seed_everything,
 )
+from .training import Runtime
 
 __all__ = ["LearnError", "LearnReport", "learn"]
 

@@ -165,7 +165,7 @@ def load_run(run_dir: str | os.PathLike, device: str = "auto") -> LoadedRun:
     Raises:
         RunError: not a run directory, no checkpoint yet, a damaged checkpoint, or CUDA asked for but absent.
     """
-    from .engine import DistInfo, select_device
+    from .distributed import DistInfo, select_device
     from .rundir import build_method_from_run, text_encoder_for_run
 
     dev = select_device(check_device(device), DistInfo())
