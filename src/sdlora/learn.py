@@ -67,6 +67,7 @@ from .rundir import (
     save_checkpoint,
     seed_everything,
 )
+from .tracking import RunTracking
 from .training import Runtime
 
 __all__ = ["LearnError", "LearnReport", "learn"]
@@ -361,7 +362,7 @@ def _learn_locked(
             f"{out} holds an unfinished run ({results['completed_tasks']} of {results['num_tasks']} tasks); finish it "
             "first (sdlora run CONFIG --out RUN_DIR --resume), then learn new classes"
         )
-    cfg, _ = load_config(str(out / "config.yaml"))
+    cfg, cfg_dict = load_config(str(out / "config.yaml"))
     ck = committed_checkpoint(out)
     if ck is None:
         raise RunError(f"{out} has no checkpoint (train.checkpoint was off?): nothing to continue from")
@@ -388,6 +389,9 @@ def _learn_locked(
     file_handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     _pkg_log.addHandler(file_handler)
+    # train.log_to: the learned task goes to the run's tracked runs (tracking.json), as a resumed run's would
+    tracking = RunTracking(cfg.train.log_to, out, cfg_dict, resume=True) if cfg.train.log_to else None
+    failed = True
     try:
         tcfg = cfg.train
         if tcfg.threads is not None:
@@ -435,6 +439,8 @@ def _learn_locked(
             task_of_position=task_of_position,
         )
         rt = Runtime(train=tcfg, seed=cfg.seed, device=dev, workers=cfg.data.num_workers)
+        if tracking is not None:
+            rt.progress = lambda kind, t, step, scalars: tracking(RunEvent(kind, out, t, {}, scalars, step))
         skipped = sorted({t for t, _ in skipped_at})
         entry = run_task(method, state, data, rt, num_tasks=task + 1, not_evaluated=skipped)
         entry["learned"] = {"name": label, "root": str(root), "classes": list(new.class_names)}
@@ -478,8 +484,11 @@ def _learn_locked(
         # Commit: checkpoint first (ignored until results.json names its task), then results.json.
         save_checkpoint(out, task, method, state.to_checkpoint(), keep=None)
         atomic_write_json(out / RESULTS_FILE, new_results)
-        on_run_event(RunEvent("task_end", out, task, new_results))
-        on_run_event(RunEvent("run_end", out, task, new_results))
+        for event in (RunEvent("task_end", out, task, new_results), RunEvent("run_end", out, task, new_results)):
+            on_run_event(event)
+            if tracking is not None:
+                tracking(event)
+        failed = False
         log.info(
             "learned %r as task %d: acc on %d seen classes %.2f%%, on the new classes %.2f%%",
             label,
@@ -489,6 +498,8 @@ def _learn_locked(
             metrics["accuracy_matrix"][-1][task],
         )
     finally:
+        if tracking is not None:
+            tracking.close(failed=failed)
         _pkg_log.removeHandler(file_handler)
         file_handler.close()
     return LearnReport(task, label, list(new.class_names), skipped_at, new_results)
