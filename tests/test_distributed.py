@@ -256,3 +256,19 @@ def test_held_run_directory_stops_every_process(tmp_path):
 
 def test_check_is_a_no_op_in_one_process():
     check_ranks_agree(None, DistInfo(), torch.device("cpu"), 0)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow  # one more launch (~10 s)
+def test_only_rank_zero_tracks(single, tmp_path):
+    """``train.log_to`` under torchrun: one TensorBoard writer (rank 0), every global step once."""
+    pytest.importorskip("tensorboard", reason="the TensorBoard tracker needs `pip install tensorboard`")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    write_config(tmp_path / "cfg.yaml", {**CFG, "train": {**CFG["train"], "log_to": ["tensorboard"]}})
+    _ok(_torchrun(["-m", "sdlora", "run", "cfg.yaml", "--out", "run"], cwd=tmp_path))
+    assert len(list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    total = sum(t["steps"] for t in _results(single)["task_log"])
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, total + 1))
+    assert [e.value for e in acc.Scalars("metrics/acc")] == pytest.approx(_results(tmp_path / "run")["acc_after_task"])

@@ -78,7 +78,17 @@ def test_run_writes_every_artifact_consistently(tmp_path):
     ident = saved["data_identity"]
     assert saved["class_names"] == [ident["class_names"][c] for c in saved["class_order"]]
     assert ident["train_counts"] == [16] * 6 and ident["test_counts"] == [6] * 6 and len(ident["sha256"]) == 64
-    # Listeners hear every task (after results.json was written) and the end, in order.
+    # Listeners hear every optimizer step and epoch (the run's global step, the epoch's loss as the task log has it)
+    progress = [e for e in events if e.kind in ("step", "epoch_end")]
+    steps = [e for e in progress if e.kind == "step"]
+    assert [e.step for e in steps] == list(range(1, sum(t["steps"] for t in saved["task_log"]) + 1))
+    assert all(set(e.scalars) == {"train/loss", "train/lr"} and e.scalars["train/lr"] == 0.01 for e in steps)
+    last_epoch = [e for e in progress if e.kind == "epoch_end" and e.scalars["train/epoch"] == 6]
+    assert [(e.task, e.scalars["train/epoch_loss"]) for e in last_epoch] == [
+        (t["task"], t["loss"]) for t in saved["task_log"]
+    ]
+    events = [e for e in events if e not in progress]
+    # ... every task (after results.json was written) and the end, in order.
     assert [(e.kind, e.task, e.results["completed_tasks"]) for e in events] == [
         ("task_end", 0, 1),
         ("task_end", 1, 2),
@@ -373,7 +383,7 @@ def test_resume_of_a_finished_run_rebuilds_results_tables_and_plots(tmp_path):
     assert json.loads((out / "results.json").read_text()) == full
     assert {n: (out / n).read_text() for n in tables} == tables
     assert (out / "plots" / "accuracy_curve.png").is_file()
-    assert [(e.kind, e.task) for e in events] == [("resumed", 1), ("run_end", 1)]
+    assert [(e.kind, e.task) for e in events] == [("resumed", 1), ("run_end", 1)]  # no task ran: no step events
 
 
 def test_resume_rewrites_a_stale_record_from_the_checkpoint(tmp_path):

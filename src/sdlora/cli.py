@@ -163,14 +163,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from collections.abc import Iterator
 
     from .predict import (
+        ImageInput,
         PredictError,
         Prediction,
         Predictor,
         TextInput,
         check_output,
+        collect_dataset_images,
         collect_inputs,
         collect_texts,
         format_predictions,
+        is_dataset_spec,
         load_run,
         write_predictions,
     )
@@ -181,9 +184,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     texts: list[TextInput] = []
     if run.modality == "text":
         texts, problems = collect_texts(args.inputs, run.config.data)
-        files: list[str] = []
+        files: list[ImageInput] = []
     else:
-        files, problems = collect_inputs(args.inputs)
+        specs = [s for s in args.inputs if not is_dataset_spec(s)]
+        paths, problems = collect_inputs(specs) if specs else ([], [])
+        rows, bad_sets = collect_dataset_images([s for s in args.inputs if is_dataset_spec(s)], run.config.data)
+        files, problems = [*paths, *rows], problems + bad_sets
     if problems and args.strict:
         spec, reason = problems[0]
         raise PredictError(f"input {spec}: {reason} (without --strict it is skipped)")
@@ -379,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "inputs",
         nargs="+",
-        help="image files, folders (searched recursively) or glob patterns; text runs: text files, folders or globs",
+        help="image files, folders (searched recursively) or glob patterns; text runs: text files, folders or globs; "
+        "either: hf:ROOT[:SPLIT], the rows of a Hugging Face dataset split (data.image_column / data.text_column; "
+        "default split test, or the only one)",
     )
     sp.add_argument("--top-k", type=int, default=1, help="classes per input (default 1)")
     sp.add_argument("--out", help="write FILE.csv or FILE.jsonl instead of printing")

@@ -108,6 +108,10 @@ class ScenarioConfig:
         )
 
 
+#: The run trackers ``train.log_to`` may name (:mod:`sdlora.tracking` implements them).
+LOG_TO = ("mlflow", "tensorboard", "wandb")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation, per task.
@@ -129,6 +133,8 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN benchmark.
         checkpoint: write a checkpoint after every task (needed for ``--resume``).
         threads: torch intra-op threads on CPU (None: torch's default).
+        log_to: run trackers that also receive the run's progress: any of ``tensorboard``, ``mlflow``, ``wandb``
+            (:mod:`sdlora.tracking`; each needs its package, ``pip install 'sdlora[track]'``). Empty: none.
     """
 
     epochs: int = 20
@@ -151,6 +157,7 @@ class TrainConfig:
     deterministic: bool = False
     checkpoint: bool = True
     threads: int | None = None
+    log_to: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Messages start with the field name: configtools.from_dict turns that into the full key path. Every float is
@@ -159,6 +166,11 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"{name}: must be a finite number, got {v}")
+        for tracker in self.log_to:
+            if tracker not in LOG_TO:
+                raise ValueError(f"log_to: unknown tracker {tracker!r}; known: {', '.join(LOG_TO)}")
+            if self.log_to.count(tracker) > 1:
+                raise ValueError(f"log_to: {tracker!r} is named twice")
         if self.epochs < 0:
             raise ValueError(f"epochs: must be >= 0, got {self.epochs}")
         if self.first_epochs is not None and self.first_epochs < 0:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,7 @@ from .rundir import (
     seed_everything,
 )
 from .runstate import RunState
+from .tracking import RunTracking
 from .training import Runtime, evaluate, train_task
 
 __all__ = [
@@ -192,7 +193,8 @@ def run_task(
     method.begin_task(ctx)
     trainable = int(method.parameter_counts()["trainable"])
     train_set = SeededAugment(task.train, base_seed=rt.seed * 1000 + t)
-    train_stats = train_task(method, ctx, train_set, rt)
+    steps_before = sum(int(e.get("steps") or 0) for e in state.task_log)
+    train_stats = train_task(method, ctx, train_set, rt, steps_before)
     end_report = method.end_task(ctx)
     end_report.update(method.after_task(ctx))  # optional classifier alignment (method.align)
     check_ranks_agree(method, info, device, t)
@@ -338,9 +340,18 @@ def _logged_run(
     if not info.main:  # progress lines come from rank 0 only; other processes still report warnings
         _pkg_log.setLevel(max(logging.WARNING, _pkg_log.getEffectiveLevel()))
     listeners: list[EventHandler] = [on_run_event] + ([on_event] if on_event is not None else [])
+    tracking = None
+    if info.main and cfg.train.log_to:  # after the directory is prepared: a refused run starts no tracked run
+        tracking = RunTracking(cfg.train.log_to, out, cfg_dict, resume=resume)
+        listeners.insert(1, tracking)  # after the tables and plots are written (it logs the plots)
+    failed = True
     try:
-        return _run(cfg, cfg_dict, out, resume, info, t_start, listeners)
+        results = _run(cfg, cfg_dict, out, resume, info, t_start, listeners)
+        failed = False
+        return results
     finally:
+        if tracking is not None:
+            tracking.close(failed=failed)
         _pkg_log.setLevel(level)
         if file_handler is not None:
             _pkg_log.removeHandler(file_handler)
@@ -449,7 +460,10 @@ def _run(
             f" x{info.world} processes" if info.enabled else "",
         )
 
-    rt = Runtime(train=tcfg, seed=cfg.seed, device=device, info=info, workers=cfg.data.num_workers)
+    def progress(kind: Literal["step", "epoch_end"], task: int, step: int, scalars: dict[str, float]) -> None:
+        _emit(listeners, RunEvent(kind, out, task, {}, scalars=scalars, step=step))
+
+    rt = Runtime(train=tcfg, seed=cfg.seed, device=device, info=info, workers=cfg.data.num_workers, progress=progress)
     for t in range(state.next_task, n_tasks):
         run_task(method, state, task_data(scenario, data, t), rt, num_tasks=n_tasks)
         results = build_results(cfg, method, backbone, data, scenario, state).to_dict()

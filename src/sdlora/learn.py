@@ -13,8 +13,11 @@ class with the run's ``data.test_fraction`` and seed. Every image is used (the r
 (a Hugging Face text backbone) a ``text_csv`` / ``text_jsonl`` source with the run's ``data.text_column`` and
 ``data.label_column``: one ``.csv`` / ``.tsv`` / ``.jsonl`` file split per class with the run's
 ``data.test_fraction`` and seed, or a directory holding ``train.<ext>`` and ``test.<ext>``; tokenised with the
-run's tokenizer and ``data.max_length``. A class name the run already knows (compared case-insensitively, in Unicode
-NFC) is refused: this is class-incremental learning, not fine-tuning.
+run's tokenizer and ``data.max_length``. Image and text runs alike take a Hugging Face dataset
+(``hf:ROOT``, or without the prefix a ``save_to_disk`` directory or a ``.parquet`` / ``.arrow`` file; see
+:mod:`sdlora.data.hf`) read with the run's ``data.image_column`` / ``text_column`` / ``label_column``: its
+``train`` and ``test`` splits, or its one split split per class. A class name the run already knows (compared
+case-insensitively, in Unicode NFC) is refused: this is class-incremental learning, not fine-tuning.
 
 Evaluation. The new row of the accuracy matrix covers the new task and every earlier one: the run's own test
 split (rebuilt from its config and checked against the ``data_identity`` digest the run recorded) and the test
@@ -45,8 +48,10 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from . import __version__
 from .backbones import create_backbone
+from .backbones.hf import load_tokenizer
 from .config import RunConfig
 from .data import DataConfig, DatasetBundle, build_dataset
+from .data.hf import HF_PREFIX, hf_source_format
 from .distributed import DistInfo, select_device
 from .engine import TaskData, run_task
 from .environment import capture_environment
@@ -65,6 +70,7 @@ from .rundir import (
     seed_everything,
 )
 from .runstate import RunState
+from .tracking import RunTracking
 from .training import Runtime
 
 __all__ = ["LearnError", "LearnReport", "learn", "load_test_sources", "task_test_sources"]
@@ -125,11 +131,44 @@ def _text_dataset_name(root: Path) -> str | None:
     return next((name for ext, name in _TEXT_SOURCES.items() if (root / f"train{ext}").is_file()), None)
 
 
+#: Data files read as Hugging Face datasets by ``learn --data`` without the ``hf:`` prefix.
+_HF_FILES = (".parquet", ".arrow")
+
+
+def _hf_root(spec: str) -> str | None:
+    """The dataset root when ``--data`` names a Hugging Face dataset: ``hf:ROOT``, a ``save_to_disk`` directory or
+    a parquet / arrow file (local roots resolved); None otherwise."""
+    if spec.startswith(HF_PREFIX) and not os.path.exists(spec):
+        rest = spec[len(HF_PREFIX) :]
+        local = Path(rest).expanduser()
+        return str(local.resolve()) if local.exists() else rest
+    p = Path(spec).expanduser()
+    if (p.is_dir() and hf_source_format(str(p)) == "disk") or (p.is_file() and p.suffix.lower() in _HF_FILES):
+        return str(p.resolve())
+    return None
+
+
 def _source_config(
     cfg: RunConfig, root: Path, fmt: str | None = None, text: bool = False, dataset: str | None = None
 ) -> DataConfig:
     """The data config of learned classes at ``root``: an image folder with the run's image settings, or (``text``)
-    a text file / directory with the run's columns and ``max_length``; no per-class caps."""
+    a text file / directory with the run's columns and ``max_length``, or (``dataset`` ``hf``) a Hugging Face
+    dataset read with the run's columns and settings (default splits); no per-class caps."""
+    if dataset == "hf":
+        return DataConfig(
+            name="hf",
+            root=str(root),
+            format=fmt,
+            image_size=cfg.data.image_size,
+            max_length=cfg.data.max_length,
+            test_fraction=cfg.data.test_fraction,
+            augment=cfg.data.augment,
+            text_column=cfg.data.text_column,
+            label_column=cfg.data.label_column,
+            image_column=cfg.data.image_column,
+            download=False,
+            num_workers=cfg.data.num_workers,
+        )
     if not text:
         return DataConfig(
             name="imagefolder",
@@ -155,24 +194,29 @@ def _source_config(
 
 
 def _load_new_data(
-    cfg: RunConfig, root: Path, shown: str, mean: Any, std: Any, tokenizer: Any = None
+    cfg: RunConfig, root: Path, shown: str, mean: Any, std: Any, tokenizer: Any = None, dataset: str | None = None
 ) -> DatasetBundle:
     text = tokenizer is not None
-    if text and _text_dataset_name(root) is None:
+    # (a Hugging Face dataset is not checked here: its reader names a missing path, split or column itself)
+    if dataset != "hf" and text and _text_dataset_name(root) is None:
         raise LearnError(
             f"--data {shown}: this is a text run; give a .jsonl, .csv or .tsv file (one text per row, columns "
             f"{cfg.data.text_column!r} and {cfg.data.label_column!r}; split here with test_fraction="
             f"{cfg.data.test_fraction}) or a directory holding train.jsonl and test.jsonl (or train.csv / test.csv)"
         )
-    if not text and not root.is_dir():
+    if dataset != "hf" and not text and not root.is_dir():
         raise LearnError(
             f"--data {shown}: not a folder (expected {shown}/<class>/<images>, or train/ and test/ inside it)"
         )
     try:
         data = build_dataset(
-            _source_config(cfg, root, text=text), mean=mean, std=std, seed=cfg.seed, tokenizer=tokenizer
+            _source_config(cfg, root, text=text, dataset=dataset),
+            mean=mean,
+            std=std,
+            seed=cfg.seed,
+            tokenizer=tokenizer,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         raise LearnError(f"--data {shown}: {e}") from None
     counts_train = np.bincount(data.train_targets, minlength=data.num_classes)
     counts_test = np.bincount(data.test_targets, minlength=data.num_classes)
@@ -436,7 +480,7 @@ def learn(
     Args:
         run_dir: a finished run directory.
         data_root: the new classes (an image folder for image runs; a text CSV / JSONL file or a directory of
-            ``train.<ext>`` and ``test.<ext>`` for text runs).
+            ``train.<ext>`` and ``test.<ext>`` for text runs; for both a Hugging Face dataset, ``hf:ROOT``).
         name: a label for the new task (default: the folder's name).
         device: where to train (default: the run's ``train.device``).
 
@@ -451,12 +495,34 @@ def learn(
     if device is not None:
         check_device(device)
     out = Path(run_dir)
-    root = Path(data_root).expanduser().resolve()
+    hf_root = _hf_root(os.fspath(data_root))
+    root = Path(data_root).expanduser().resolve() if hf_root is None else Path(hf_root)
     if not (out / "config.yaml").exists():
         raise RunError(f"{out} is not a run directory (no config.yaml)")
     # One writer per run directory: a learn never runs while a run, resume, overwrite or another learn writes it.
     with run_dir_lock(out):
-        return _learn_locked(out, root, data_root, name=name, device=device, t_start=t_start)
+        dataset = None if hf_root is None else "hf"
+        return _learn_locked(out, root, data_root, name=name, device=device, t_start=t_start, dataset=dataset)
+
+
+def _restored_method(
+    cfg: RunConfig,
+    tensors: dict[str, Any],
+    record: dict[str, Any],
+    dev: torch.device,
+    new: DatasetBundle,
+    data_root: str,
+) -> Method:
+    """The run's method as after its last task, and the global RNG as the engine would continue with it (a single
+    new class is checked against the method first)."""
+    seed_everything(cfg.seed)
+    method: Method = create_method(cfg.method, create_backbone(cfg.backbone, cfg.data.image_size)).to(dev)
+    method.load_state(tensors, record["method"])
+    method.to(dev)
+    if new.num_classes == 1:
+        _check_one_class(method, new.class_names[0], data_root)
+    restore_rng_state(tensors, record["rng"])
+    return method
 
 
 def _learn_locked(
@@ -467,26 +533,23 @@ def _learn_locked(
     name: str | None,
     device: str | None,
     t_start: float,
+    dataset: str | None = None,
 ) -> LearnReport:
     """The body of :func:`learn`, run while holding the run directory's lock (``data_root`` as the user gave it,
-    for messages; ``root`` resolved)."""
+    for messages; ``root`` resolved; ``dataset`` ``hf`` for a Hugging Face dataset)."""
     results = load_results(out)
     if results.get("status") != "finished":
         raise LearnError(
             f"{out} holds an unfinished run ({results['completed_tasks']} of {results['num_tasks']} tasks); finish it "
             "first (sdlora run CONFIG --out RUN_DIR --resume), then learn new classes"
         )
-    cfg, _ = load_run_config(str(out / "config.yaml"))
+    cfg, cfg_dict = load_run_config(str(out / "config.yaml"))
     tensors, record = _committed_state(out, int(results["completed_tasks"]))
     task = int(record["task"]) + 1
     mean, std = results["backbone"]["mean"], results["backbone"]["std"]
     text = results["backbone"].get("modality") == "text"
-    tokenizer = None
-    if text:
-        from .backbones.hf import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.backbone)  # what the run's data pipeline tokenised with
-    new = _load_new_data(cfg, root, str(data_root), mean, std, tokenizer)
+    tokenizer = load_tokenizer(cfg.backbone) if text else None  # what the run's data pipeline tokenised with
+    new = _load_new_data(cfg, root, str(data_root), mean, std, tokenizer, dataset)
     seen = sum(len(t) for t in results["tasks"])
     known = run_class_names(out, cfg, seen)
     _check_new_names(known, new.class_names, str(data_root), text)
@@ -495,20 +558,16 @@ def _learn_locked(
     file_handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     _pkg_log.addHandler(file_handler)
+    # train.log_to: the learned task goes to the run's tracked runs (tracking.json), as a resumed run's would
+    tracking = RunTracking(cfg.train.log_to, out, cfg_dict, resume=True) if cfg.train.log_to else None
+    failed = True
     try:
         tcfg = cfg.train
         if tcfg.threads is not None:
             torch.set_num_threads(tcfg.threads)
         dev = select_device(device or tcfg.device, DistInfo())
         _log_start(label, new, str(data_root), task, out, dev)
-        # The run's method as after its last task, and the global RNG as the engine would continue with it.
-        seed_everything(cfg.seed)
-        method: Method = create_method(cfg.method, create_backbone(cfg.backbone, cfg.data.image_size)).to(dev)
-        method.load_state(tensors, record["method"])
-        method.to(dev)
-        if new.num_classes == 1:
-            _check_one_class(method, new.class_names[0], str(data_root))
-        restore_rng_state(tensors, record["rng"])
+        method = _restored_method(cfg, tensors, record, dev, new, str(data_root))
         state = RunState.from_checkpoint(record, session_start=t_start)
         for change in state.continue_in(capture_environment(dev)):
             log.warning("learning in another environment than the run's earlier tasks: %s", change)
@@ -523,6 +582,8 @@ def _learn_locked(
         end = seen + new.num_classes
         data = _task_data(task, results["tasks"], new, earlier)
         rt = Runtime(train=tcfg, seed=cfg.seed, device=dev, workers=cfg.data.num_workers)
+        if tracking is not None:
+            rt.progress = lambda kind, t, step, scalars: tracking(RunEvent(kind, out, t, {}, scalars, step))
         skipped = sorted({t for t, _ in skipped_at})
         entry = run_task(method, state, data, rt, num_tasks=task + 1, not_evaluated=skipped)
         entry["learned"] = {"name": label, "root": str(root), "classes": list(new.class_names)}
@@ -542,8 +603,11 @@ def _learn_locked(
             learned=record_new,
         )
         atomic_write_json(out / RESULTS_FILE, new_results)
-        on_run_event(RunEvent("task_end", out, task, new_results))
-        on_run_event(RunEvent("run_end", out, task, new_results))
+        for event in (RunEvent("task_end", out, task, new_results), RunEvent("run_end", out, task, new_results)):
+            on_run_event(event)
+            if tracking is not None:
+                tracking(event)
+        failed = False
         log.info(
             "learned %r as task %d: acc on %d seen classes %.2f%%, on the new classes %.2f%%",
             label,
@@ -553,6 +617,8 @@ def _learn_locked(
             new_results["accuracy_matrix"][-1][task],
         )
     finally:
+        if tracking is not None:
+            tracking.close(failed=failed)
         _pkg_log.removeHandler(file_handler)
         file_handler.close()
     return LearnReport(task, label, list(new.class_names), skipped_at, new_results)

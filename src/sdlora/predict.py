@@ -31,7 +31,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from .config import RunConfig
-from .data import ImageTransform, TextEncoder, batch_to, read_image_file
+from .data import ImageRows, ImageTransform, TextEncoder, batch_to, read_image_file
+from .data.hf import HF_PREFIX, HFSource
 from .data.readers import IMG_EXTENSIONS, walk_visible
 from .data.text_readers import read_texts
 from .fileio import atomic_write_text, read_json, to_jsonable
@@ -45,9 +46,12 @@ __all__ = [
     "TextInput",
     "check_device",
     "check_output",
+    "collect_dataset_images",
     "collect_inputs",
     "collect_texts",
     "format_predictions",
+    "input_name",
+    "is_dataset_spec",
     "load_run",
     "run_class_names",
     "write_predictions",
@@ -291,6 +295,30 @@ def collect_inputs(specs: Sequence[str]) -> tuple[list[str], list[tuple[str, str
     return files, problems
 
 
+def is_dataset_spec(spec: str) -> bool:
+    """Whether a command-line input names a Hugging Face dataset (``hf:ROOT[:SPLIT]``, not an existing path)."""
+    return spec.startswith(HF_PREFIX) and not os.path.exists(spec)
+
+
+def collect_dataset_images(specs: Sequence[str], data: Any) -> tuple[list[ImageInput], list[tuple[str, str]]]:
+    """The image rows of Hugging Face dataset splits ``hf:ROOT[:SPLIT]`` (:class:`sdlora.data.hf.HFSource`; the
+    column is the run's ``data.image_column``), for an image run.
+
+    Returns:
+        ``(inputs, problems)``: one input per row, and ``(spec, reason)`` for a dataset that cannot be read.
+    """
+    inputs: list[ImageInput] = []
+    problems: list[tuple[str, str]] = []
+    for spec in specs:
+        try:
+            rows = HFSource(spec).image_rows(data)
+        except (OSError, ValueError, ImportError) as e:
+            problems.append((spec, str(e)))
+            continue
+        inputs += [(rows, i) for i in range(len(rows))]
+    return inputs, problems
+
+
 @dataclass(frozen=True)
 class TextInput:
     """One text to classify and where it came from (``source``: ``file:line``)."""
@@ -308,7 +336,9 @@ def _text_files_under(directory: str) -> list[str]:
 def collect_texts(specs: Sequence[str], data: Any) -> tuple[list[TextInput], list[tuple[str, str]]]:
     """The texts of files, folders (recursively, every file) and glob patterns, for a text run.
 
-    Each file is read with :func:`sdlora.data.text_readers.read_texts`: ``.csv`` / ``.tsv`` / ``.jsonl`` files give
+    ``hf:ROOT[:SPLIT]`` names a Hugging Face dataset split: its ``data.text_column``, one text per row
+    (``hf:ROOT:SPLIT#ROW`` sources; :class:`sdlora.data.hf.HFSource`). Each file is read with
+    :func:`sdlora.data.text_readers.read_texts`: ``.csv`` / ``.tsv`` / ``.jsonl`` files give
     the run's text column (``data.text_column``; a label column is not needed), any other file one text per
     non-empty line. Files are kept once, in first-seen order.
 
@@ -320,8 +350,18 @@ def collect_texts(specs: Sequence[str], data: Any) -> tuple[list[TextInput], lis
         ``(texts, problems)``: the texts with ``file:line`` sources, and ``(spec or file, reason)`` for specs that
         name nothing and files that cannot be read (not UTF-8, a bad row, no text).
     """
-    files, problems, _ = _expand(specs, lambda d: (_text_files_under(d), []), "folder holds no files")
+    datasets = [s for s in specs if is_dataset_spec(s)]
+    files, problems, _ = _expand(
+        [s for s in specs if s not in datasets], lambda d: (_text_files_under(d), []), "folder holds no files"
+    )
     texts: list[TextInput] = []
+    for spec in datasets:
+        try:
+            rows, where = HFSource(spec).texts(data)
+        except (OSError, ValueError, ImportError) as e:
+            problems.append((spec, str(e)))
+            continue
+        texts += [TextInput(f"{where}#{i}", t) for i, t in enumerate(rows)]
     for path in files:
         try:
             lines, numbers = read_texts(path, data)
@@ -333,20 +373,33 @@ def collect_texts(specs: Sequence[str], data: Any) -> tuple[list[TextInput], lis
     return texts, problems
 
 
+#: One image input: a file path, or row ``i`` of an image source (a Hugging Face dataset split).
+ImageInput = str | tuple[ImageRows, int]
+
+
+def input_name(item: ImageInput) -> str:
+    """What a prediction calls an input: the path, or the row's name (``hf:ROOT:SPLIT#ROW``)."""
+    return item if isinstance(item, str) else item[0].name(item[1])
+
+
+def _read_input(item: ImageInput) -> Tensor:
+    return read_image_file(item) if isinstance(item, str) else item[0].read(item[1])
+
+
 class _ImageFiles(Dataset):
-    """``(index, input tensor or None, reason)`` for each file: a decode error becomes a reason, not an exception,
+    """``(index, input tensor or None, reason)`` for each input: a decode error becomes a reason, not an exception,
     so one bad file in a DataLoader worker does not stop the others."""
 
-    def __init__(self, paths: Sequence[str], transform: ImageTransform) -> None:
-        self.paths = list(paths)
+    def __init__(self, inputs: Sequence[ImageInput], transform: ImageTransform) -> None:
+        self.inputs = list(inputs)
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.inputs)
 
     def __getitem__(self, i: int) -> tuple[int, Tensor | None, str]:
         try:
-            return i, self.transform(read_image_file(self.paths[i])), ""
+            return i, self.transform(_read_input(self.inputs[i])), ""
         except Exception as e:  # any decoder error names the file in the caller's report
             cause = e.__cause__ if isinstance(e, ValueError) and e.__cause__ is not None else e
             return i, None, str(cause) or type(cause).__name__
@@ -408,9 +461,11 @@ class Predictor:
         return run.method(x).float()
 
     def iter_batches(
-        self, paths: Sequence[str], top_k: int, strict: bool = False, progress: bool = True
+        self, paths: Sequence[ImageInput], top_k: int, strict: bool = False, progress: bool = True
     ) -> Iterator[tuple[list[Prediction], list[tuple[str, str]]]]:
         """Yield ``(predictions, failures)`` per batch, in input order; ``failures`` are ``(path, reason)``.
+
+        ``paths`` are image files, or rows of a dataset (:func:`collect_dataset_images`).
 
         Raises:
             PredictError: ``strict`` and a file cannot be read (the message names it); ``top_k`` < 1.
@@ -429,12 +484,13 @@ class Predictor:
         from tqdm import tqdm
 
         quiet = not progress or not sys.stderr.isatty() or len(loader) < 2
+        names = [input_name(p) for p in paths]
         for idx, x, bad in tqdm(loader, total=len(loader), desc="predict", leave=False, disable=quiet):
-            failures = [(paths[i], reason) for i, reason in bad]
+            failures = [(names[i], reason) for i, reason in bad]
             if strict and failures:
                 path, reason = failures[0]
                 raise PredictError(f"cannot read input {path}: {reason} (without --strict it is skipped)")
-            preds = self._top_k(x, [paths[i] for i in idx], top_k) if x is not None else []
+            preds = self._top_k(x, [names[i] for i in idx], top_k) if x is not None else []
             yield preds, failures
 
     def _top_k(
@@ -478,7 +534,7 @@ class Predictor:
         return [p for batch in self.iter_texts(texts, top_k, progress) for p in batch]
 
     def predict(
-        self, paths: Sequence[str], top_k: int = 1, strict: bool = False, progress: bool = True
+        self, paths: Sequence[ImageInput], top_k: int = 1, strict: bool = False, progress: bool = True
     ) -> tuple[list[Prediction], list[tuple[str, str]]]:
         """All predictions and all failures (see :meth:`iter_batches`)."""
         preds: list[Prediction] = []

@@ -158,14 +158,21 @@ class RunEvent:
     Attributes:
         kind: ``task_end`` after each task (``results.json`` has just been written); ``resumed`` once when a run
             continues from a checkpoint (``results.json`` has just been rewritten from it); ``run_end`` at the
-            end of every call, also when a finished run was resumed and no task ran.
+            end of every call, also when a finished run was resumed and no task ran; ``step`` after every
+            optimizer step and ``epoch_end`` after every epoch (training progress: ``scalars`` and ``step``, no
+            ``results``).
         run_dir: the run directory.
-        task: the 0-based task just finished (``task_end``), the checkpoint's task (``resumed``), or the last one
-            (``run_end``).
-        results: the record as written to ``results.json``.
+        task: the 0-based task just finished (``task_end``), the checkpoint's task (``resumed``), the last one
+            (``run_end``), or the task in training (``step``, ``epoch_end``).
+        results: the record as written to ``results.json`` (empty for ``step`` and ``epoch_end``).
+        scalars: ``step``: ``train/loss`` (the step's mean loss over this process's samples) and ``train/lr``;
+            ``epoch_end``: ``train/epoch_loss`` (the epoch's mean over all samples) and ``train/epoch`` (1-based).
+        step: ``step`` / ``epoch_end``: optimizer steps of the run so far, over all tasks (1 after the first step).
     """
 
-    kind: Literal["task_end", "resumed", "run_end"]
+    kind: Literal["task_end", "resumed", "run_end", "step", "epoch_end"]
     run_dir: Path
     task: int
     results: dict[str, Any]
+    scalars: dict[str, float] = field(default_factory=dict)
+    step: int | None = None

@@ -73,7 +73,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Config keys that may change on ``--resume`` without changing results.
-RESUME_FREE_KEYS = ("data.num_workers", "train.device", "train.threads", "train.checkpoint")
+RESUME_FREE_KEYS = ("data.num_workers", "train.device", "train.threads", "train.checkpoint", "train.log_to")
 
 #: The lock file of a run directory (:func:`run_dir_lock`).
 LOCK_FILE = ".sdlora.lock"

@@ -5,9 +5,10 @@ under torchrun) and the per-task correct counts on the test data; :class:`Runtim
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +34,8 @@ class Runtime:
         device: where the model and batches live.
         info: process layout (a single process by default).
         workers: DataLoader worker processes.
+        progress: called on the main process with ``(kind, task, step, scalars)`` after every optimizer step
+            (``kind`` ``step``) and epoch (``epoch_end``); see :class:`~sdlora.results.RunEvent` for the scalars.
     """
 
     train: TrainConfig
@@ -40,6 +43,7 @@ class Runtime:
     device: torch.device
     info: DistInfo = field(default_factory=DistInfo)
     workers: int = 0
+    progress: Callable[[Literal["step", "epoch_end"], int, int, dict[str, float]], None] | None = None
 
 
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -94,13 +98,19 @@ def evaluate(
     return correct.tolist(), total.tolist()
 
 
-def train_task(method: Method, ctx: TaskContext, train_set: SeededAugment, rt: Runtime) -> dict[str, Any]:
+def train_task(
+    method: Method, ctx: TaskContext, train_set: SeededAugment, rt: Runtime, steps_before: int = 0
+) -> dict[str, Any]:
     """The training epochs of one task (after ``begin_task``): ``{"epochs", "steps", "loss"}`` (last epoch's mean).
+
+    ``rt.progress`` hears every step and epoch; ``steps_before`` (optimizer steps of the earlier tasks) makes
+    its step numbers count over the whole run.
 
     Raises:
         RunError: the epoch's mean loss is not finite.
     """
     tcfg, info, device = rt.train, rt.info, rt.device
+    tell = rt.progress if info.main else None
     epochs = ctx.epochs
     params = method.trainable_parameters()
     if not method.trains or epochs == 0 or not params:
@@ -144,8 +154,12 @@ def train_task(method: Method, ctx: TaskContext, train_set: SeededAugment, rt: R
                 torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
             opt.step()
             steps += 1
-            running += float(shard_loss.detach()) * len(y)
+            step_loss = float(shard_loss.detach())
+            running += step_loss * len(y)
             count += len(y)
+            if tell is not None:
+                lr = float(opt.param_groups[0]["lr"])
+                tell("step", ctx.task, steps_before + steps, {"train/loss": step_loss, "train/lr": lr})
         if sched is not None:
             sched.step()
         if info.enabled:
@@ -160,4 +174,7 @@ def train_task(method: Method, ctx: TaskContext, train_set: SeededAugment, rt: R
                 f"training diverged in task {ctx.task + 1}, epoch {epoch + 1} (loss {last_loss}); "
                 "lower train.lr or set train.grad_clip"
             )
+        if tell is not None:
+            scalars = {"train/epoch_loss": last_loss, "train/epoch": float(epoch + 1)}
+            tell("epoch_end", ctx.task, steps_before + steps, scalars)
     return {"epochs": epochs, "steps": steps, "loss": last_loss}

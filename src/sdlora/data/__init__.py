@@ -6,6 +6,7 @@ extend with :func:`register_dataset`), :class:`Scenario` and :func:`make_scenari
 or a dict of tensors for text).
 """
 
+from . import hf as _hf  # noqa: F401  (registers hf; imports `datasets` only when one is loaded)
 from . import readers as _readers  # noqa: F401  (fills DATASETS)
 from . import text_readers as _text_readers  # noqa: F401  (registers wordnet, text_csv, text_jsonl)
 from .base import (
@@ -22,7 +23,7 @@ from .base import (
     register_dataset,
     stratified_test_mask,
 )
-from .datasets import ArrayImageDataset, FileImageDataset, read_image_file
+from .datasets import ArrayImageDataset, FileImageDataset, ImageRows, RowImageDataset, read_image_file
 from .readers import read_idx, scan_image_folder
 from .scenario import Scenario, TaskSubset, make_scenario, peer_class_order
 from .text import Batch, TextDataset, TextEncoder, batch_to, encode_texts
@@ -37,6 +38,8 @@ __all__ = [
     "DatasetBundle",
     "DatasetSpec",
     "FileImageDataset",
+    "ImageRows",
+    "RowImageDataset",
     "ImageTransform",
     "RawDataset",
     "Scenario",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .datasets import ArrayImageDataset, FileImageDataset
+from .datasets import ArrayImageDataset, FileImageDataset, ImageRows, RowImageDataset
 from .identity import data_identity, split_digest
 from .text import TextDataset, encode_texts
 from .transforms import ImageTransform
@@ -40,19 +40,20 @@ __all__ = [
 
 @dataclass
 class SplitData:
-    """One split before transforms: labels plus exactly one of ``images`` (uint8 [N, C, H, W]), ``paths`` or
-    ``texts``."""
+    """One split before transforms: labels plus exactly one of ``images`` (uint8 [N, C, H, W]), ``paths``,
+    ``texts`` or ``rows`` (images decoded on access from another source, e.g. a Hugging Face dataset)."""
 
     targets: np.ndarray
     images: torch.Tensor | None = None
     paths: list[str] | None = None
     texts: list[str] | None = None
+    rows: ImageRows | None = None
 
     def __post_init__(self) -> None:
         self.targets = np.asarray(self.targets, dtype=np.int64)
-        given = [v for v in (self.images, self.paths, self.texts) if v is not None]
+        given = [v for v in (self.images, self.paths, self.texts, self.rows) if v is not None]
         if len(given) != 1:
-            raise ValueError("SplitData needs exactly one of images, paths or texts")
+            raise ValueError("SplitData needs exactly one of images, paths, texts or rows")
         if len(given[0]) != len(self.targets):
             raise ValueError(f"{len(given[0])} samples but {len(self.targets)} targets")
 
@@ -70,6 +71,8 @@ class SplitData:
             return SplitData(self.targets[idx], images=self.images[torch.from_numpy(idx)].clone())
         if self.texts is not None:
             return SplitData(self.targets[idx], texts=[self.texts[i] for i in idx])
+        if self.rows is not None:
+            return SplitData(self.targets[idx], rows=self.rows.select(idx))
         assert self.paths is not None
         return SplitData(self.targets[idx], paths=[self.paths[i] for i in idx])
 
@@ -120,27 +123,39 @@ class DataConfig:
     Attributes:
         name: Registered dataset (see :data:`DATASETS`): images ``fashion_mnist``, ``cifar100``, ``imagenet_r``,
             ``imagenet_a``, ``cub200``, ``domainnet``, ``imagefolder``, ``synthetic``; text ``wordnet``,
-            ``text_csv``, ``text_jsonl`` (text datasets need a text backbone, e.g. ``minilm_l6``).
+            ``text_csv``, ``text_jsonl`` (text datasets need a text backbone, e.g. ``minilm_l6``); images or text
+            ``hf`` (a Hugging Face ``datasets`` dataset, :mod:`sdlora.data.hf`; needs ``pip install sdlora[hf]``).
         root: Dataset root directory (``docs/datasets.md`` describes each layout). ``None``: Fashion-MNIST looks in
             ``/usr/share/datasets/fashion-mnist``, then the user cache; CIFAR-100 uses the user cache; WordNet
             reads ``/usr/share/wordnet``. ``text_csv`` / ``text_jsonl``: one file (split here) or a directory
-            holding ``train.<ext>`` and ``test.<ext>``.
+            holding ``train.<ext>`` and ``test.<ext>``. ``hf``: a ``save_to_disk`` directory, a data file or
+            directory of data files (parquet, arrow, csv, json/jsonl), or a hub id (needs network or the cache).
         format: Split convention. ``imagenet_r``: ``"folders"`` (pre-split ``train/`` ``test/`` trees, default) or
             ``"coda_yaml"`` (CODA-Prompt ``imagenet-r_{train,test}.yaml``). ``domainnet``: ``"coda_yaml"``
             (default) or ``"txt"`` (official ``<domain>_{train,test}.txt``). ``imagefolder``: ``"presplit"`` or
             ``"single_tree"`` (default: ``presplit`` when ``root/train`` and ``root/test`` exist). ``text_csv``:
-            ``"csv"`` or ``"tsv"`` (default: from the file extension, ``.tsv`` is tab-separated).
+            ``"csv"`` or ``"tsv"`` (default: from the file extension, ``.tsv`` is tab-separated). ``hf``:
+            ``"disk"`` (``save_to_disk``), ``"files"`` (data files) or ``"hub"`` (default: ``disk`` for a directory
+            holding ``dataset_dict.json`` or ``state.json``, ``files`` for another existing path, else ``hub``).
         image_size: Side length of the model input (images).
         max_length: Text: tokens per text after tokenisation (longer texts are truncated).
         train_per_class: Keep this many training samples per class (chosen with the seed); ``None`` keeps all.
             For ``synthetic`` it is the number generated (default 16).
         test_per_class: Likewise for the test split (``synthetic`` default 8).
         test_fraction: Test share per class when the dataset is split here (``imagefolder`` single tree,
-            ``wordnet``, a single ``text_csv`` / ``text_jsonl`` file); the split is drawn with the run's seed.
+            ``wordnet``, a single ``text_csv`` / ``text_jsonl`` file, ``hf`` without a test split); the split is
+            drawn with the run's seed.
         largest_classes: Keep only the N classes with the most samples (train + test; ties: lower label first),
             relabelled 0..N-1 in their original order; ``None`` keeps all.
-        text_column: ``text_csv`` / ``text_jsonl``: the column (key) holding the text.
-        label_column: ``text_csv`` / ``text_jsonl``: the column (key) holding the class label (a name or an int).
+        text_column: ``text_csv`` / ``text_jsonl`` / ``hf``: the column (key) holding the text.
+        label_column: ``text_csv`` / ``text_jsonl`` / ``hf``: the column (key) holding the class label (a name or
+            an int; ``hf``: also a ``ClassLabel``, whose names become the class names).
+        image_column: ``hf``: the ``Image`` column; a dataset without it (or with ``image_column: null``) is read
+            as text from ``text_column``.
+        train_split: ``hf``: the split to train on (default ``train``, or the only split).
+        test_split: ``hf``: the split to test on (default ``test`` when the dataset has it; otherwise the training
+            split is split per class with ``test_fraction`` and the seed).
+        subset: ``hf`` hub datasets: the configuration name (``load_dataset(root, subset)``), e.g. ``sst2``.
         augment: Official random-resized-crop + flip training transform; ``False`` uses the test transform.
             Text is not augmented.
         download: Let torchvision download CIFAR-100 / Fashion-MNIST when they are absent.
@@ -159,6 +174,10 @@ class DataConfig:
     largest_classes: int | None = None
     text_column: str = "text"
     label_column: str = "label"
+    image_column: str | None = "image"
+    train_split: str | None = None
+    test_split: str | None = None
+    subset: str | None = None
     augment: bool = True
     download: bool = True
     synthetic_classes: int = 10
@@ -182,6 +201,18 @@ class DataConfig:
                 raise ValueError(f"{name}: must be a non-empty column name")
         if self.text_column == self.label_column:
             raise ValueError(f"text_column and label_column are both {self.text_column!r}")
+        if self.image_column is not None and self.image_column in (self.label_column, ""):
+            raise ValueError(f"image_column: must be a column name other than label_column, got {self.image_column!r}")
+        for name in ("train_split", "test_split", "subset"):
+            v = getattr(self, name)
+            if v is not None and self.name != "hf":
+                raise ValueError(f"{name}: applies to data.name hf only (this is {self.name!r}); leave it null")
+            if v is not None and not v.strip():
+                raise ValueError(f"{name}: must be a non-empty name or null")
+        if self.test_split is not None and self.test_split == self.train_split:
+            raise ValueError(
+                f"test_split: {self.test_split!r} is also train_split; leave test_split null to split it here"
+            )
         for name in ("train_per_class", "test_per_class"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -300,7 +331,9 @@ def _base_info(cfg: DataConfig, raw: RawDataset, n_train: int, n_test: int) -> d
 
 
 def _digest(split: SplitData, root: str | None) -> str:
-    return split_digest(split.targets, images=split.images, paths=split.paths, texts=split.texts, root=root)
+    return split_digest(
+        split.targets, images=split.images, paths=split.paths, texts=split.texts, rows=split.rows, root=root
+    )
 
 
 def _wrap(split: SplitData, transform: ImageTransform, encodings: dict[str, torch.Tensor] | None) -> Dataset:
@@ -308,6 +341,8 @@ def _wrap(split: SplitData, transform: ImageTransform, encodings: dict[str, torc
         return TextDataset(encodings, split.targets)
     if split.images is not None:
         return ArrayImageDataset(split.images, split.targets, transform)
+    if split.rows is not None:
+        return RowImageDataset(split.rows, split.targets, transform)
     assert split.paths is not None
     return FileImageDataset(split.paths, split.targets, transform)
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .base import DataConfig, build_dataset, load_raw_dataset
-from .datasets import FileImageDataset, read_image_file
+from .datasets import FileImageDataset, RowImageDataset, read_image_file
 
 __all__ = ["DataCheck", "check_dataset", "check_image_files", "coverage_problems"]
 
@@ -93,8 +93,8 @@ class DataCheck:
         class_names: Name of each label.
         train_counts: Training images per label (after ``train_per_class``).
         test_counts: Test images per label (after ``test_per_class``).
-        files_checked: Image files decoded (0 for in-memory datasets, decoded when loaded).
-        bad_files: ``(path, reason)`` of every file that cannot be decoded.
+        files_checked: Image files (or dataset rows, ``hf``) decoded (0 for in-memory datasets, decoded when loaded).
+        bad_files: ``(path or row, reason)`` of every image that cannot be decoded.
         problems: Classes of the scenario without training or test images (:func:`coverage_problems`).
     """
 
@@ -134,7 +134,8 @@ class DataCheck:
                 f"{tok.get('max_length')} (truncated, or exactly that long)"
             )
         elif self.files_checked:
-            lines.append(f"decoded {self.files_checked} image files: {len(self.bad_files)} unreadable")
+            what = "dataset images" if self.info.get("name") == "hf" else "image files"
+            lines.append(f"decoded {self.files_checked} {what}: {len(self.bad_files)} unreadable")
         else:
             lines.append("images are held in memory (decoded when the dataset was loaded)")
         lines += [f"  {reason}" for _, reason in self.bad_files]
@@ -195,6 +196,15 @@ def check_dataset(
         test_counts=np.bincount(bundle.test_targets, minlength=n).tolist(),
     )
     paths = [p for ds in (bundle.train, bundle.test) if isinstance(ds, FileImageDataset) for p in ds.paths]
+    rows = [ds.rows for ds in (bundle.train, bundle.test) if isinstance(ds, RowImageDataset)]
+    if rows:  # images inside a dataset (hf): decoded here, one at a time
+        check.files_checked = sum(len(r) for r in rows)
+        for r in rows:
+            for i in range(len(r)):
+                try:
+                    r.read(i)
+                except (OSError, ValueError) as e:
+                    check.bad_files.append((r.name(i), str(e)))
     if paths:
         check.files_checked = len(paths)
         nw = cfg.num_workers if workers is None else workers

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["WIDE_MODES", "ArrayImageDataset", "FileImageDataset", "read_image_file", "wide_to_uint8"]
+__all__ = [
+    "WIDE_MODES",
+    "ArrayImageDataset",
+    "FileImageDataset",
+    "ImageRows",
+    "RowImageDataset",
+    "decode_image",
+    "read_image_file",
+    "wide_to_uint8",
+]
 
 
 #: PIL modes holding more than 8 bits per sample. ``convert("RGB")`` clips them (a 16-bit PNG becomes solid white,
@@ -58,20 +68,31 @@ def read_image_file(path: str) -> torch.Tensor:
         ValueError: If the file cannot be decoded as an image, is truncated, or holds samples that cannot be read as
             8-bit (the message names it).
     """
-    from PIL import Image, UnidentifiedImageError
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
+    return decode_image(path, path)
+
+
+def decode_image(source: str | IO[bytes], name: str) -> torch.Tensor:
+    """Decode an image (a file path or a binary stream) to ``uint8 [3, H, W]`` RGB, as :func:`read_image_file`;
+    ``name`` says where it came from in error messages (a file, or a dataset row).
+
+    Raises:
+        ValueError: The data cannot be decoded as an image, is truncated, or holds samples that cannot be read as
+            8-bit (the message names ``name``).
+    """
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             mode = im.mode
             arr = np.asarray(im) if mode in WIDE_MODES else np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # ValueError: a mode PIL cannot convert to RGB; SyntaxError: some PIL plugins' "not a valid file".
-        raise ValueError(f"cannot decode image {path}: {e}") from e
+        raise ValueError(f"cannot decode image {name}: {e}") from e
     if mode in WIDE_MODES:
-        arr = np.repeat(wide_to_uint8(arr, mode, path)[:, :, None], 3, axis=2)
+        arr = np.repeat(wide_to_uint8(arr, mode, name)[:, :, None], 3, axis=2)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # one copy: HWC -> CHW, writable
 
 
@@ -121,3 +142,49 @@ class FileImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.transform(read_image_file(self.paths[i])), int(self.targets[i])
+
+
+class ImageRows(Protocol):
+    """Images read one at a time from a source other than files, e.g. the rows of a Hugging Face dataset
+    (:class:`sdlora.data.hf.HFImageRows`): selectable, hashable, decoded on access."""
+
+    def __len__(self) -> int: ...
+
+    def read(self, i: int) -> torch.Tensor:
+        """The ``i``-th image as ``uint8 [3, H, W]``; ``ValueError`` naming the row when it cannot be decoded."""
+        ...
+
+    def name(self, i: int) -> str:
+        """Where the ``i``-th image comes from, for messages and predictions."""
+        ...
+
+    def select(self, idx: np.ndarray) -> ImageRows:
+        """The rows at ``idx`` (in that order)."""
+        ...
+
+    def update_digest(self, h: Any) -> None:
+        """Feed the encoded bytes of every row, in order, to the hash object ``h``."""
+        ...
+
+
+class RowImageDataset(Dataset):
+    """Images decoded from :class:`ImageRows` on access (the file-less counterpart of :class:`FileImageDataset`).
+
+    Args:
+        rows: The image source.
+        targets: int64 labels, one per row.
+        transform: Maps one ``uint8 [3, H, W]`` image to the model input.
+    """
+
+    def __init__(self, rows: ImageRows, targets: np.ndarray, transform: Callable[[torch.Tensor], torch.Tensor]):
+        if len(rows) != len(targets):
+            raise ValueError(f"{len(rows)} rows but {len(targets)} targets")
+        self.rows = rows
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.rows.read(i)), int(self.targets[i])

@@ -11,7 +11,9 @@ samples the run uses. Its digests:
   image bytes are not read: hashing a 30k-file tree would cost minutes; a renamed, added, removed or relabelled
   file changes the digest, an image edited in place does not);
 * in-memory datasets (Fashion-MNIST, CIFAR-100, synthetic): sha256 over the label array and the image bytes;
-* text datasets (WordNet, CSV, JSON lines): sha256 over the ``(label, text)`` pairs in order.
+* text datasets (WordNet, CSV, JSON lines, Hugging Face text): sha256 over the ``(label, text)`` pairs in order;
+* image rows of a Hugging Face dataset: sha256 over the labels and each row's encoded image bytes, in order (the
+  dataset's own fingerprint is not used: for data files it changes when a file is copied or touched).
 
 This module is a leaf: numpy, torch and the standard library only.
 """
@@ -46,10 +48,11 @@ def split_digest(
     images: torch.Tensor | None = None,
     paths: Sequence[str] | None = None,
     texts: Sequence[str] | None = None,
+    rows: Any = None,
     root: str | None = None,
 ) -> str:
-    """sha256 of one split: labels plus image bytes (``images``), the sorted ``(relative path, label)`` list, or the
-    ``(label, text)`` pairs in order (``texts``).
+    """sha256 of one split: labels plus image bytes (``images``), the sorted ``(relative path, label)`` list, the
+    ``(label, text)`` pairs in order (``texts``), or labels plus each row's encoded image bytes (``rows``).
 
     Args:
         targets: int labels aligned with ``images`` or ``paths``.
@@ -57,15 +60,24 @@ def split_digest(
         paths: image file paths (made relative to ``root`` when they lie under it, so moving the dataset
             directory keeps the digest).
         texts: the texts of a text dataset (before tokenisation).
+        rows: images read from another source (:class:`sdlora.data.datasets.ImageRows`: ``len`` and
+            ``update_digest(h)``, which feeds each row's encoded bytes to the hash).
         root: the dataset root.
 
     Raises:
         ValueError: not exactly one of ``images``, ``paths`` and ``texts``, or a length mismatch.
     """
-    if sum(v is not None for v in (images, paths, texts)) != 1:
-        raise ValueError("split_digest needs exactly one of images, paths or texts")
+    if sum(v is not None for v in (images, paths, texts, rows)) != 1:
+        raise ValueError("split_digest needs exactly one of images, paths, texts or rows")
     labels = np.asarray(targets, dtype=np.int64)
     h = hashlib.sha256()
+    if rows is not None:
+        if len(rows) != len(labels):
+            raise ValueError(f"{len(rows)} rows but {len(labels)} targets")
+        h.update(b"rows|")
+        h.update(labels.tobytes())
+        rows.update_digest(h)
+        return h.hexdigest()
     if texts is not None:
         if len(texts) != len(labels):
             raise ValueError(f"{len(texts)} texts but {len(labels)} targets")
