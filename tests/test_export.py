@@ -338,3 +338,29 @@ def test_hf_peft_export_loads_on_the_transformers_model(
         torch.testing.assert_close(ns["logits"], want_logits, atol=1e-5, rtol=1e-5)
         # the adapter changes the function (not two bare backbones compared)
         assert (want_features - method.low_rank_update().base(x)).abs().max() > 1e-3
+
+
+def test_peft_export_carries_the_calibrated_head_or_refuses_it(tmp_path):
+    """A run with ``method.calib``: the exported classifier is the linear ridge head the run evaluated (same
+    logits through PEFT); a head that is not linear in the features (ncm) is refused with what to do instead."""
+    from sdlora.engine import build_method_from_run
+
+    run = tmp_path / "run"
+    run_tiny(run, two_task_config("sdlora_calib"))
+    out = tmp_path / "peft"
+    method, cfg, _ = build_method_from_run(run)
+    method.eval()
+    write_peft_export(method, out, config=cfg, completed_tasks=2, class_names=["a", "b", "c", "d"])
+    model = _load_with_peft(out, 4)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), method(x), atol=1e-4, rtol=1e-4)
+        assert method.calib is not None
+        torch.testing.assert_close(method(x), method.calib.logits(method.features(x)))
+    ncm = tmp_path / "ncm"
+    ncm_cfg = two_task_config("sdlora")
+    ncm_cfg["method"]["calib"] = {"head": "ncm"}
+    run_tiny(ncm, ncm_cfg)
+    method, cfg, _ = build_method_from_run(ncm)
+    with pytest.raises(ExportError, match=r"method\.calib\.head='ncm'.*sdlora predict"):
+        write_peft_export(method, tmp_path / "x", config=cfg, completed_tasks=2, class_names=["a", "b", "c", "d"])

@@ -11,7 +11,9 @@ For a run's checkpoint after task N, every seen task's test images are scored an
 
 ``within`` high but ``acc`` low, with images pulled to one block whose maximum logits sit above the others,
 means the errors come from calibration between head blocks (what the current-task-only loss never trains), not
-from forgetting in the backbone (docs/method.md, "When SD-LoRA helps and when it does not").
+from forgetting in the backbone (docs/method.md, "When SD-LoRA helps and when it does not"). For a run with a
+calibrated head (``method.calib``) the table is that head's (the one the run evaluated; a "block" is then the
+classes of a task), and the trained linear head's accuracy on the same features is printed below it.
 """
 
 from __future__ import annotations
@@ -97,20 +99,33 @@ def diagnose_run(
     method.load_state(tensors, record["method"])
     method.eval()
     bounds = [scenario.task_range(t) for t in range(after)]
-    rows = []
+    calibrated = method.calib is not None and method.calib.num_classes == method.head.num_classes
+    rows, trained_rows = [], []
     for t in range(after):
         subset = scenario.subset(data.test, data.test_targets, [t])
-        logits, labels = [], []
+        logits, trained, labels = [], [], []
         for x, y in DataLoader(subset, batch_size=batch_size, shuffle=False):
-            logits.append(method(batch_to(x, dev)).float().cpu())  # a tensor, or a dict of them (text)
+            xb = batch_to(x, dev)  # a tensor, or a dict of them (text)
+            logits.append(method(xb).float().cpu())
+            if calibrated:  # the trained linear head on the same features, for comparison
+                trained.append(method.head(method.features(xb)).float().cpu())
             labels.append(y)
         rows.append(block_statistics(torch.cat(logits), torch.cat(labels), bounds))
+        if calibrated:
+            trained_rows.append(block_statistics(torch.cat(trained), torch.cat(labels), bounds))
+    head = "trained linear head"
+    if calibrated:
+        c = method.calib_config
+        head = f"calibrated head: {c.head}" + (f" (projection {c.projection_dim})" if c.projection_dim else "")
+        head += f", drift compensation {c.drift}"
     return {
         "run": str(out),
         "method": cfg.method.name,
         "after_task": after,
         "num_tasks": scenario.num_tasks,
+        "head": head,
         "tasks": rows,
+        "trained_head_tasks": trained_rows,
     }
 
 
@@ -133,4 +148,14 @@ def format_diagnosis(d: dict[str, Any]) -> str:
     acc = sum(r["acc"] * r["n"] for r in d["tasks"]) / total
     within = sum(r["within"] * r["n"] for r in d["tasks"]) / total
     lines.append(f"all      {total:>5} {acc:6.1f} {within:6.1f}")
+    lines.insert(1, f"predicting with the {d.get('head', 'trained linear head')}")
+    trained = d.get("trained_head_tasks") or []
+    if trained:
+        t_acc = sum(r["acc"] * r["n"] for r in trained) / total
+        t_within = sum(r["within"] * r["n"] for r in trained) / total
+        per_task = " ".join(f"{r['acc']:.1f}" for r in trained)
+        lines.append(
+            f"the trained linear head on the same features: acc {t_acc:.1f}, within {t_within:.1f} "
+            f"(per task {per_task})"
+        )
     return "\n".join(lines)
