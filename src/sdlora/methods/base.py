@@ -128,7 +128,9 @@ class LowRankUpdate:
     factors: dict[str, tuple[Tensor, Tensor]]
 
 
-def _identity(f: Tensor) -> Tensor:
+def _identity(f: Batch) -> Tensor:
+    """The statistics' "feature extractor" for batches that already hold features."""
+    assert isinstance(f, Tensor)
     return f
 
 
