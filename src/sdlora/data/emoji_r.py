@@ -302,7 +302,7 @@ def select_emoji(
                 str(row["subcategory"]), str(row["unified"]).lower(), str(row["short_name"]), tuple(icons)
             )
             by_class.setdefault(entry.subcategory, []).append((int(row.get("sort_order", 0)), entry))
-    kept = []
+    kept: list[EmojiEntry] = []
     for cls in sorted(by_class):
         if len(by_class[cls]) >= min_per_class:
             kept.extend(e for _, e in sorted(by_class[cls], key=lambda t: t[0]))
