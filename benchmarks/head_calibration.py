@@ -89,7 +89,14 @@ def run_seed(config: str, method_name: str, seed: int, overrides: list[str]) -> 
     rt = Runtime(train=cfg.train, seed=cfg.seed, device=device, workers=cfg.data.num_workers)
     state = RunState(session_start=time.time())
     n = scenario.num_tasks
-    drifts = ["none", "linear", "sdc"]
+    # drift variants: name -> CalibConfig; "linear" is the default drift_ridge, the others bracket it
+    drifts = {
+        "none": CalibConfig(),
+        "linear": CalibConfig(drift="linear"),
+        "linear_r1e-3": CalibConfig(drift="linear", drift_ridge=1e-3),
+        "linear_r1e-1": CalibConfig(drift="linear", drift_ridge=1e-1),
+        "sdc": CalibConfig(drift="sdc"),
+    }
     stores = {k: FeatureStatistics(method.num_features, "full") for k in drifts}
     curves: dict[str, list[float]] = {}
     for t in range(n):
@@ -97,9 +104,9 @@ def run_seed(config: str, method_name: str, seed: int, overrides: list[str]) -> 
         before = embed(method, td.statistics, device)[0] if t else None
         run_task(method, state, td, rt, num_tasks=n)
         after, y = embed(method, td.statistics, device)
-        for k in drifts:
-            if before is not None and k != "none":
-                compensate_statistics([stores[k]], CalibConfig(drift=k), before, after)  # type: ignore[arg-type]
+        for k, dcfg in drifts.items():
+            if before is not None:
+                compensate_statistics([stores[k]], dcfg, before, after)
             stores[k].add_classes(_batches(after, y), lambda f: f, td.class_start, td.class_end)
         oracle = FeatureStatistics(method.num_features, "full")
         for j in range(t + 1):
