@@ -96,7 +96,7 @@ class CalibConfig:
     drift_ridge: float = 1e-2
     sdc_sigma: float = 0.3
     projection_dim: int = 0
-    ridge: float = 1e-3
+    ridge: float = 0.1
     samples_per_class: int = 256
     shrinkage: float = 0.0
 
