@@ -233,3 +233,9 @@ def test_predictions_use_the_evaluated_head(tmp_path, head):
     assert 100.0 * correct / len(test) == pytest.approx(res["acc_after_task"][-1])
     classifier = method.classifier()
     assert (classifier is None) == (head == "ncm")
+    # `sdlora predict` merges the adapter first (merge_for_inference): the same calibrated predictions.
+    x, _ = next(iter(DataLoader(test, batch_size=64)))
+    with torch.no_grad():
+        before = method(x)
+        method.merge_for_inference()
+        torch.testing.assert_close(method(x), before, atol=1e-4, rtol=1e-4)
