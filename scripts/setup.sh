@@ -74,6 +74,8 @@ WORDNET_DIR=/usr/share/wordnet
 DEBS=()
 [ -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ] || DEBS+=(dataset-fashion-mnist)
 [ -f "$WORDNET_DIR/data.noun" ] || DEBS+=(wordnet-base)
+[ -f /usr/share/games/fortunes/people ] || DEBS+=(fortunes)
+[ -f /usr/share/games/fortunes/fortunes ] || DEBS+=(fortunes-min)
 if [ "${#DEBS[@]}" -gt 0 ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
         echo "[setup] installing Debian package(s) ${DEBS[*]}"

@@ -91,3 +91,28 @@ def test_diagnose_reads_learned_tasks_and_only_committed_checkpoints(tmp_path, m
     assert d["after_task"] == 3 and [r["n"] for r in d["tasks"]] == [6, 6, 6]
     for t, row in enumerate(d["tasks"]):  # the same test images, the same model: the row learn recorded
         assert row["acc"] == pytest.approx(results["accuracy_matrix"][2][t])
+def test_diagnose_a_calibrated_run_shows_its_head(tmp_path, capsys):
+    """With ``method.calib`` the table is the calibrated head's (what the run evaluated) and the trained linear
+    head is reported beside it on the same features."""
+    cfg = from_dict(
+        RunConfig,
+        tiny_config(
+            method={"name": "sdlora_calib"}, data={"train_per_class": 8, "test_per_class": 4}, train={"epochs": 2}
+        ),
+    )
+    results = run_experiment(cfg, tmp_path / "run")
+    plain = run_experiment(
+        from_dict(RunConfig, tiny_config(data={"train_per_class": 8, "test_per_class": 4}, train={"epochs": 2})),
+        tmp_path / "plain",
+    )
+    d = diagnose_run(tmp_path / "run")
+    assert d["head"].startswith("calibrated head: ridge") and "drift compensation linear" in d["head"]
+    for t, row in enumerate(d["tasks"]):
+        assert row["acc"] == pytest.approx(results["accuracy_matrix"][-1][t])
+    # sdlora_calib trains as sdlora: its trained head scores what plain SD-LoRA's run scored
+    for t, row in enumerate(d["trained_head_tasks"]):
+        assert row["acc"] == pytest.approx(plain["accuracy_matrix"][-1][t])
+    assert main(["diagnose", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "predicting with the calibrated head: ridge" in printed and "trained linear head on the same" in printed
+    assert diagnose_run(tmp_path / "plain")["head"] == "trained linear head"

@@ -396,3 +396,27 @@ def test_killed_exports_leave_no_copies_and_the_target_is_never_missing(tmp_path
     sdlora.export._recover_staging(out)
     assert (out / "labels.txt").read_text() == "x\ny\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+def test_peft_export_carries_the_calibrated_head_or_refuses_it(tmp_path):
+    """A run with ``method.calib``: the exported classifier is the linear ridge head the run evaluated (same
+    logits through PEFT); a head that is not linear in the features (ncm) is refused with what to do instead."""
+    from sdlora.engine import build_method_from_run
+
+    run = tmp_path / "run"
+    run_tiny(run, two_task_config("sdlora_calib"))
+    out = tmp_path / "peft"
+    method, cfg, _ = build_method_from_run(run)
+    method.eval()
+    write_peft_export(method, out, config=cfg, completed_tasks=2, class_names=["a", "b", "c", "d"])
+    model = _load_with_peft(out, 4)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), method(x), atol=1e-4, rtol=1e-4)
+        assert method.calib is not None
+        torch.testing.assert_close(method(x), method.calib.logits(method.features(x)))
+    ncm = tmp_path / "ncm"
+    ncm_cfg = two_task_config("sdlora")
+    ncm_cfg["method"]["calib"] = {"head": "ncm"}
+    run_tiny(ncm, ncm_cfg)
+    method, cfg, _ = build_method_from_run(ncm)
+    with pytest.raises(ExportError, match=r"method\.calib\.head='ncm'.*sdlora predict"):
+        write_peft_export(method, tmp_path / "x", config=cfg, completed_tasks=2, class_names=["a", "b", "c", "d"])

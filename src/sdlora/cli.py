@@ -263,6 +263,34 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_data(args: argparse.Namespace) -> int:
+    from .data.emoji_r import build_emoji_r, default_emoji_r_root
+
+    root = args.root or str(default_emoji_r_root())
+    last = [-1]
+
+    def progress(done: int, total: int) -> None:
+        pct = 100 * done // total
+        if pct // 10 != last[0] // 10 or done == total:
+            last[0] = pct
+            log.info("emoji_r: rendered %d / %d images", done, total)
+
+    rec = build_emoji_r(
+        root,
+        size=args.size,
+        min_per_class=args.min_per_class,
+        cache_dir=args.cache,
+        registry=args.registry,
+        overwrite=args.overwrite,
+        progress=progress,
+    )
+    print(
+        f"emoji_r: {rec['num_classes']} classes, {rec['num_emoji']} emoji, {rec['num_images']} images "
+        f"({rec['settings']['size']} px) in {root} (built in {rec['build_seconds']} s)"
+    )
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from .backbones import BACKBONES
     from .config import preset_names
@@ -432,6 +460,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--json", help="also write the numbers to this JSON file")
     sp.set_defaults(fn=cmd_diagnose)
+
+    sp = sub.add_parser(
+        "build-data",
+        help="download (npm registry, cached, sha256-pinned) and render a built dataset: emoji_r",
+        description="Build Emoji-R: emoji in six openly licensed styles, labelled by CLDR sub-category "
+        "(docs/datasets.md). Reuses a directory built with the same settings.",
+    )
+    sp.add_argument("name", choices=("emoji_r",))
+    sp.add_argument(
+        "--root", help="dataset directory (default: <sdlora cache>/data/emoji_r, read when data.root is null)"
+    )
+    sp.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
+    sp.add_argument("--min-per-class", type=int, default=20, help="keep sub-categories with this many emoji (20)")
+    sp.add_argument("--cache", help="tarball cache directory (default: <sdlora cache>/npm)")
+    sp.add_argument(
+        "--registry", help="npm registry URL (default: $SDLORA_NPM_REGISTRY or https://registry.npmjs.org)"
+    )
+    sp.add_argument("--overwrite", action="store_true", help="replace a directory built with other settings")
+    sp.set_defaults(fn=cmd_build_data)
 
     sp = sub.add_parser("list", help="registered methods, datasets, backbones and presets")
     sp.set_defaults(fn=cmd_list)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from .alignment import AlignConfig
 from .backbones import BackboneConfig
+from .calibration import CalibConfig
 from .configtools import ConfigError, apply_overrides, from_dict, load_yaml, override_key, to_dict
 from .data import DataConfig, Scenario, make_scenario
 from .lora import AdapterConfig
@@ -55,6 +56,9 @@ class MethodConfig:
         align: optional classifier alignment after each task (SLCA, ``alignment.AlignConfig``), for every method
             with a trained head; off by default and in the paper presets (a deviation from the SD-LoRA paper).
             ``sdlora_ca`` and ``seq_lora_ca`` turn it on.
+        calib: optional calibrated head on class statistics that follow the backbone (drift compensation;
+            ``calibration.CalibConfig``), for every method with a trained head; off by default and in the paper
+            presets (a deviation). ``sdlora_calib`` and ``seq_lora_calib`` turn it on.
     """
 
     name: str = "sdlora"
@@ -63,6 +67,7 @@ class MethodConfig:
     head_init: Literal["kaiming", "zeros"] = "kaiming"
     options: dict[str, Any] = field(default_factory=dict)
     align: AlignConfig = field(default_factory=AlignConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
 
 
 @dataclass

@@ -11,7 +11,9 @@ For a run's checkpoint after task N, every seen task's test images are scored an
 
 ``within`` high but ``acc`` low, with images pulled to one block whose maximum logits sit above the others,
 means the errors come from calibration between head blocks (what the current-task-only loss never trains), not
-from forgetting in the backbone (docs/method.md, "When SD-LoRA helps and when it does not").
+from forgetting in the backbone (docs/method.md, "When SD-LoRA helps and when it does not"). For a run with a
+calibrated head (``method.calib``) the table is that head's (the one the run evaluated; a "block" is then the
+classes of a task), and the trained linear head's accuracy on the same features is printed below it.
 """
 
 from __future__ import annotations
@@ -124,29 +126,48 @@ def diagnose_run(
     sources = task_test_sources(cfg, seen, text=tokenizer is not None)
     mean, std = results["backbone"]["mean"], results["backbone"]["std"]
     datasets, skipped = load_test_sources(cfg, sources, mean, std, tokenizer)
-    logits, labels = [], []
+    # With method.calib the run predicts with the calibrated head; the trained linear head is scored beside it on
+    # the same features, for comparison.
+    calibrated = method.calib is not None and method.calib.num_classes == method.head.num_classes
+    logits, trained, labels = [], [], []
     for ds in datasets:
         for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False):
-            logits.append(method(batch_to(x, dev)).float().cpu())  # a tensor, or a dict of them (text)
+            xb = batch_to(x, dev)  # a tensor, or a dict of them (text)
+            logits.append(method(xb).float().cpu())
+            if calibrated:
+                trained.append(method.head(method.features(xb)).float().cpu())
             labels.append(y)
     all_logits = torch.cat(logits) if logits else torch.zeros(0, 0)
+    all_trained = torch.cat(trained) if trained else None
     all_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     sizes = [len(ids) for ids in seen["tasks"]]
     bounds = [(sum(sizes[:t]), sum(sizes[: t + 1])) for t in range(after)]
     reasons = dict(skipped)
     rows: list[dict[str, Any]] = []
+    trained_rows: list[dict[str, Any]] = []
     for t, (s, e) in enumerate(bounds):
         mask = (all_labels >= s) & (all_labels < e)
         if t in reasons or not bool(mask.any()):
             rows.append({"n": 0, "skipped": reasons.get(t, "no test samples")})
+            if all_trained is not None:
+                trained_rows.append(rows[-1])
             continue
         rows.append(block_statistics(all_logits[mask], all_labels[mask], bounds))
+        if all_trained is not None:
+            trained_rows.append(block_statistics(all_trained[mask], all_labels[mask], bounds))
+    head = "trained linear head"
+    if calibrated:
+        c = method.calib_config
+        head = f"calibrated head: {c.head}" + (f" (projection {c.projection_dim})" if c.projection_dim else "")
+        head += f", drift compensation {c.drift}"
     return {
         "run": str(out),
         "method": cfg.method.name,
         "after_task": after,
         "num_tasks": int(results["num_tasks"]),
+        "head": head,
         "tasks": rows,
+        "trained_head_tasks": trained_rows,
     }
 
 
@@ -173,4 +194,14 @@ def format_diagnosis(d: dict[str, Any]) -> str:
         acc = sum(r["acc"] * r["n"] for r in d["tasks"] if r["n"]) / total
         within = sum(r["within"] * r["n"] for r in d["tasks"] if r["n"]) / total
         lines.append(f"all      {total:>5} {acc:6.1f} {within:6.1f}")
+    lines.insert(1, f"predicting with the {d.get('head', 'trained linear head')}")
+    trained = [r for r in d.get("trained_head_tasks") or [] if r["n"]]
+    if trained and total:
+        t_acc = sum(r["acc"] * r["n"] for r in trained) / total
+        t_within = sum(r["within"] * r["n"] for r in trained) / total
+        per_task = " ".join(f"{r['acc']:.1f}" for r in trained)
+        lines.append(
+            f"the trained linear head on the same features: acc {t_acc:.1f}, within {t_within:.1f} "
+            f"(per task {per_task})"
+        )
     return "\n".join(lines)

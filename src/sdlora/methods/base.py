@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..alignment import AlignConfig, FeatureStatistics, align_head
 from ..backbones import Backbone
+from ..calibration import CalibConfig, CalibratedHead, compensate_statistics
 from ..config import MethodConfig
 from ..configtools import ConfigError, from_dict
 from ..data import Batch
@@ -127,6 +128,12 @@ class LowRankUpdate:
     factors: dict[str, tuple[Tensor, Tensor]]
 
 
+def _identity(f: Batch) -> Tensor:
+    """The statistics' "feature extractor" for batches that already hold features."""
+    assert isinstance(f, Tensor)
+    return f
+
+
 class Method(nn.Module):
     """Base class: ``self.model`` (backbone features) followed by an ``IncrementalLinear`` head.
 
@@ -162,10 +169,47 @@ class Method(nn.Module):
                     "head-based method (sdlora, seq_lora, inflora, ...)"
                 )
             self.align_stats = FeatureStatistics(backbone.num_features, self.align_config.covariance)
+        self.calib_config = self.make_calib_config(cfg.calib)
+        self.calib: CalibratedHead | None = None
+        if self.calib_config.active and not self.uses_head:
+            raise ValueError(
+                f"method {self.name!r} does not predict with a trained head: method.calib needs a head-based method "
+                "(sdlora, seq_lora, inflora, ...)"
+            )
+        if self.calib_config.head != "linear":
+            self.calib = CalibratedHead(self.calib_config, backbone.num_features)
+        # The current task's features before the task (this process's shard, for drift compensation); held only
+        # from begin_task to after_task, never saved.
+        self._features_before: Tensor | None = None
 
     def make_align_config(self, cfg: AlignConfig) -> AlignConfig:
         """Registry entries that are "this method + classifier alignment" turn it on here (configuration)."""
         return cfg
+
+    def make_calib_config(self, cfg: CalibConfig) -> CalibConfig:
+        """Registry entries that are "this method + a calibrated head" set it here (configuration)."""
+        return cfg
+
+    def _class_stores(self) -> list[FeatureStatistics]:
+        """Every stored class statistic that drift compensation moves."""
+        stores = [self.align_stats] if self.align_stats is not None else []
+        return stores + ([self.calib.stats] if self.calib is not None else [])
+
+    @torch.no_grad()
+    def _task_features(self, ctx: TaskContext) -> list[tuple[Tensor, Tensor]]:
+        """``(features float64, labels)`` per statistics batch of the current task, in the loader's fixed order.
+
+        With ``method.calib`` on, the global RNG is restored afterwards (the loader draws a seed from it), so the
+        training and evaluation that follow are those of the method without it: the calibrated head changes
+        predictions, not what is trained.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.random.fork_rng(devices=[], enabled=self.calib_config.active):
+                return [(self.features(x).double(), y) for x, y in ctx.statistics_batches()]
+        finally:
+            self.train(was_training)
 
     @property
     def protocol(self) -> str:
@@ -177,8 +221,12 @@ class Method(nn.Module):
         return self.model(x)
 
     def forward(self, x: Batch) -> Tensor:
-        """Logits over all seen classes."""
-        return self.head(self.features(x))
+        """Logits over all seen classes: the calibrated head (``method.calib``) once it has been fitted for every
+        class of the trained head (after ``after_task``), else the trained head (while a task trains)."""
+        f = self.features(x)
+        if self.calib is not None and 0 < self.calib.num_classes == self.head.num_classes:
+            return self.calib.logits(f)
+        return self.head(f)
 
     def num_seen_classes(self) -> int:
         """How many classes :meth:`forward` scores (the width of its logits; 0 before the first task). Override when
@@ -186,7 +234,15 @@ class Method(nn.Module):
         return int(self.head.num_classes) if self.head.num_blocks else 0
 
     def begin_task(self, ctx: TaskContext) -> None:
-        """Grow the head by the task's classes; only the new block trains unless the loss covers all classes."""
+        """Grow the head by the task's classes; only the new block trains unless the loss covers all classes.
+
+        With drift compensation (``method.calib.drift``) and stored classes, first pass the task's data through
+        the model as evaluated after the previous task (before any protocol transition a subclass performs
+        after this call) and hold the features until ``after_task``.
+        """
+        self._features_before = None
+        if self.calib_config.drift != "none" and any(s.num_classes for s in self._class_stores()):
+            self._features_before = torch.cat([f for f, _ in self._task_features(ctx)]) if ctx.num_new else None
         self.head.grow(ctx.num_new, device=ctx.device)
         self.head.set_trainable(train_old=self.cfg.loss_scope == "all")
 
@@ -206,25 +262,35 @@ class Method(nn.Module):
 
     @torch.no_grad()
     def after_task(self, ctx: TaskContext) -> dict[str, Any]:
-        """Optional stage after ``end_task``, before evaluation: classifier alignment (``method.align``).
+        """Optional stage after ``end_task``, before evaluation: drift compensation and the calibrated head
+        (``method.calib``), classifier alignment (``method.align``).
 
-        Stores the feature mean and covariance of the task's classes (training images, evaluation transforms,
-        summed over processes), then, from the second task on, retrains every head block on Gaussian samples of
-        all seen classes (``alignment.align_head``). Returns facts for the log (empty when alignment is off).
+        The task's training data (evaluation transforms) goes through the model as it will be evaluated, once:
+        with drift compensation the stored classes are first moved by the drift between these features and those
+        taken in ``begin_task``; then the statistics of the task's classes are added (mean and covariance, summed
+        over processes); alignment retrains every head block on Gaussian samples of all seen classes from the
+        second task on (``alignment.align_head``) and the calibrated head is solved. The features of the task
+        are dropped afterwards. Returns facts for the log (empty when both are off).
         """
-        if self.align_stats is None:
+        stores = self._class_stores()
+        if not stores:
             return {}
-        was_training = self.training
-        self.eval()
-        try:
-            self.align_stats.add_classes(
-                ctx.statistics_batches(), self.features, ctx.class_start, ctx.class_end, ctx.all_reduce, ctx.device
-            )
-        finally:
-            self.train(was_training)
-        report: dict[str, Any] = {"align_classes": self.align_stats.num_classes}
-        if self.head.num_blocks > 1 and self.align_config.epochs > 0:
-            report.update(align_head(self.head, self.align_stats, self.align_config, seed=ctx.seed, task=ctx.task))
+        batches = self._task_features(ctx)
+        report: dict[str, Any] = {}
+        if self._features_before is not None:
+            after = torch.cat([f for f, _ in batches])
+            before = self._features_before
+            report.update(compensate_statistics(stores, self.calib_config, before, after, ctx.all_reduce))
+        self._features_before = None
+        for store in stores:
+            store.add_classes(iter(batches), _identity, ctx.class_start, ctx.class_end, ctx.all_reduce, ctx.device)
+        if self.align_stats is not None:
+            report["align_classes"] = self.align_stats.num_classes
+            if self.head.num_blocks > 1 and self.align_config.epochs > 0:
+                report.update(align_head(self.head, self.align_stats, self.align_config, seed=ctx.seed, task=ctx.task))
+        if self.calib is not None:
+            self.calib.fit(ctx.seed, ctx.task)
+            report["calib_head"] = self.calib_config.head
         return report
 
     def export_backbone(self) -> nn.Module:
@@ -243,6 +309,8 @@ class Method(nn.Module):
         features."""
         if not self.head.num_blocks:
             return None
+        if self.calib is not None and self.calib.num_classes == self.head.num_classes:
+            return self.calib.linear_map()
         w = torch.cat([w.detach() for w in self.head.weights], 0)
         b = torch.cat([b.detach() for b in self.head.biases], 0)
         return w, b
@@ -264,6 +332,7 @@ class Method(nn.Module):
         trainable = sum(p.numel() for p in self.trainable_parameters())
         head = sum(p.numel() for p in self.head.parameters())
         stats = 0 if self.align_stats is None else self.align_stats.numel()
+        stats += 0 if self.calib is None else self.calib.numel()
         return {"trainable": trainable, "stored": head + stats}
 
     # -------------------------------------------------------------------------------------------- state
@@ -275,6 +344,8 @@ class Method(nn.Module):
             tensors[f"head.bias.{i}"] = b.detach().cpu().contiguous()
         if self.align_stats is not None:
             tensors.update(self.align_stats.tensors("align."))
+        if self.calib is not None:
+            tensors.update(self.calib.tensors("calib."))
         return tensors, {"method": self.name, "head_blocks": self.head.block_sizes()}
 
     @torch.no_grad()
@@ -290,3 +361,5 @@ class Method(nn.Module):
         self.head.set_trainable(train_old=False)
         if self.align_stats is not None:
             self.align_stats.load(tensors, "align.")
+        if self.calib is not None:
+            self.calib.load(tensors, "calib.")

@@ -1,6 +1,6 @@
-"""Baselines and SD-LoRA ablations in the same engine: ``seq_lora`` (``seq_lora_ca`` with classifier alignment),
-``full_ft``, ``simplecil`` and the three ablations of paper Table 4 (``sdlora_ablation_first``,
-``sdlora_ablation_single``, ``sdlora_ablation_fixed``).
+"""Baselines and SD-LoRA ablations in the same engine: ``seq_lora`` (``seq_lora_ca`` with classifier alignment,
+``seq_lora_calib`` with the calibrated head), ``full_ft``, ``simplecil`` and the three ablations of paper
+Table 4 (``sdlora_ablation_first``, ``sdlora_ablation_single``, ``sdlora_ablation_fixed``).
 
 The LoRA baselines and the ablations are configurations of the one SD-LoRA implementation (``SDLoRA`` with another
 ``make_adapter_config``), so they share injection, targets, ranks, forward path, checkpoints and export.
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..alignment import AlignConfig
 from ..backbones import Backbone
+from ..calibration import CalibConfig, calibrated_variant
 from ..config import MethodConfig
 from ..data import Batch
 from ..lora import AdapterConfig
@@ -30,6 +31,7 @@ __all__ = [
     "SDLoRAAblationSingle",
     "SeqLoRA",
     "SeqLoRACA",
+    "SeqLoRACalib",
     "SimpleCIL",
     "plain_lora_config",
 ]
@@ -76,6 +78,16 @@ class SeqLoRACA(SeqLoRA):
 
     def make_align_config(self, cfg: AlignConfig) -> AlignConfig:
         return dataclasses.replace(cfg, enabled=True)
+
+
+@register_method("seq_lora_calib")
+class SeqLoRACalib(SeqLoRA):
+    """Sequential LoRA with the calibrated head of ``sdlora_calib`` (``calibration.calibrated_variant``): the
+    same head and drift compensation on the ``seq_lora`` adapter, the comparison that isolates SD-LoRA's
+    decoupled update."""
+
+    def make_calib_config(self, cfg: CalibConfig) -> CalibConfig:
+        return calibrated_variant(cfg)
 
 
 @register_method("sdlora_ablation_first")

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..backbones import Backbone
+from ..calibration import ridge_solve
 from ..config import MethodConfig
 from ..data import Batch
 from ..lora import SDLoRAModel
@@ -148,19 +149,6 @@ def unpack_symmetric(v: Tensor, m: int) -> Tensor:
         g[i:, i] = row
         offset += m - i
     return g
-
-
-def ridge_solve(g: Tensor, c: Tensor, ridge: float) -> Tensor:
-    """``(G + ridge I)^{-1} C`` in float64: Cholesky when G + ridge I is numerically positive definite, else LU.
-
-    Raises:
-        torch.linalg.LinAlgError: the system is singular even for LU.
-    """
-    a = g.double() + ridge * torch.eye(g.shape[0], dtype=torch.float64, device=g.device)
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_solve(c.double(), chol)
-    return torch.linalg.solve(a, c.double())
 
 
 @register_method("ranpac")

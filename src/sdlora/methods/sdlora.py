@@ -10,11 +10,12 @@ from torch import Tensor, nn
 
 from ..alignment import AlignConfig
 from ..backbones import Backbone
+from ..calibration import CalibConfig, calibrated_variant
 from ..config import MethodConfig
 from ..lora import RR_SCHEDULE, AdapterConfig, SDLoRAModel
 from .base import LowRankUpdate, Method, TaskContext, register_method
 
-__all__ = ["SDLoRA", "SDLoRACA", "SDLoRAKD", "SDLoRARR"]
+__all__ = ["SDLoRA", "SDLoRACA", "SDLoRACalib", "SDLoRAKD", "SDLoRARR"]
 
 
 @register_method("sdlora")
@@ -113,3 +114,14 @@ class SDLoRACA(SDLoRA):
 
     def make_align_config(self, cfg: AlignConfig) -> AlignConfig:
         return dataclasses.replace(cfg, enabled=True)
+
+
+@register_method("sdlora_calib")
+class SDLoRACalib(SDLoRA):
+    """SD-LoRA predicting with a calibrated head (``method.calib``, see ``calibration.py``): class statistics
+    moved with the backbone after every task (drift compensation) and a head solved on them in closed form, set
+    by ``calibration.calibrated_variant``. Training is SD-LoRA's, unchanged; a deviation from the paper, whose
+    trained head blocks are never calibrated against each other (docs/method.md)."""
+
+    def make_calib_config(self, cfg: CalibConfig) -> CalibConfig:
+        return calibrated_variant(cfg)
