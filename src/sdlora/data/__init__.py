@@ -6,9 +6,9 @@ extend with :func:`register_dataset`), :class:`Scenario` and :func:`make_scenari
 or a dict of tensors for text).
 """
 
+from . import emoji_r as _emoji_r  # noqa: F401  (registers emoji_r)
 from . import readers as _readers  # noqa: F401  (fills DATASETS)
 from . import text_readers as _text_readers  # noqa: F401  (registers wordnet, text_csv, text_jsonl)
-from . import emoji_r as _emoji_r  # noqa: F401  (registers emoji_r)
 from .base import (
     DATASETS,
     DataConfig,
