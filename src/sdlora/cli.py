@@ -275,15 +275,18 @@ def cmd_build_data(args: argparse.Namespace) -> int:
             last[0] = pct
             log.info("emoji_r: rendered %d / %d images", done, total)
 
-    rec = build_emoji_r(
-        root,
-        size=args.size,
-        min_per_class=args.min_per_class,
-        cache_dir=args.cache,
-        registry=args.registry,
-        overwrite=args.overwrite,
-        progress=progress,
-    )
+    try:
+        rec = build_emoji_r(
+            root,
+            size=args.size,
+            min_per_class=args.min_per_class,
+            cache_dir=args.cache,
+            registry=args.registry,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
+    except FileExistsError as e:  # bad input (exit 2 with the message), not a failure of the build
+        raise ValueError(f"{e} (--overwrite)") from e
     print(
         f"emoji_r: {rec['num_classes']} classes, {rec['num_emoji']} emoji, {rec['num_images']} images "
         f"({rec['settings']['size']} px) in {root} (built in {rec['build_seconds']} s)"

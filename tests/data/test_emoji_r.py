@@ -259,3 +259,5 @@ def test_cli_build_data(registry, tmp_path, monkeypatch, capsys):
     argv = ["build-data", "emoji_r", "--root", str(tmp_path / "e"), "--size", "16", "--min-per-class", "3"]
     assert main([*argv, "--cache", str(tmp_path / "c"), "--registry", url]) == 0
     assert "2 classes, 7 emoji, 42 images" in capsys.readouterr().out
+    assert main([*argv, "--size", "24"]) == 2  # built with other settings: refused, named
+    assert "other settings" in capsys.readouterr().err

@@ -127,8 +127,8 @@ DROPPED_CATEGORIES = ("Flags", "Component")
 
 
 def default_emoji_r_root() -> Path:
-    """``<sdlora cache>/data/emoji_r`` (see :func:`sdlora.backbones.imgfocus.default_cache_dir`)."""
-    from ..backbones.imgfocus import default_cache_dir
+    """``<sdlora cache>/data/emoji_r`` (see :func:`sdlora.fileio.default_cache_dir`)."""
+    from ..fileio import default_cache_dir
 
     return default_cache_dir() / "data" / "emoji_r"
 
@@ -440,7 +440,7 @@ def build_emoji_r(
         raise ValueError(f"size: must be at least 8 pixels, got {size}")
     if min_per_class < 2:
         raise ValueError(f"min_per_class: must be at least 2 (one emoji each side of the split), got {min_per_class}")
-    from ..backbones.imgfocus import default_cache_dir
+    from ..fileio import default_cache_dir
 
     root = Path(root).expanduser()
     packages = dict(packages if packages is not None else EMOJI_R_PACKAGES)
