@@ -37,9 +37,11 @@ from sdlora.calibration import (
     moment_ridge_statistics,
     relative_ridge_solve,
 )
-from sdlora.config import load_config, resolve_method_config
 from sdlora.data import batch_to
-from sdlora.engine import RunState, Runtime, build_run, run_task, task_data
+from sdlora.engine import build_run, run_task, task_data
+from sdlora.methods import load_run_config
+from sdlora.runstate import RunState
+from sdlora.training import Runtime
 
 RIDGES = [1e-3, 1e-2, 1e-1, 1.0]
 PROJECTION = 2048
@@ -82,8 +84,7 @@ def head_scores(stats: FeatureStatistics, ft: torch.Tensor, seed: int, task: int
 
 
 def run_seed(config: str, method_name: str, seed: int, overrides: list[str]) -> dict[str, Any]:
-    cfg, _ = load_config(config, [*overrides, f"seed={seed}", f"method.name={method_name}"])
-    resolve_method_config(cfg)
+    cfg, _ = load_run_config(config, [*overrides, f"seed={seed}", f"method.name={method_name}"])
     device = torch.device("cpu")
     _backbone, data, scenario, method = build_run(cfg, device)
     rt = Runtime(train=cfg.train, seed=cfg.seed, device=device, workers=cfg.data.num_workers)
