@@ -41,8 +41,19 @@ def resolve(args: list[str]) -> list[dict]:
     """pip's own resolution of `args` for this interpreter, as the `install` list of its JSON report."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", "install", "--dry-run",
-               "--ignore-installed", "--quiet", "--report", str(report), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--report",
+            str(report),
+            *args,
+        ]
         subprocess.run(cmd, check=True, cwd=ROOT)
         return json.loads(report.read_text())["install"]
 
@@ -64,8 +75,11 @@ def lock_entries(items: list[dict]) -> dict[str, tuple[str, str, str]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=LOCK, help="where to write the lock (default: %(default)s)")
-    parser.add_argument("--print-platform", action="store_true",
-                        help="print this interpreter's platform tag (what setup.sh compares with the lock) and exit")
+    parser.add_argument(
+        "--print-platform",
+        action="store_true",
+        help="print this interpreter's platform tag (what setup.sh compares with the lock) and exit",
+    )
     args = parser.parse_args(argv)
     if args.print_platform:
         print(platform_tag())

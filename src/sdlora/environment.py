@@ -38,11 +38,16 @@ def _git_commit() -> tuple[str | None, bool | None]:
     if not (root / ".git").exists():
         return None, None
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
         # Tracked files only: a run directory or a venv inside the checkout does not make it dirty.
-        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--"], capture_output=True,
-                               timeout=10).returncode != 0
+        dirty = (
+            subprocess.run(
+                ["git", "-C", str(root), "diff", "--quiet", "HEAD", "--"], capture_output=True, timeout=10
+            ).returncode
+            != 0
+        )
     except (OSError, subprocess.SubprocessError):
         return None, None
     return head or None, dirty
