@@ -4,6 +4,7 @@ was evaluated, and the paper presets leave everything off."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -138,8 +139,71 @@ def test_projected_ridge_head_is_deterministic_and_scores_every_class():
     assert acc > 0.9
 
 
+def test_both_features_head_equals_the_closed_form_solve_and_drift_moves_only_the_adapted_block():
+    """``features: both``: statistics of [ReLU(u P), u, v] give the ridge solve on all samples (blocks scaled to
+    one mean second moment), and a drift of v moves them as the samples' own [h, u, v A + b] would."""
+    d, m, ridge = 4, 6, 1e-2
+    cfg = CalibConfig(head="ridge", features="both", projection_dim=m, ridge=ridge, drift="linear", drift_ridge=1e-9)
+    cfg = dataclasses.replace(cfg, adapted_weight=0.3)
+    head = CalibratedHead(cfg, d)
+    head.ensure_projection(seed=11)
+    u0, y0 = _classes(2, 15, d, seed=12)
+    u1, y1 = _classes(2, 11, d, seed=13, start=2)
+    v0, v1 = 2.0 * u0 @ torch.randn(d, d, dtype=torch.float64) + 1.0, 0.5 * u1 + 3.0  # another scale than u
+    head.stats.add_classes(iter([(head.inputs(v0, u0), y0)]), lambda f: f, 0, 2)
+    # The second task moves v by a known affine map; its own samples estimate it (before -> after).
+    g = torch.Generator().manual_seed(14)
+    a_true = torch.eye(d, dtype=torch.float64) + 0.2 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    b_true = torch.randn(d, generator=g, dtype=torch.float64)
+    before = torch.randn(40, d, generator=g, dtype=torch.float64)
+    compensate_statistics([head.stats], cfg, before, before @ a_true + b_true)
+    head.stats.add_classes(iter([(head.inputs(v1, u1), y1)]), lambda f: f, 2, 4)
+    head.fit(seed=11, task=1)
+    # What the samples themselves would give: task 1's v moved by the map, u and h untouched.
+    z = torch.cat([head.inputs(v0 @ a_true + b_true, u0), head.inputs(v1, u1)])
+    assert torch.equal(z[:, m : m + d], torch.cat([u0, u1])) and z.shape[1] == m + 2 * d
+    za = torch.cat([z, torch.ones(len(z), 1, dtype=torch.float64)], 1)
+    gram = za.t() @ za
+    g_stats, _ = moment_ridge_statistics(head.stats)
+    torch.testing.assert_close(g_stats, gram, rtol=1e-5, atol=1e-3)
+    n = float(len(z))
+    scale = torch.ones(za.shape[1], dtype=torch.float64)
+    for lo, hi, weight in ((0, m, 1.0), (m, m + d, 1.0), (m + d, m + 2 * d, cfg.adapted_weight)):
+        scale[lo:hi] = weight * (za[:, lo:hi].square().sum(0).mean() / n) ** -0.5
+    zs = za * scale
+    targets = torch.nn.functional.one_hot(torch.cat([y0, y1]), 4).double()
+    lam = ridge * float(torch.diagonal(zs.t() @ zs).mean())
+    w = torch.linalg.solve(zs.t() @ zs + lam * torch.eye(za.shape[1], dtype=torch.float64), zs.t() @ targets)
+    test_u, test_v = torch.randn(5, d, dtype=torch.float64), torch.randn(5, d, dtype=torch.float64)
+    expected = torch.cat([head.inputs(test_v, test_u), torch.ones(5, 1, dtype=torch.float64)], 1) * scale @ w
+    torch.testing.assert_close(head.logits(head.inputs(test_v, test_u)), expected.float(), rtol=1e-4, atol=1e-4)
+    assert head.linear_map() is None  # needs the frozen features too: export refuses
+    with pytest.raises(ValueError, match="frozen"):
+        head.inputs(test_v)
+    with pytest.raises(ValueError, match="covariance: shared"):
+        CalibConfig(head="ridge", features="both", covariance="full")
+
+
+def test_the_frozen_backbone_of_both_features_stays_pretrained_and_in_eval_mode(tmp_path):
+    from sdlora.backbones.factory import create_backbone
+    from sdlora.rundir import seed_everything
+
+    cfg = _config("sdlora", head="ridge", drift="linear", features="both", projection_dim=8)
+    _run(tmp_path, cfg, "run")
+    method, run_cfg, _ = build_method_from_run(tmp_path / "run")
+    method.train()
+    assert method.frozen_model is not None and not method.frozen_model.training
+    assert not any(p.requires_grad for p in method.frozen_model.parameters())
+    assert all(p is not q for p in method.frozen_model.parameters() for q in method.trainable_parameters())
+    seed_everything(run_cfg.seed)  # the tiny test backbone is drawn from the run's seed, as build_run draws it
+    reference = create_backbone(run_cfg.backbone, run_cfg.data.image_size).model
+    for (name, p), (_, q) in zip(method.frozen_model.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
 def test_calib_config_validation_and_refusal_for_simplecil(tmp_path):
-    for bad in ({"ridge": 0.0}, {"sdc_sigma": -1.0}, {"projection_dim": -1}, {"samples_per_class": 1}):
+    bad_values = ({"ridge": 0.0}, {"sdc_sigma": -1.0}, {"projection_dim": -1}, {"samples_per_class": 1})
+    for bad in (*bad_values, {"adapted_weight": 0.0}):
         with pytest.raises(ValueError):
             CalibConfig(**bad)
     with pytest.raises(ConfigError, match=r"method\.calib\.head"):
@@ -169,7 +233,7 @@ def _config(name, **calib):
 
 
 def test_calibrated_run_trains_as_sdlora_keeps_no_samples_and_resumes_exactly(tmp_path):
-    cfg = _config("sdlora_calib")
+    cfg = _config("sdlora_calib", projection_dim=12)  # sizes apart from the sample counts 16 and 48
     full = _run(tmp_path, cfg, "full")
     plain = _run(tmp_path, _config("sdlora"), "plain")
     # The head changes predictions, not training: the adapter and trained head equal plain SD-LoRA's.
@@ -179,15 +243,18 @@ def test_calibrated_run_trains_as_sdlora_keeps_no_samples_and_resumes_exactly(tm
         if not k.startswith("rng."):
             assert torch.equal(a[k], p[k]), k
     assert [e["loss"] for e in full["task_log"]] == [e["loss"] for e in plain["task_log"]]
-    # No per-sample tensor: only per-class statistics (6 classes, 32 features) and the fitted head.
+    # No per-sample tensor: only per-class statistics (6 classes; 12 projected + 32 frozen + 32 adapted
+    # features), the projection and the fitted head. The frozen backbone's weights are not saved.
     calib = {k: v.shape for k, v in a.items() if k.startswith("calib.")}
     assert calib == {
         "calib.counts": (6,),
-        "calib.means": (6, 32),
-        "calib.covs": (32, 32),
-        "calib.projection": (32, 0),
-        "calib.weight": (33, 6),
+        "calib.means": (6, 76),
+        "calib.covs": (76, 76),
+        "calib.projection": (32, 12),
+        "calib.weight": (77, 6),
     }
+    assert not any(k.startswith("frozen_model") for k in a)
+    assert full["inference_passes"] == 2 and plain["inference_passes"] == 1
     n_train = 8 * 2  # samples of one task
     assert all(n_train not in v.shape and 8 * 6 not in v.shape for k, v in a.items() if not k.startswith("rng."))
     method, _, _ = build_method_from_run(tmp_path / "full")
@@ -210,14 +277,17 @@ def test_calibrated_run_trains_as_sdlora_keeps_no_samples_and_resumes_exactly(tm
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
 
 
-@pytest.mark.parametrize("head", ["ncm", "ridge"])
+@pytest.mark.parametrize("head", ["ncm", "ridge", "both"])
 def test_predictions_use_the_evaluated_head(tmp_path, head):
     """The restored method scores the test data with the calibrated head, as the run evaluated it."""
     from torch.utils.data import DataLoader
 
     from sdlora.engine import build_run
 
-    cfg = _config("sdlora", head=head, drift="linear")
+    if head == "both":
+        cfg = _config("sdlora", head="ridge", drift="linear", features="both", projection_dim=8)
+    else:
+        cfg = _config("sdlora", head=head, drift="linear")
     res = _run(tmp_path, cfg, "run")
     method, run_cfg, _ = build_method_from_run(tmp_path / "run")
     method.eval()
@@ -228,11 +298,12 @@ def test_predictions_use_the_evaluated_head(tmp_path, head):
         for x, y in DataLoader(test, batch_size=64):
             f = method.features(x)
             logits = method(x)
-            assert torch.equal(logits, method.calib.logits(f))
+            frozen = method.frozen_model(x) if head == "both" else None
+            assert torch.equal(logits, method.calib.logits(method.calib.inputs(f, frozen)))
             correct += int((logits.argmax(1) == y).sum())
     assert 100.0 * correct / len(test) == pytest.approx(res["acc_after_task"][-1])
     classifier = method.classifier()
-    assert (classifier is None) == (head == "ncm")
+    assert (classifier is None) == (head != "ridge")  # only the ridge on the adapted features is linear in them
     # `sdlora predict` merges the adapter first (merge_for_inference): the same calibrated predictions.
     x, _ = next(iter(DataLoader(test, batch_size=64)))
     with torch.no_grad():

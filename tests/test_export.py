@@ -402,7 +402,9 @@ def test_peft_export_carries_the_calibrated_head_or_refuses_it(tmp_path):
     from sdlora.engine import build_method_from_run
 
     run = tmp_path / "run"
-    run_tiny(run, two_task_config("sdlora_calib"))
+    linear_cfg = two_task_config("sdlora")
+    linear_cfg["method"]["calib"] = {"head": "ridge", "drift": "linear"}  # the ridge on the adapted features
+    run_tiny(run, linear_cfg)
     out = tmp_path / "peft"
     method, cfg, _ = build_method_from_run(run)
     method.eval()
@@ -420,3 +422,11 @@ def test_peft_export_carries_the_calibrated_head_or_refuses_it(tmp_path):
     method, cfg, _ = build_method_from_run(ncm)
     with pytest.raises(ExportError, match=r"method\.calib\.head='ncm'.*sdlora predict"):
         write_peft_export(method, tmp_path / "x", config=cfg, completed_tasks=2, class_names=["a", "b", "c", "d"])
+    # sdlora_calib's head also reads the frozen backbone's features: not a map of the adapted features alone.
+    both = tmp_path / "both"
+    both_cfg = two_task_config("sdlora_calib")
+    both_cfg["method"]["calib"] = {"projection_dim": 8}
+    run_tiny(both, both_cfg)
+    method, cfg, _ = build_method_from_run(both)
+    with pytest.raises(ExportError, match=r"frozen backbone features.*sdlora predict"):
+        write_peft_export(method, tmp_path / "y", config=cfg, completed_tasks=2, class_names=["a", "b", "c", "d"])

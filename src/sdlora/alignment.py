@@ -127,6 +127,12 @@ class FeatureStatistics:
         """Stored scalars (counted in a method's "stored params")."""
         return int(self.counts.numel() + self.means.numel() + self.covs.numel())
 
+    def _second_shape(self, n_new: int) -> tuple[int, ...]:
+        """Second moments accumulated for ``n_new`` classes: per class (d or d x d), or one pooled d x d."""
+        if self.covariance == "diagonal":
+            return (n_new, self.d)
+        return (self.d, self.d) if self.covariance == "shared" else (n_new, self.d, self.d)
+
     @torch.no_grad()
     def add_classes(
         self,
@@ -160,22 +166,23 @@ class FeatureStatistics:
             if sums is None:
                 sums = f.new_zeros(n_new, d)
                 counts = f.new_zeros(n_new)
-                second = f.new_zeros(n_new, d) if self.covariance == "diagonal" else f.new_zeros(n_new, d, d)
+                second = f.new_zeros(self._second_shape(n_new))
             assert counts is not None and second is not None
             sums.index_add_(0, idx, f)
             counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
             if self.covariance == "diagonal":
                 second.index_add_(0, idx, f * f)
+            elif self.covariance == "shared":  # the pooled scatter needs only the sum over classes
+                second += f.t() @ f
             else:  # one Gram matrix per class present (a (batch, d, d) outer-product tensor would be huge)
                 for c in torch.unique(idx).tolist():
                     fc = f[idx == c]
                     second[c] += fc.t() @ fc
         if sums is None:  # this process got no batch: contribute zeros to the sums
             dev = device if device is not None else torch.device("cpu")
-            shape = (n_new, d) if self.covariance == "diagonal" else (n_new, d, d)
             sums = torch.zeros(n_new, d, dtype=torch.float64, device=dev)
             counts = torch.zeros(n_new, dtype=torch.float64, device=dev)
-            second = torch.zeros(shape, dtype=torch.float64, device=dev)
+            second = torch.zeros(self._second_shape(n_new), dtype=torch.float64, device=dev)
         assert counts is not None and second is not None
         sums, counts, second = all_reduce(sums), all_reduce(counts), all_reduce(second)
         few = [class_start + i for i in torch.nonzero(counts < 2).flatten().tolist()]
@@ -188,6 +195,8 @@ class FeatureStatistics:
         # Unbiased covariance from the moments: (sum x x^T - n mu mu^T) / (n - 1), in float64.
         if self.covariance == "diagonal":
             scatter = second - counts[:, None] * mean * mean
+        elif self.covariance == "shared":  # sum_c (sum_i x x^T - n_c mu_c mu_c^T), already summed over c
+            scatter = (second - mean.t() @ (counts[:, None] * mean))[None]
         else:
             scatter = second - counts[:, None, None] * mean[:, :, None] * mean[:, None, :]
         self.counts = torch.cat([self.counts, counts])

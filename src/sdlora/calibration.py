@@ -33,6 +33,20 @@ Heads (``head``):
   features, so it is rebuilt after every task from Gaussian samples of the compensated class statistics
   (``samples_per_class`` per class, weighted to each class's count), as classifier alignment samples them.
 
+Inputs of the head (``features``):
+
+* ``adapted`` -- the method's own (adapted) features ``v``, as above.
+* ``both`` -- the pretrained backbone's frozen features ``u`` beside the adapted ones (APER's concatenation of the
+  pre-trained and the adapted model's embeddings; Zhou et al., IJCV 2024): the head sees ``[h, u, v]`` with
+  ``h = ReLU(u P)`` RanPAC's random features of the *frozen* block when ``projection_dim`` is M > 0 (nothing
+  when 0). The frozen block never drifts, so its statistics (and those of ``h``, which a nonlinear projection
+  of drifting features could not keep) are exact sums; drift compensation moves only the adapted block ``v``,
+  and with a pooled scatter (``covariance: shared``, required) the ridge's normal equations still move exactly.
+  Each block is scaled to the same mean second moment before the relative ridge, so no block dominates by its
+  scale, and the adapted block then by ``adapted_weight`` (its statistics are drift estimates, the others
+  exact). The price: a second forward pass (the frozen backbone) per prediction and a copy of its weights in
+  memory.
+
 ``ridge`` is relative: lambda = ``ridge`` x the mean diagonal entry of G, so one value fits backbones with
 different feature scales. Everything here is a deviation from the SD-LoRA paper, off by default
 (``method.calib``) and in every paper preset.
@@ -54,6 +68,7 @@ from .alignment import FeatureStatistics
 
 __all__ = [
     "CalibConfig",
+    "block_scales",
     "CalibratedHead",
     "calibrated_variant",
     "compensate_statistics",
@@ -88,6 +103,13 @@ class CalibConfig:
         ridge: the ridge parameter, relative to the mean diagonal entry of the Gram matrix.
         samples_per_class: ``ridge`` with a projection: Gaussian samples per class that build its Gram matrix.
         shrinkage: covariance shrinkage towards a scaled identity for those samples (as ``method.align``).
+        features: what the head sees: ``adapted`` (the method's features) or ``both`` (the frozen pretrained
+            backbone's features beside them, with ``projection_dim`` then projecting the frozen block exactly;
+            needs ``covariance: shared``; see the module docstring).
+        adapted_weight: ``features: both``: the adapted block's scale relative to the frozen blocks' (each block
+            first scaled to one mean second moment), i.e. a ridge ``1 / adapted_weight^2`` times stronger on it.
+            Its statistics are estimates (moved by the drift map) where the frozen blocks' are exact sums; 0.5
+            measured best with compensated statistics and 1 with exact ones (docs/method.md).
     """
 
     head: Literal["linear", "ncm", "ridge"] = "linear"
@@ -99,9 +121,16 @@ class CalibConfig:
     ridge: float = 0.1
     samples_per_class: int = 256
     shrinkage: float = 0.0
+    features: Literal["adapted", "both"] = "adapted"
+    adapted_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        for name in ("drift_ridge", "sdc_sigma", "ridge"):
+        if self.features == "both" and (self.head != "ridge" or self.covariance != "shared"):
+            raise ValueError(
+                "features: both needs head: ridge and covariance: shared (the statistics of the frozen block and its "
+                f"projection are kept as one pooled scatter), got head: {self.head}, covariance: {self.covariance}"
+            )
+        for name in ("drift_ridge", "sdc_sigma", "ridge", "adapted_weight"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{name} must be a positive number, got {v}")
@@ -119,10 +148,15 @@ class CalibConfig:
 
 
 def calibrated_variant(cfg: CalibConfig) -> CalibConfig:
-    """The configuration of the registry entries ``sdlora_calib`` and ``seq_lora_calib``: ``cfg`` with the head
-    and the drift compensation that measured best across the scenarios here (docs/method.md, "A calibrated
-    head"); the other ``method.calib`` keys stay as given."""
-    return dataclasses.replace(cfg, head="ridge", drift="linear")
+    """The configuration of the registry entries ``sdlora_calib`` and ``seq_lora_calib``: ``cfg`` with the head,
+    its inputs and the drift compensation that measured best across the scenarios here (docs/method.md, "A
+    calibrated head"): a ridge head on ``[ReLU(u P), u, v]`` (frozen features u projected to
+    ``projection_dim`` dimensions, 2,048 unless given, and the adapted features v), v's statistics moved by the
+    linear drift map. The other ``method.calib`` keys (the ridges, ``drift_ridge``) stay as given."""
+    m = cfg.projection_dim or 2048
+    return dataclasses.replace(
+        cfg, head="ridge", drift="linear", features="both", covariance="shared", projection_dim=m
+    )
 
 
 # ------------------------------------------------------------------------------------------------ drift
@@ -174,9 +208,26 @@ def sdc_drift(before: Tensor, after: Tensor, means: Tensor, sigma: float) -> Ten
 
 def apply_linear_drift(stats: FeatureStatistics, a: Tensor, b: Tensor) -> None:
     """Move every stored class through ``f -> f A + b``: means exactly, covariances as ``A^T S A`` (for
-    ``diagonal``, the diagonal of that product: the map mixes dimensions, so this part is approximate)."""
+    ``diagonal``, the diagonal of that product: the map mixes dimensions, so this part is approximate).
+
+    When the statistics are wider than ``A`` (``features: both``), only their last ``A.shape[0]`` columns (the
+    adapted block) drift; the columns before them (frozen features and their projection) stay. With the pooled
+    scatter ``S`` that is ``M^T S M`` for ``M = diag(I, A)``, computed by blocks.
+    """
     a = a.double().cpu()
     b = b.double().cpu()
+    start = stats.d - a.shape[0]
+    if start:
+        if stats.covariance != "shared":
+            raise ValueError("drift of an adapted block inside wider statistics needs covariance: shared")
+        means = stats.means.double()
+        means[:, start:] = means[:, start:] @ a + b
+        stats.means = means.float()
+        s = stats.covs.double().clone()
+        s[:, start:] = s[:, start:] @ a  # S M
+        s[start:, :] = a.t() @ s[start:, :]  # M^T (S M)
+        stats.covs = s
+        return
     stats.means = (stats.means.double() @ a + b).float()
     if stats.covariance == "shared":
         stats.covs = a.t() @ stats.covs @ a
@@ -187,8 +238,11 @@ def apply_linear_drift(stats: FeatureStatistics, a: Tensor, b: Tensor) -> None:
 
 
 def apply_mean_shift(stats: FeatureStatistics, shifts: Tensor) -> None:
-    """Move each stored class mean by its shift (SDC); covariances are unchanged by a translation."""
-    stats.means = (stats.means.double() + shifts.double().cpu()).float()
+    """Move each stored class mean by its shift (SDC); covariances are unchanged by a translation. Shifts
+    narrower than the statistics move their last columns (the adapted block of ``features: both``)."""
+    means = stats.means.double()
+    means[:, stats.d - shifts.shape[1] :] += shifts.double().cpu()
+    stats.means = means.float()
 
 
 # ------------------------------------------------------------------------------------------ ridge statistics
@@ -262,16 +316,20 @@ class CalibratedHead:
     """Class statistics that follow the backbone, and the head fitted on them.
 
     Lifecycle per task (driven by ``Method.after_task``): :func:`compensate_statistics` moves the old classes,
-    ``stats.add_classes`` adds the new ones, ``fit(seed, task)`` solves the head; ``logits(f)`` then scores all
-    seen classes. ``tensors()``/``load()`` hold the exact state for checkpoints: counts, means,
-    covariances, the random projection and the fitted weights, nothing per sample.
+    ``stats.add_classes`` adds the new ones (on :meth:`inputs`), ``fit(seed, task)`` solves the head;
+    ``logits(inputs(...))`` then scores all seen classes. ``tensors()``/``load()`` hold the exact state for
+    checkpoints: counts, means, covariances, the random projection and the fitted weights, nothing per sample.
     """
 
     def __init__(self, cfg: CalibConfig, num_features: int) -> None:
         self.cfg = cfg
-        self.stats = FeatureStatistics(num_features, cfg.covariance)
-        # RanPAC's P (d x M, standard normal), drawn at the first fit from the run's seed (not from the global
-        # generator, which would change the training that follows) and saved with the state.
+        self.num_features = num_features
+        both = cfg.features == "both"
+        dim = cfg.projection_dim + 2 * num_features if both else num_features
+        self.stats = FeatureStatistics(dim, cfg.covariance)
+        # RanPAC's P (d x M, standard normal), drawn from the run's seed (not from the global generator, which
+        # would change the training that follows) and saved with the state: at the first fit for the Gaussian
+        # head on adapted features, before the first statistics for ``features: both``.
         self.projection = torch.zeros(num_features, 0)
         self.weight = torch.zeros(0, 0, dtype=torch.float32)  # (dim, classes) of the ridge head
 
@@ -279,40 +337,84 @@ class CalibratedHead:
     def num_classes(self) -> int:
         return self.stats.num_classes
 
+    @property
+    def uses_frozen_features(self) -> bool:
+        """Whether :meth:`inputs` needs the frozen backbone's features (``features: both``)."""
+        return self.cfg.features == "both"
+
     def numel(self) -> int:
         return self.stats.numel() + int(self.projection.numel()) + int(self.weight.numel())
+
+    def ensure_projection(self, seed: int) -> None:
+        """Draw ``P`` from ``seed`` unless it is there (a resumed run loads it)."""
+        m = self.cfg.projection_dim
+        if m and self.projection.shape[1] != m:
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + 101) % (2**63 - 1))
+            self.projection = torch.randn(self.num_features, m, generator=gen)
+
+    def inputs(self, adapted: Tensor, frozen: Tensor | None = None) -> Tensor:
+        """What the statistics and the head see: ``adapted`` itself, or ``[ReLU(u P), u, v]`` for ``features:
+        both`` (``u = frozen``, ``v = adapted``; no projection block with ``projection_dim: 0``).
+
+        Raises:
+            ValueError: ``features: both`` without the frozen features, or before the projection was drawn.
+        """
+        if not self.uses_frozen_features:
+            return adapted
+        if frozen is None:
+            raise ValueError("method.calib.features: both needs the frozen backbone's features")
+        m = self.cfg.projection_dim
+        blocks = [frozen.to(adapted.dtype), adapted]
+        if m:
+            if self.projection.shape[1] != m:
+                raise ValueError("the calibrated head's projection has not been drawn yet (ensure_projection)")
+            p = self.projection.to(device=frozen.device, dtype=adapted.dtype)
+            blocks.insert(0, torch.relu(blocks[0] @ p))
+        return torch.cat(blocks, 1)
+
+    def _blocks(self) -> list[tuple[int, int, float]]:
+        """Column ranges of the input blocks and their relative weights (one block unless ``features: both``)."""
+        if not self.uses_frozen_features:
+            return [(0, self.stats.d, 1.0)]
+        m, d = self.cfg.projection_dim, self.num_features
+        frozen = ([(0, m, 1.0)] if m else []) + [(m, m + d, 1.0)]
+        return [*frozen, (m + d, m + 2 * d, self.cfg.adapted_weight)]
 
     def fit(self, seed: int, task: int) -> None:
         """Solve the ridge head on the current statistics (nothing to fit for ``ncm``)."""
         if self.cfg.head != "ridge":
             return
         m = self.cfg.projection_dim
-        if m == 0:
+        if m == 0 or self.uses_frozen_features:
             g, c = moment_ridge_statistics(self.stats)
         else:
-            if self.projection.shape[1] != m:
-                gen = torch.Generator().manual_seed((seed * 1_000_003 + 101) % (2**63 - 1))
-                self.projection = torch.randn(self.stats.d, m, generator=gen)
+            self.ensure_projection(seed)
             gen = torch.Generator().manual_seed((seed * 1_000_003 + task * 7_919 + 29) % (2**63 - 1))
             g, c = gaussian_ridge_statistics(
                 self.stats, self.projection, self.cfg.samples_per_class, self.cfg.shrinkage, gen
             )
-        self.weight = relative_ridge_solve(g, c, self.cfg.ridge).float()
+        scale = block_scales(g, self._blocks())
+        w = relative_ridge_solve(scale[:, None] * g * scale[None, :], scale[:, None] * c, self.cfg.ridge)
+        # The solve saw the inputs scaled by ``scale``; fold it into the weights so that logits take the inputs as
+        # they are: [z, 1] (scale w) == ([z, 1] scale) w.
+        self.weight = (scale[:, None] * w).float()
 
-    def logits(self, f: Tensor) -> Tensor:
-        """Scores over all seen classes (float32): cosines for ``ncm``, ridge outputs for ``ridge``."""
-        f = f.float()
+    def logits(self, z: Tensor) -> Tensor:
+        """Scores over all seen classes (float32) of :meth:`inputs`: cosines for ``ncm``, ridge outputs for
+        ``ridge``."""
+        z = z.float()
         if self.cfg.head == "ncm":
-            means = self.stats.means.to(f.device)
-            return F.normalize(f, dim=-1) @ F.normalize(means, dim=-1).t()
-        w = self.weight.to(f.device)
-        if self.cfg.projection_dim == 0:
-            return f @ w[:-1] + w[-1]
-        return torch.relu(f @ self.projection.to(f.device)) @ w
+            means = self.stats.means.to(z.device)
+            return F.normalize(z, dim=-1) @ F.normalize(means, dim=-1).t()
+        w = self.weight.to(z.device)
+        if self.cfg.projection_dim and not self.uses_frozen_features:
+            return torch.relu(z @ self.projection.to(z.device)) @ w
+        return z @ w[:-1] + w[-1]
 
     def linear_map(self) -> tuple[Tensor, Tensor] | None:
-        """``(weight, bias)`` with ``logits(f) == f @ weight.T + bias`` when the head is linear in ``f``."""
-        if self.cfg.head == "ridge" and self.cfg.projection_dim == 0:
+        """``(weight, bias)`` with ``logits(f) == f @ weight.T + bias`` when the head is linear in the adapted
+        features ``f`` alone."""
+        if self.cfg.head == "ridge" and self.cfg.projection_dim == 0 and not self.uses_frozen_features:
             return self.weight[:-1].t().contiguous(), self.weight[-1].contiguous()
         return None
 
@@ -325,13 +427,29 @@ class CalibratedHead:
     def load(self, tensors: dict[str, Tensor], prefix: str) -> None:
         self.stats.load(tensors, prefix)
         proj = tensors[f"{prefix}projection"]
-        if proj.shape[0] != self.stats.d or proj.shape[1] not in (0, self.cfg.projection_dim):
+        if proj.shape[0] != self.num_features or proj.shape[1] not in (0, self.cfg.projection_dim):
             raise ValueError(
-                f"calibrated head projection {tuple(proj.shape)} does not fit {self.stats.d} features and "
+                f"calibrated head projection {tuple(proj.shape)} does not fit {self.num_features} features and "
                 f"method.calib.projection_dim {self.cfg.projection_dim}"
             )
         self.projection = proj.float().clone()
         self.weight = tensors[f"{prefix}weight"].float().clone()
+
+
+def block_scales(g: Tensor, blocks: list[tuple[int, int, float]]) -> Tensor:
+    """Per-column factors of ``[z, 1]`` that give every block ``(start, stop, weight)`` of ``z`` the mean second
+    moment ``weight^2`` (the mean of its diagonal of ``G = sum [z,1][z,1]^T``, relative to the sample count); all
+    ones for one block. Blocks of different scales (raw features beside ReLU random features) then share one
+    relative ridge as the weights say, not as their units happen to be."""
+    scale = torch.ones(g.shape[0], dtype=torch.float64, device=g.device)
+    if len(blocks) < 2:
+        return scale
+    n = float(g[-1, -1])
+    for lo, hi, weight in blocks:
+        second = float(torch.diagonal(g)[lo:hi].mean()) / max(n, 1.0)
+        if second > 0:
+            scale[lo:hi] = weight * second**-0.5
+    return scale
 
 
 def compensate_statistics(
@@ -342,7 +460,8 @@ def compensate_statistics(
     all_reduce: Callable[[Tensor], Tensor] = lambda t: t,
 ) -> dict[str, float]:
     """Move every store's classes by the drift ``cfg.drift`` estimated from ``before``/``after``: the same samples
-    (this process's shard of the current task) through the model before and after the task.
+    (this process's shard of the current task) through the model before and after the task. ``before``/``after``
+    are the adapted features; a store wider than them (``features: both``) moves only its last columns.
 
     ``linear``: the map's moments are summed over processes (``all_reduce``), so every process applies the same
     map. ``sdc`` needs every sample's kernel weight normalised over all samples: single process only.
@@ -367,6 +486,7 @@ def compensate_statistics(
     else:
         for s in stores:
             if s.num_classes:
-                apply_mean_shift(s, sdc_drift(before, after, s.means, cfg.sdc_sigma))
-    shifts = torch.cat([(s.means.double() - o).norm(dim=1) for s, o in zip(stores, old)])
+                adapted = s.means[:, s.d - before.shape[1] :]
+                apply_mean_shift(s, sdc_drift(before, after, adapted, cfg.sdc_sigma))
+    shifts = torch.cat([(s.means.double() - o).norm(dim=1) for s, o in zip(stores, old) if s.num_classes])
     return {"drift_mean_shift": round(float(shifts.mean()), 6), "drift_samples": int(n[0])}

@@ -159,6 +159,7 @@ def diagnose_run(
     if calibrated:
         c = method.calib_config
         head = f"calibrated head: {c.head}" + (f" (projection {c.projection_dim})" if c.projection_dim else "")
+        head += ", on frozen and adapted features" if c.features == "both" else ""
         head += f", drift compensation {c.drift}"
     return {
         "run": str(out),

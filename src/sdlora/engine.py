@@ -563,7 +563,7 @@ def build_results(
         reference=dict(cfg.reference),
         sdlora_version=__version__,
         data_identity=data.identity,
-        inference_passes=int(type(method).inference_passes),
+        inference_passes=method.passes_per_prediction(),
         environment=dict(state.environment),
         earlier_environments=list(state.earlier_environments),
     )

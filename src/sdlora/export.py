@@ -575,11 +575,14 @@ def write_peft_export(
         )
     head = method.classifier()
     if head is None and method.calib is not None:
+        both = method.calib_config.features == "both"
         raise ExportError(
             f"this run predicts with method.calib.head={method.calib_config.head!r}"
-            f"{' on a random projection' if method.calib_config.projection_dim else ''}, which is not a linear map "
-            "of the features, so a PEFT classifier cannot carry it; use `sdlora predict RUN_DIR` (it predicts with "
-            "that head) or a run with method.calib.head=ridge and projection_dim 0 (linear, exported exactly)"
+            f"{' on a random projection' if method.calib_config.projection_dim else ''}"
+            f"{' with the frozen backbone features beside the adapted ones' if both else ''}"
+            ", which is not a linear map of the adapted features, so a PEFT classifier cannot carry it; use `sdlora "
+            "predict RUN_DIR` (it predicts with that head) or a run with method.calib.head=ridge, features=adapted "
+            "and projection_dim 0 (linear, exported exactly)"
         )
     if head is None:
         raise ExportError(f"method {cfg.method.name!r} has no linear classifier over its features to export")

@@ -6,6 +6,7 @@ optimiser, the device, evaluation and checkpoints (style: avalanche/mammoth hook
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -178,6 +179,13 @@ class Method(nn.Module):
             )
         if self.calib_config.head != "linear":
             self.calib = CalibratedHead(self.calib_config, backbone.num_features)
+        # ``method.calib.features: both``: the pretrained backbone as it is now (subclasses adapt backbone.model
+        # after this constructor), kept frozen and in eval mode for the head's frozen-feature block. Its weights
+        # are the pretrained ones, rebuilt with the backbone, so checkpoints do not carry them.
+        self.frozen_model: nn.Module | None = None
+        if self.calib is not None and self.calib.uses_frozen_features:
+            self.frozen_model = copy.deepcopy(backbone.model).eval()
+            self.frozen_model.requires_grad_(False)
         # The current task's features before the task (this process's shard, for drift compensation); held only
         # from begin_task to after_task, never saved.
         self._features_before: Tensor | None = None
@@ -195,9 +203,27 @@ class Method(nn.Module):
         stores = [self.align_stats] if self.align_stats is not None else []
         return stores + ([self.calib.stats] if self.calib is not None else [])
 
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        if self.frozen_model is not None:  # the frozen backbone never trains (no dropout in its features)
+            self.frozen_model.eval()
+        return self
+
+    def passes_per_prediction(self) -> int:
+        """Backbone forward passes per prediction: the class's ``inference_passes``, plus one for the frozen
+        backbone of ``method.calib.features: both``."""
+        return int(type(self).inference_passes) + (1 if self.frozen_model is not None else 0)
+
+    def _calib_inputs(self, f: Tensor, x: Batch) -> Tensor:
+        """The calibrated head's inputs for adapted features ``f`` of batch ``x``."""
+        assert self.calib is not None
+        frozen = self.frozen_model(x) if self.frozen_model is not None else None
+        return self.calib.inputs(f, frozen)
+
     @torch.no_grad()
-    def _task_features(self, ctx: TaskContext) -> list[tuple[Tensor, Tensor]]:
-        """``(features float64, labels)`` per statistics batch of the current task, in the loader's fixed order.
+    def _task_features(self, ctx: TaskContext) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+        """``(features float64, labels, frozen features float64 or None)`` per statistics batch of the current
+        task, in the loader's fixed order (frozen features only for ``method.calib.features: both``).
 
         With ``method.calib`` on, the global RNG is restored afterwards (the loader draws a seed from it), so the
         training and evaluation that follow are those of the method without it: the calibrated head changes
@@ -207,7 +233,14 @@ class Method(nn.Module):
         self.eval()
         try:
             with torch.random.fork_rng(devices=[], enabled=self.calib_config.active):
-                return [(self.features(x).double(), y) for x, y in ctx.statistics_batches()]
+                return [
+                    (
+                        self.features(x).double(),
+                        y,
+                        None if self.frozen_model is None else self.frozen_model(x).double(),
+                    )
+                    for x, y in ctx.statistics_batches()
+                ]
         finally:
             self.train(was_training)
 
@@ -225,7 +258,7 @@ class Method(nn.Module):
         class of the trained head (after ``after_task``), else the trained head (while a task trains)."""
         f = self.features(x)
         if self.calib is not None and 0 < self.calib.num_classes == self.head.num_classes:
-            return self.calib.logits(f)
+            return self.calib.logits(self._calib_inputs(f, x))
         return self.head(f)
 
     def num_seen_classes(self) -> int:
@@ -242,7 +275,7 @@ class Method(nn.Module):
         """
         self._features_before = None
         if self.calib_config.drift != "none" and any(s.num_classes for s in self._class_stores()):
-            self._features_before = torch.cat([f for f, _ in self._task_features(ctx)]) if ctx.num_new else None
+            self._features_before = torch.cat([f for f, _, _ in self._task_features(ctx)]) if ctx.num_new else None
         self.head.grow(ctx.num_new, device=ctx.device)
         self.head.set_trainable(train_old=self.cfg.loss_scope == "all")
 
@@ -278,12 +311,22 @@ class Method(nn.Module):
         batches = self._task_features(ctx)
         report: dict[str, Any] = {}
         if self._features_before is not None:
-            after = torch.cat([f for f, _ in batches])
+            after = torch.cat([f for f, _, _ in batches])
             before = self._features_before
             report.update(compensate_statistics(stores, self.calib_config, before, after, ctx.all_reduce))
         self._features_before = None
-        for store in stores:
-            store.add_classes(iter(batches), _identity, ctx.class_start, ctx.class_end, ctx.all_reduce, ctx.device)
+        adapted = [(f, y) for f, y, _ in batches]
+        if self.align_stats is not None:
+            self.align_stats.add_classes(
+                iter(adapted), _identity, ctx.class_start, ctx.class_end, ctx.all_reduce, ctx.device
+            )
+        if self.calib is not None:
+            self.calib.ensure_projection(ctx.seed)
+            calib = self.calib
+            inputs = [(calib.inputs(f, u), y) for f, y, u in batches]
+            calib.stats.add_classes(
+                iter(inputs), _identity, ctx.class_start, ctx.class_end, ctx.all_reduce, ctx.device
+            )
         if self.align_stats is not None:
             report["align_classes"] = self.align_stats.num_classes
             if self.head.num_blocks > 1 and self.align_config.epochs > 0:
