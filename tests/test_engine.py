@@ -128,6 +128,28 @@ def test_resume_refuses_changed_config(tmp_path):
         _run(tmp_path, changed, resume=True)
 
 
+def test_resume_accepts_a_run_written_before_a_config_key_existed(tmp_path):
+    """A config.yaml without a key added to sdlora later (here method.calib.features/adapted_weight) resumes:
+    the missing key is its default, not a change; a real change is still refused."""
+    from sdlora.configtools import dump_yaml, load_yaml
+
+    full = _run(tmp_path, tiny_config(), "full")
+    part = tmp_path / "part"
+    _run(tmp_path, tiny_config(), "part")
+    for p in (part / "checkpoints").glob("task_002.*"):
+        p.unlink()
+    res = json.loads((part / "results.json").read_text())
+    res["status"] = "running"
+    (part / "results.json").write_text(json.dumps(res))
+    saved = load_yaml(part / "config.yaml")
+    del saved["method"]["calib"]["features"], saved["method"]["calib"]["adapted_weight"]
+    (part / "config.yaml").write_text(dump_yaml(saved))
+    with pytest.raises(RunError, match=r"train\.lr"):
+        _run(tmp_path, tiny_config(train={"lr": 0.02}), "part", resume=True)
+    resumed = _run(tmp_path, tiny_config(), "part", resume=True)
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+
+
 def test_refuses_to_overwrite_finished_run(tmp_path):
     _run(tmp_path, tiny_config())
     before = (tmp_path / "run" / "results.json").read_bytes()

@@ -54,6 +54,7 @@ __all__ = [
     "build_method_from_run",
     "committed_checkpoint",
     "config_changes",
+    "normalised_config",
     "ensure_run_dir",
     "latest_checkpoint",
     "learned_task_count",
@@ -275,11 +276,33 @@ def run_state(out: Path) -> str:
 
 
 def config_changes(out: Path, cfg_dict: dict[str, Any]) -> list[str]:
-    """Keys whose value saved in ``out/config.yaml`` differs from ``cfg_dict`` (``RESUME_FREE_KEYS`` excepted)."""
+    """Keys whose value saved in ``out/config.yaml`` differs from ``cfg_dict`` (``RESUME_FREE_KEYS`` excepted).
+
+    The saved config is read as the current version reads a config (:func:`normalised_config`), so a key added
+    to sdlora after the run was written counts as its default, not as a change."""
     saved_path = out / "config.yaml"
     if not saved_path.exists():
         return [f"{saved_path} is missing"]
-    return [d for d in diff(load_yaml(saved_path), cfg_dict) if not d.split(":")[0].startswith(RESUME_FREE_KEYS)]
+    saved = normalised_config(load_yaml(saved_path))
+    return [d for d in diff(saved, cfg_dict) if not d.split(":")[0].startswith(RESUME_FREE_KEYS)]
+
+
+def normalised_config(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` through the typed config and the method's options (defaults filled in for keys it lacks), as
+    ``run_experiment`` derives the ``config.yaml`` it saves; ``data`` unchanged when it is not a whole run config
+    (every top-level section) or no longer parses (an unknown or mistyped key then shows in the diff)."""
+    from dataclasses import fields
+
+    from .config import RunConfig
+    from .configtools import ConfigError, from_dict, to_dict
+    from .methods.options import resolve_method_config
+
+    if set(data) != {f.name for f in fields(RunConfig)}:
+        return data
+    try:
+        return cast("dict[str, Any]", to_dict(resolve_method_config(from_dict(RunConfig, data))))
+    except (ConfigError, TypeError, ValueError):
+        return data
 
 
 def _first_line(path: Path) -> str:
