@@ -105,16 +105,21 @@ def test_runs_are_deterministic(tmp_path):
     assert a["class_order"] == b["class_order"]
 
 
-def test_resume_after_kill_gives_same_matrix(tmp_path):
-    full = _run(tmp_path, tiny_config(), "full")
-    # Simulate a run killed during task 3: keep only the first two checkpoints.
-    part = tmp_path / "part"
-    _run(tmp_path, tiny_config(), "part")
+def _killed_during_task_3(tmp_path, name="part"):
+    """A finished tiny run made to look killed during task 3: only the first two checkpoints, status running."""
+    part = tmp_path / name
+    _run(tmp_path, tiny_config(), name)
     for p in (part / "checkpoints").glob("task_002.*"):
         p.unlink()
     res = json.loads((part / "results.json").read_text())
     res["status"] = "running"
     (part / "results.json").write_text(json.dumps(res))
+    return part
+
+
+def test_resume_after_kill_gives_same_matrix(tmp_path):
+    full = _run(tmp_path, tiny_config(), "full")
+    part = _killed_during_task_3(tmp_path)
     assert latest_checkpoint(part).name == "task_001.json"
     resumed = _run(tmp_path, tiny_config(), "part", resume=True)
     assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
@@ -134,13 +139,7 @@ def test_resume_accepts_a_run_written_before_a_config_key_existed(tmp_path):
     from sdlora.configtools import dump_yaml, load_yaml
 
     full = _run(tmp_path, tiny_config(), "full")
-    part = tmp_path / "part"
-    _run(tmp_path, tiny_config(), "part")
-    for p in (part / "checkpoints").glob("task_002.*"):
-        p.unlink()
-    res = json.loads((part / "results.json").read_text())
-    res["status"] = "running"
-    (part / "results.json").write_text(json.dumps(res))
+    part = _killed_during_task_3(tmp_path)
     saved = load_yaml(part / "config.yaml")
     del saved["method"]["calib"]["features"], saved["method"]["calib"]["adapted_weight"]
     (part / "config.yaml").write_text(dump_yaml(saved))
