@@ -324,8 +324,7 @@ class CalibratedHead:
     def __init__(self, cfg: CalibConfig, num_features: int) -> None:
         self.cfg = cfg
         self.num_features = num_features
-        both = cfg.features == "both"
-        dim = cfg.projection_dim + 2 * num_features if both else num_features
+        dim = cfg.projection_dim + 2 * num_features if self.uses_frozen_features else num_features
         self.stats = FeatureStatistics(dim, cfg.covariance)
         # RanPAC's P (d x M, standard normal), drawn from the run's seed (not from the global generator, which
         # would change the training that follows) and saved with the state: at the first fit for the Gaussian

@@ -221,9 +221,10 @@ class Method(nn.Module):
         return self.calib.inputs(f, frozen)
 
     @torch.no_grad()
-    def _task_features(self, ctx: TaskContext) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+    def _task_features(self, ctx: TaskContext, frozen: bool = True) -> list[tuple[Tensor, Tensor, Tensor | None]]:
         """``(features float64, labels, frozen features float64 or None)`` per statistics batch of the current
-        task, in the loader's fixed order (frozen features only for ``method.calib.features: both``).
+        task, in the loader's fixed order (frozen features only for ``method.calib.features: both`` and when
+        ``frozen`` asks for them: drift estimation needs only the adapted ones).
 
         With ``method.calib`` on, the global RNG is restored afterwards (the loader draws a seed from it), so the
         training and evaluation that follow are those of the method without it: the calibrated head changes
@@ -237,7 +238,7 @@ class Method(nn.Module):
                     (
                         self.features(x).double(),
                         y,
-                        None if self.frozen_model is None else self.frozen_model(x).double(),
+                        None if self.frozen_model is None or not frozen else self.frozen_model(x).double(),
                     )
                     for x, y in ctx.statistics_batches()
                 ]
@@ -275,7 +276,8 @@ class Method(nn.Module):
         """
         self._features_before = None
         if self.calib_config.drift != "none" and any(s.num_classes for s in self._class_stores()):
-            self._features_before = torch.cat([f for f, _, _ in self._task_features(ctx)]) if ctx.num_new else None
+            before = self._task_features(ctx, frozen=False) if ctx.num_new else None
+            self._features_before = torch.cat([f for f, _, _ in before]) if before is not None else None
         self.head.grow(ctx.num_new, device=ctx.device)
         self.head.set_trainable(train_old=self.cfg.loss_scope == "all")
 
