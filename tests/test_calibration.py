@@ -182,6 +182,8 @@ def test_both_features_head_equals_the_closed_form_solve_and_drift_moves_only_th
         head.inputs(test_v)
     with pytest.raises(ValueError, match="covariance: shared"):
         CalibConfig(head="ridge", features="both", covariance="full")
+    with pytest.raises(ValueError, match="head: ridge"):
+        CalibConfig(head="ncm", features="both", covariance="shared")
 
 
 def test_the_frozen_backbone_of_both_features_stays_pretrained_and_in_eval_mode(tmp_path):

@@ -196,13 +196,13 @@ class FeatureStatistics:
         if self.covariance == "diagonal":
             scatter = second - counts[:, None] * mean * mean
         elif self.covariance == "shared":  # sum_c (sum_i x x^T - n_c mu_c mu_c^T), already summed over c
-            scatter = (second - mean.t() @ (counts[:, None] * mean))[None]
+            scatter = second - mean.t() @ (counts[:, None] * mean)
         else:
             scatter = second - counts[:, None, None] * mean[:, :, None] * mean[:, None, :]
         self.counts = torch.cat([self.counts, counts])
         self.means = torch.cat([self.means, mean.float()])
         if self.covariance == "shared":
-            self.covs = self.covs + scatter.sum(0)
+            self.covs = self.covs + scatter
         else:
             cov = scatter / (counts - 1).view(-1, *([1] * (scatter.dim() - 1)))
             self.covs = torch.cat([self.covs, cov.float()])
