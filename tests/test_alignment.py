@@ -110,6 +110,27 @@ def test_statistics_summed_over_processes_equal_single_process():
 
 
 @pytest.mark.parametrize("covariance", ["full", "diagonal", "shared"])
+def test_statistics_round_trip_through_tensors(covariance):
+    d = 4
+    x, y = _data(3, 6, d, seed=3)
+    stats = FeatureStatistics(d, covariance)
+    stats.add_classes(iter(_batches(x, y, 5)), _identity, 0, 3)
+    saved = stats.tensors("s.")
+    if covariance == "shared":  # symmetric: only its upper triangle is written
+        assert saved["s.covs_upper"].shape == (d * (d + 1) // 2,) and "s.covs" not in saved
+    back = FeatureStatistics(d, covariance)
+    back.load(saved, "s.")
+    for name in ("counts", "means", "covs"):
+        assert torch.equal(getattr(back, name), getattr(stats, name)), name
+    if covariance == "shared":  # a checkpoint written before the packing (the full d x d) still loads
+        old = FeatureStatistics(d, covariance)
+        old.load({"s.counts": stats.counts, "s.means": stats.means, "s.covs": stats.covs}, "s.")
+        assert torch.equal(old.covs, stats.covs)
+        with pytest.raises(ValueError, match="packed symmetric"):
+            FeatureStatistics(d + 1, covariance).load(saved, "s.")
+
+
+@pytest.mark.parametrize("covariance", ["full", "diagonal", "shared"])
 def test_samples_have_the_stored_moments(covariance):
     d = 3
     x, y = _data(2, 40, d, seed=4, spread=2.0)

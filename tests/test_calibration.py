@@ -251,7 +251,7 @@ def test_calibrated_run_trains_as_sdlora_keeps_no_samples_and_resumes_exactly(tm
     assert calib == {
         "calib.counts": (6,),
         "calib.means": (6, 76),
-        "calib.covs": (76, 76),
+        "calib.covs_upper": (76 * 77 // 2,),  # the pooled scatter, symmetric: its upper triangle
         "calib.projection": (32, 12),
         "calib.weight": (77, 6),
     }

@@ -36,7 +36,14 @@ from torch import Tensor
 from .data.text import Batch
 from .heads import IncrementalLinear
 
-__all__ = ["AlignConfig", "FeatureStatistics", "align_head", "block_normalised_logits"]
+__all__ = [
+    "AlignConfig",
+    "FeatureStatistics",
+    "align_head",
+    "block_normalised_logits",
+    "pack_symmetric",
+    "unpack_symmetric",
+]
 
 
 @dataclass
@@ -95,6 +102,29 @@ class AlignConfig:
             raise ValueError("weight_decay must be >= 0 and momentum in [0, 1)")
         if self.logit_norm is not None and self.logit_norm <= 0:
             raise ValueError(f"logit_norm must be positive or null, got {self.logit_norm}")
+
+
+def pack_symmetric(g: Tensor) -> Tensor:
+    """The upper triangle of the symmetric matrix ``g`` (row by row, diagonal included) as one vector."""
+    return torch.cat([g[i, i:] for i in range(g.shape[0])]) if g.numel() else g.new_zeros(0)
+
+
+def unpack_symmetric(v: Tensor, m: int) -> Tensor:
+    """Inverse of :func:`pack_symmetric` for an ``m`` x ``m`` matrix.
+
+    Raises:
+        ValueError: ``v`` has not ``m (m + 1) / 2`` entries.
+    """
+    if v.numel() != m * (m + 1) // 2:
+        raise ValueError(f"packed symmetric matrix has {v.numel()} entries, expected {m * (m + 1) // 2} for {m} x {m}")
+    g = v.new_zeros(m, m)
+    offset = 0
+    for i in range(m):
+        row = v[offset : offset + m - i]
+        g[i, i:] = row
+        g[i:, i] = row
+        offset += m - i
+    return g
 
 
 class FeatureStatistics:
@@ -197,6 +227,7 @@ class FeatureStatistics:
             scatter = second - counts[:, None] * mean * mean
         elif self.covariance == "shared":  # sum_c (sum_i x x^T - n_c mu_c mu_c^T), already summed over c
             scatter = second - mean.t() @ (counts[:, None] * mean)
+            scatter = 0.5 * (scatter + scatter.t())  # exactly symmetric: the checkpoint keeps its upper triangle
         else:
             scatter = second - counts[:, None, None] * mean[:, :, None] * mean[:, None, :]
         self.counts = torch.cat([self.counts, counts])
@@ -249,11 +280,14 @@ class FeatureStatistics:
         return torch.cat(xs), torch.cat(ys)
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
-        return {
-            f"{prefix}counts": self.counts.contiguous(),
-            f"{prefix}means": self.means.contiguous(),
-            f"{prefix}covs": self.covs.contiguous(),
-        }
+        """Counts, means and covariances; the pooled scatter of ``shared`` as its upper triangle (``covs_upper``:
+        it is symmetric, and at d = 2,816 float64 it is most of a checkpoint)."""
+        out = {f"{prefix}counts": self.counts.contiguous(), f"{prefix}means": self.means.contiguous()}
+        if self.covariance == "shared":
+            out[f"{prefix}covs_upper"] = pack_symmetric(self.covs)
+        else:
+            out[f"{prefix}covs"] = self.covs.contiguous()
+        return out
 
     def load(self, tensors: dict[str, Tensor], prefix: str) -> None:
         """Restore from ``tensors(prefix)``.
@@ -261,10 +295,14 @@ class FeatureStatistics:
         Raises:
             ValueError: missing keys, or shapes of another feature size or covariance kind.
         """
+        packed = self.covariance == "shared" and f"{prefix}covs_upper" in tensors  # older checkpoints: d x d
+        keys = ("counts", "means", "covs_upper" if packed else "covs")
         try:
-            counts, means, covs = (tensors[f"{prefix}{k}"] for k in ("counts", "means", "covs"))
+            counts, means, covs = (tensors[f"{prefix}{k}"] for k in keys)
         except KeyError as e:
             raise ValueError(f"checkpoint has no classifier-alignment statistics ({e.args[0]})") from None
+        if packed:
+            covs = unpack_symmetric(covs, self.d)
         c = counts.numel()
         want = {"full": (c, self.d, self.d), "diagonal": (c, self.d), "shared": (self.d, self.d)}[self.covariance]
         if tuple(means.shape) != (c, self.d) or tuple(covs.shape) != want:

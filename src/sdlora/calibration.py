@@ -226,11 +226,12 @@ def apply_linear_drift(stats: FeatureStatistics, a: Tensor, b: Tensor) -> None:
         s = stats.covs.double().clone()
         s[:, start:] = s[:, start:] @ a  # S M
         s[start:, :] = a.t() @ s[start:, :]  # M^T (S M)
-        stats.covs = s
+        stats.covs = 0.5 * (s + s.t())  # exactly symmetric, as the checkpoint keeps its upper triangle
         return
     stats.means = (stats.means.double() @ a + b).float()
     if stats.covariance == "shared":
-        stats.covs = a.t() @ stats.covs @ a
+        s = a.t() @ stats.covs @ a
+        stats.covs = 0.5 * (s + s.t())  # exactly symmetric, as the checkpoint keeps its upper triangle
     elif stats.covariance == "full":
         stats.covs = torch.einsum("ji,cjk,kl->cil", a, stats.covs.double(), a).float()
     else:  # diag(A^T diag(v) A)_i = sum_j A_ji^2 v_j

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..alignment import pack_symmetric, unpack_symmetric
 from ..backbones import Backbone
 from ..calibration import ridge_solve
 from ..config import MethodConfig
@@ -130,25 +131,6 @@ def holdout_mask(x: Tensor | Mapping[str, Tensor], fraction: float, chunk: int =
         h = (h * _MIX + _hash_rows(t, chunk)) % _P
     h = (h * _MIX) % _P
     return (h % 1_000_000) < int(round(fraction * 1_000_000))
-
-
-def pack_symmetric(g: Tensor) -> Tensor:
-    """The upper triangle of the symmetric matrix ``g`` (row by row, diagonal included) as one vector."""
-    return torch.cat([g[i, i:] for i in range(g.shape[0])]) if g.numel() else g.new_zeros(0)
-
-
-def unpack_symmetric(v: Tensor, m: int) -> Tensor:
-    """Inverse of :func:`pack_symmetric` for an ``m`` x ``m`` matrix."""
-    if v.numel() != m * (m + 1) // 2:
-        raise ValueError(f"packed symmetric matrix has {v.numel()} entries, expected {m * (m + 1) // 2} for {m} x {m}")
-    g = v.new_zeros(m, m)
-    offset = 0
-    for i in range(m):
-        row = v[offset : offset + m - i]
-        g[i, i:] = row
-        g[i:, i] = row
-        offset += m - i
-    return g
 
 
 @register_method("ranpac")
