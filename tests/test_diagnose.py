@@ -91,6 +91,8 @@ def test_diagnose_reads_learned_tasks_and_only_committed_checkpoints(tmp_path, m
     assert d["after_task"] == 3 and [r["n"] for r in d["tasks"]] == [6, 6, 6]
     for t, row in enumerate(d["tasks"]):  # the same test images, the same model: the row learn recorded
         assert row["acc"] == pytest.approx(results["accuracy_matrix"][2][t])
+
+
 def test_diagnose_a_calibrated_run_shows_its_head(tmp_path, capsys):
     """With ``method.calib`` the table is the calibrated head's (what the run evaluated) and the trained linear
     head is reported beside it on the same features."""

@@ -396,6 +396,8 @@ def test_killed_exports_leave_no_copies_and_the_target_is_never_missing(tmp_path
     sdlora.export._recover_staging(out)
     assert (out / "labels.txt").read_text() == "x\ny\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
+
+
 def test_peft_export_carries_the_calibrated_head_or_refuses_it(tmp_path):
     """A run with ``method.calib``: the exported classifier is the linear ridge head the run evaluated (same
     logits through PEFT); a head that is not linear in the features (ncm) is refused with what to do instead."""

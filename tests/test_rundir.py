@@ -279,3 +279,31 @@ def test_checkpoint_record_without_its_sha256_is_refused(tmp_path):
     _rewrite(ck, lambda r: (r.pop("record_sha256"), r["engine"].update(next=7)))
     with pytest.raises(RunError, match=r"task_000\.json: it has no 'record_sha256'.*delete .* previous task"):
         load_checkpoint(ck)
+
+
+def test_saved_config_states_what_a_registry_entry_sets(tmp_path):
+    """``sdlora_calib``'s head and ``sdlora_ca``'s alignment are written into the resolved config; a calibrated
+    run saved before that (its config says ``head: linear``) shows the difference instead of passing as equal."""
+    from sdlora.configtools import dump_yaml, to_dict
+    from sdlora.methods import load_run_config
+    from sdlora.rundir import normalised_config
+
+    calib, _ = load_run_config("demo", ["method.name=sdlora_calib"])
+    c = calib.method.calib
+    assert (c.head, c.drift, c.features, c.covariance, c.projection_dim) == ("ridge", "linear", "both", "shared", 2048)
+    assert load_run_config("demo", ["method.name=sdlora_ca"])[0].method.align.enabled
+    plain, _ = load_run_config("demo", ["method.name=sdlora"])
+    assert plain.method.calib.head == "linear" and not plain.method.align.enabled
+    current = to_dict(calib)
+    assert normalised_config(current) == current  # written by this version: nothing to report
+    legacy = to_dict(calib)
+    legacy["method"]["calib"] = to_dict(plain.method.calib)  # as sdlora_calib runs were saved before
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(CONFIG_HEADER + dump_yaml(legacy))
+    changes = config_changes(out, current)
+    assert any(d.startswith("method.calib.head") for d in changes), changes
+    assert any(d.startswith("method.calib.projection_dim") for d in changes), changes
+    legacy_ca = to_dict(load_run_config("demo", ["method.name=sdlora_ca"])[0])
+    legacy_ca["method"]["align"]["enabled"] = False  # an alignment entry saved before: same behaviour, no change
+    assert normalised_config(legacy_ca)["method"]["align"]["enabled"] is True

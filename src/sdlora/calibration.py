@@ -430,7 +430,8 @@ class CalibratedHead:
         if proj.shape[0] != self.num_features or proj.shape[1] not in (0, self.cfg.projection_dim):
             raise ValueError(
                 f"calibrated head projection {tuple(proj.shape)} does not fit {self.num_features} features and "
-                f"method.calib.projection_dim {self.cfg.projection_dim}"
+                f"method.calib.projection_dim {self.cfg.projection_dim}; a run saved by a version with another "
+                f"default loads with method.calib.projection_dim: {proj.shape[1]} in its config.yaml"
             )
         self.projection = proj.float().clone()
         self.weight = tensors[f"{prefix}weight"].float().clone()

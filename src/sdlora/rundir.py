@@ -290,7 +290,8 @@ def config_changes(out: Path, cfg_dict: dict[str, Any]) -> list[str]:
 def normalised_config(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` through the typed config and the method's options (defaults filled in for keys it lacks), as
     ``run_experiment`` derives the ``config.yaml`` it saves; ``data`` unchanged when it is not a whole run config
-    (every top-level section) or no longer parses (an unknown or mistyped key then shows in the diff)."""
+    (every top-level section) or no longer parses (an unknown or mistyped key then shows in the diff). The
+    exception: ``method.calib`` of a calibrated registry entry saved without its head (see the comment)."""
     from dataclasses import fields
 
     from .config import RunConfig
@@ -300,9 +301,17 @@ def normalised_config(data: dict[str, Any]) -> dict[str, Any]:
     if set(data) != {f.name for f in fields(RunConfig)}:
         return data
     try:
-        return cast("dict[str, Any]", to_dict(resolve_method_config(from_dict(RunConfig, data))))
+        cfg = from_dict(RunConfig, data)
+        written = cfg.method.calib
+        resolve_method_config(cfg)
     except (ConfigError, TypeError, ValueError):
         return data
+    if written.head == "linear" and cfg.method.calib.head != "linear":
+        # A calibrated registry entry (sdlora_calib) whose config was saved before the entry's head was written
+        # into it: what head it used depends on the version that ran it, so keep the saved keys and let the
+        # difference show (compare runs it again; resume refuses with the diff).
+        cfg.method.calib = written
+    return cast("dict[str, Any]", to_dict(cfg))
 
 
 def _first_line(path: Path) -> str:

@@ -190,12 +190,16 @@ class Method(nn.Module):
         # from begin_task to after_task, never saved.
         self._features_before: Tensor | None = None
 
-    def make_align_config(self, cfg: AlignConfig) -> AlignConfig:
-        """Registry entries that are "this method + classifier alignment" turn it on here (configuration)."""
+    @classmethod
+    def make_align_config(cls, cfg: AlignConfig) -> AlignConfig:
+        """Registry entries that are "this method + classifier alignment" turn it on here (configuration; applied
+        to the run's config by ``resolve_method_config``, so the saved config shows it)."""
         return cfg
 
-    def make_calib_config(self, cfg: CalibConfig) -> CalibConfig:
-        """Registry entries that are "this method + a calibrated head" set it here (configuration)."""
+    @classmethod
+    def make_calib_config(cls, cfg: CalibConfig) -> CalibConfig:
+        """Registry entries that are "this method + a calibrated head" set it here (configuration; applied to the
+        run's config by ``resolve_method_config``, so the saved config shows the head the run uses)."""
         return cfg
 
     def _class_stores(self) -> list[FeatureStatistics]:

@@ -76,7 +76,8 @@ class SeqLoRACA(SeqLoRA):
     """Sequential LoRA with classifier alignment after each task (SLCA, ``method.align``; see ``alignment.py``):
     the same adapter as ``seq_lora``, with ``method.align.enabled`` forced on."""
 
-    def make_align_config(self, cfg: AlignConfig) -> AlignConfig:
+    @classmethod
+    def make_align_config(cls, cfg: AlignConfig) -> AlignConfig:
         return dataclasses.replace(cfg, enabled=True)
 
 
@@ -86,7 +87,8 @@ class SeqLoRACalib(SeqLoRA):
     same head and drift compensation on the ``seq_lora`` adapter, the comparison that isolates SD-LoRA's
     decoupled update."""
 
-    def make_calib_config(self, cfg: CalibConfig) -> CalibConfig:
+    @classmethod
+    def make_calib_config(cls, cfg: CalibConfig) -> CalibConfig:
         return calibrated_variant(cfg)
 
 

@@ -15,7 +15,9 @@ __all__ = ["load_run_config", "resolve_method_config"]
 
 def resolve_method_config(cfg: RunConfig) -> RunConfig:
     """Check ``method.name`` against the registry and ``method.options`` against the method's options dataclass,
-    filling the options' defaults in place (so the saved config lists every option). Returns ``cfg``.
+    filling the options' defaults in place (so the saved config lists every option), and apply the registry
+    entry's settings of ``method.align``/``method.calib`` (``Method.make_align_config``/``make_calib_config``).
+    Returns ``cfg``.
 
     Raises:
         ConfigError: unknown method (the message lists the registered ones) or bad options (with the key path).
@@ -23,7 +25,12 @@ def resolve_method_config(cfg: RunConfig) -> RunConfig:
     name = cfg.method.name
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}", "method.name")
-    cfg.method.options = to_dict(parse_options(METHODS[name], cfg.method.options))
+    cls = METHODS[name]
+    cfg.method.options = to_dict(parse_options(cls, cfg.method.options))
+    # The registry entry's fixed settings (sdlora_ca's alignment, sdlora_calib's head), so that the saved config
+    # says what the run does; the method applies them again (idempotent) when it is built from a bare config.
+    cfg.method.align = cls.make_align_config(cfg.method.align)
+    cfg.method.calib = cls.make_calib_config(cfg.method.calib)
     return cfg
 
 

@@ -112,7 +112,8 @@ class SDLoRACA(SDLoRA):
     ``alignment.py``): ``method.align.enabled`` forced on. A deviation from the SD-LoRA paper, whose loss never
     calibrates the head blocks of different tasks against each other (docs/method.md)."""
 
-    def make_align_config(self, cfg: AlignConfig) -> AlignConfig:
+    @classmethod
+    def make_align_config(cls, cfg: AlignConfig) -> AlignConfig:
         return dataclasses.replace(cfg, enabled=True)
 
 
@@ -123,5 +124,6 @@ class SDLoRACalib(SDLoRA):
     by ``calibration.calibrated_variant``. Training is SD-LoRA's, unchanged; a deviation from the paper, whose
     trained head blocks are never calibrated against each other (docs/method.md)."""
 
-    def make_calib_config(self, cfg: CalibConfig) -> CalibConfig:
+    @classmethod
+    def make_calib_config(cls, cfg: CalibConfig) -> CalibConfig:
         return calibrated_variant(cfg)
