@@ -290,7 +290,7 @@ def test_saved_config_states_what_a_registry_entry_sets(tmp_path):
 
     calib, _ = load_run_config("demo", ["method.name=sdlora_calib"])
     c = calib.method.calib
-    assert (c.head, c.drift, c.features, c.covariance, c.projection_dim) == ("ridge", "linear", "both", "shared", 2048)
+    assert (c.head, c.drift, c.features, c.covariance, c.projection_dim) == ("ridge", "linear", "both", "shared", 4096)
     assert load_run_config("demo", ["method.name=sdlora_ca"])[0].method.align.enabled
     plain, _ = load_run_config("demo", ["method.name=sdlora"])
     assert plain.method.calib.head == "linear" and not plain.method.align.enabled

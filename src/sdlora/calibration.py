@@ -151,9 +151,9 @@ def calibrated_variant(cfg: CalibConfig) -> CalibConfig:
     """The configuration of the registry entries ``sdlora_calib`` and ``seq_lora_calib``: ``cfg`` with the head,
     its inputs and the drift compensation that measured best across the scenarios here (docs/method.md, "A
     calibrated head"): a ridge head on ``[ReLU(u P), u, v]`` (frozen features u projected to
-    ``projection_dim`` dimensions, 2,048 unless given, and the adapted features v), v's statistics moved by the
+    ``projection_dim`` dimensions, 4,096 unless given, and the adapted features v), v's statistics moved by the
     linear drift map. The other ``method.calib`` keys (the ridges, ``drift_ridge``) stay as given."""
-    m = cfg.projection_dim or 2048
+    m = cfg.projection_dim or 4096
     return dataclasses.replace(
         cfg, head="ridge", drift="linear", features="both", covariance="shared", projection_dim=m
     )
