@@ -15,8 +15,11 @@ Usage::
 
     PYTHONPATH=src python benchmarks/head_features.py demo --seed 1993 [--save F.pt] [--set key=value ...]
     PYTHONPATH=src python benchmarks/head_features.py --load F.pt           # score saved features again
+    PYTHONPATH=src python benchmarks/head_features.py --load F.pt --projection 2048 --ridges 0.01,0.1,1
 
-Prints final Acc on the test data of every class for each head; the trained head's own final Acc first.
+Prints final Acc on the test data of every class for each head; the trained head's own final Acc first. With
+``--ridges``: ``sdlora_calib``'s head at each relative ridge, its final Acc beside its accuracy on 20% of the first
+task held out from the statistics (how RanPAC selects its ridge without old data).
 """
 
 from __future__ import annotations
@@ -122,7 +125,12 @@ def drift(zb: torch.Tensor, za: torch.Tensor, regs: list[int], cols: list[int]) 
 
 
 def ridge_acc(
-    st: Stats, cols: list[int], blocks: list[tuple[int, int, float]], zt: torch.Tensor, yt: torch.Tensor
+    st: Stats,
+    cols: list[int],
+    blocks: list[tuple[int, int, float]],
+    zt: torch.Tensor,
+    yt: torch.Tensor,
+    ridge: float = RIDGE,
 ) -> float:
     """Final Acc of the block-scaled relative ridge head on columns ``cols`` of the statistics."""
     n, mu = st.n, st.mu[:, cols]
@@ -137,30 +145,41 @@ def ridge_acc(
     ga[:k, k] = ga[k, :k] = (n[:, None] * mu).sum(0)
     ga[k, k] = n.sum()
     c = torch.cat([mu * n[:, None], n[:, None]], 1).t()
-    lam = RIDGE * float(torch.diagonal(ga).mean())
+    lam = ridge * float(torch.diagonal(ga).mean())
     w = torch.linalg.solve(ga + lam * torch.eye(k + 1, dtype=torch.float64), c)
     z = torch.cat([zt[:, cols] * scale, torch.ones(len(zt), 1, dtype=torch.float64)], 1)
     return 100.0 * float(((z @ w).argmax(1) == yt).double().mean())
 
 
-def score(saved: dict[str, Any], projection: int) -> list[tuple[str, float]]:
-    d = saved["test"][0].shape[1]
-    m = projection
-    # P as CalibratedHead.ensure_projection draws it, so the "w=0.5, drift v~v" row is sdlora_calib's head.
-    gen = torch.Generator().manual_seed((saved["seed"] * 1_000_003 + 101) % (2**63 - 1))
-    p = torch.randn(d, m, generator=gen).double()
+class Blocks:
+    """``z = [h, u, v]`` of saved features, with ``P`` drawn as ``CalibratedHead.ensure_projection`` draws it (so
+    the "w=0.5, drift v~v" head is ``sdlora_calib``'s), and the column ranges of its blocks."""
 
-    def z(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __init__(self, saved: dict[str, Any], m: int) -> None:
+        self.m, self.d = m, saved["test"][0].shape[1]
+        gen = torch.Generator().manual_seed((saved["seed"] * 1_000_003 + 101) % (2**63 - 1))
+        self.p = torch.randn(self.d, m, generator=gen).double()
+        m, d = self.m, self.d
+        self.h, self.u, self.v = list(range(m)), list(range(m, m + d)), list(range(m + d, m + 2 * d))
+
+    def z(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         u, v = u.double(), v.double()
-        return torch.cat([torch.relu(u @ p), u, v], 1)
+        return torch.cat([torch.relu(u @ self.p), u, v], 1)
 
-    h, uu, vv = list(range(m)), list(range(m, m + d)), list(range(m + d, m + 2 * d))
+    def weights(self, w: float) -> list[tuple[int, int, float]]:
+        m, d = self.m, self.d
+        return [(0, m, 1.0), (m, m + d, 1.0), (m + d, m + 2 * d, w)]
+
+
+def score(saved: dict[str, Any], projection: int) -> list[tuple[str, float]]:
+    bl = Blocks(saved, projection)
+    m, d, h, uu, vv = bl.m, bl.d, bl.h, bl.u, bl.v
     stores = {"none": Stats(m + 2 * d), "v~v": Stats(m + 2 * d), "v~uv": Stats(m + 2 * d)}
     for t in range(saved["n"]):
         u, v, y, lo, hi = saved[f"task{t}"]
-        za = z(u, v)
+        za = bl.z(u, v)
         if t:
-            zb = z(u, saved[f"before{t}"])
+            zb = bl.z(u, saved[f"before{t}"])
             for name, regs in (("v~v", vv), ("v~uv", uu + vv)):
                 a, b = drift(zb, za, regs, vv)
                 stores[name].move(vv, a, b, regs)
@@ -170,23 +189,54 @@ def score(saved: dict[str, Any], projection: int) -> list[tuple[str, float]]:
     for j in range(saved["n"]):
         u, v = saved[f"final{j}"]
         _, _, y, lo, hi = saved[f"task{j}"]
-        oracle.add(z(u, v), y, lo, hi)
+        oracle.add(bl.z(u, v), y, lo, hi)
     stores["oracle"] = oracle
     ut, vt, yt = saved["test"]
-    zt = z(ut, vt)
+    zt = bl.z(ut, vt)
     rows = [("trained linear head (the run)", saved["trained"])]
     rows += [
         ("frozen u", ridge_acc(oracle, uu, [], zt, yt)),
         (f"frozen h (RanPAC features, M={m})", ridge_acc(oracle, h, [], zt, yt)),
-        ("frozen [h, u]", ridge_acc(oracle, h + uu, [(0, m, 1.0), (m, m + d, 1.0)], zt, yt)),
+        ("frozen [h, u]", ridge_acc(oracle, h + uu, bl.weights(1.0)[:2], zt, yt)),
     ]
     for name, st in stores.items():
         rows.append((f"adapted v, drift {name}", ridge_acc(st, vv, [], zt, yt)))
         for w in (1.0, 0.5):
-            blocks = [(0, m, 1.0), (m, m + d, 1.0), (m + d, m + 2 * d, w)]
             label = " (sdlora_calib)" if (w, name) == (0.5, "v~v") else ""
-            rows.append((f"[h, u, v] w={w:g}, drift {name}{label}", ridge_acc(st, h + uu + vv, blocks, zt, yt)))
+            rows.append((f"[h, u, v] w={w:g}, drift {name}{label}", ridge_acc(st, h + uu + vv, bl.weights(w), zt, yt)))
     return rows
+
+
+def ridge_scan(saved: dict[str, Any], projection: int, ridges: list[float]) -> list[tuple[str, float, float]]:
+    """For each relative ridge: final Acc of ``sdlora_calib``'s head (``[h, u, v]``, w = 0.5, drift ``v~v``), and
+    the accuracy of the same head fitted on 80% of the first task and scored on its other 20% (a fixed split):
+    RanPAC's way of selecting the ridge without old data."""
+    bl = Blocks(saved, projection)
+    cols = bl.h + bl.u + bl.v
+    st = Stats(bl.m + 2 * bl.d)
+    for t in range(saved["n"]):
+        u, v, y, lo, hi = saved[f"task{t}"]
+        za = bl.z(u, v)
+        if t:
+            a, b = drift(bl.z(u, saved[f"before{t}"]), za, bl.v, bl.v)
+            st.move(bl.v, a, b, bl.v)
+        st.add(za, y, lo, hi)
+    ut, vt, yt = saved["test"]
+    zt = bl.z(ut, vt)
+    u0, v0, y0, lo0, hi0 = saved["task0"]
+    z0 = bl.z(u0, v0)
+    perm = torch.randperm(len(y0), generator=torch.Generator().manual_seed(0))
+    val, fit = perm[: len(y0) // 5], perm[len(y0) // 5 :]
+    first = Stats(bl.m + 2 * bl.d)
+    first.add(z0[fit], y0[fit], lo0, hi0)
+    return [
+        (
+            f"ridge {r:g}",
+            ridge_acc(st, cols, bl.weights(0.5), zt, yt, r),
+            ridge_acc(first, cols, bl.weights(0.5), z0[val], y0[val], r),
+        )
+        for r in ridges
+    ]
 
 
 def main() -> None:
@@ -194,10 +244,11 @@ def main() -> None:
     ap.add_argument("config", nargs="?")
     ap.add_argument("--method", default="sdlora")
     ap.add_argument("--seed", type=int, default=1993)
-    ap.add_argument("--projection", type=int, default=2048)
+    ap.add_argument("--projection", type=int, default=4096)  # sdlora_calib's (calibration.calibrated_variant)
     ap.add_argument("--save", default=None)
     ap.add_argument("--load", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--ridges", default=None, help="comma-separated relative ridges: scan sdlora_calib's head instead")
     args = ap.parse_args()
     t0 = time.time()
     if args.load:
@@ -208,9 +259,15 @@ def main() -> None:
         saved = collect(args.config, args.method, args.seed, args.overrides)
         if args.save:
             torch.save(saved, args.save)
-    print(f"{saved['config']} | {saved['method']} | seed {saved['seed']} | final Acc, ridge {RIDGE}")
-    for name, acc in score(saved, args.projection):
-        print(f"{name:<40} {acc:6.2f}")
+    head = f"{saved['config']} | {saved['method']} | seed {saved['seed']} | M {args.projection}"
+    if args.ridges:
+        print(f"{head} | sdlora_calib's head: final Acc, and first-task held-out Acc (80/20 split)")
+        for name, acc, held_out in ridge_scan(saved, args.projection, [float(r) for r in args.ridges.split(",")]):
+            print(f"{name:<40} {acc:6.2f} {held_out:6.2f}")
+    else:
+        print(f"{head} | final Acc, ridge {RIDGE}")
+        for name, acc in score(saved, args.projection):
+            print(f"{name:<40} {acc:6.2f}")
     print(f"wall {time.time() - t0:.0f} s")
 
 
