@@ -312,3 +312,22 @@ def test_predictions_use_the_evaluated_head(tmp_path, head):
         before = method(x)
         method.merge_for_inference()
         torch.testing.assert_close(method(x), before, atol=1e-4, rtol=1e-4)
+
+
+def test_a_calibrated_run_of_another_projection_width_says_how_to_load_it(tmp_path):
+    """A run whose config.yaml does not state the projection it used (saved before the registry entry's settings
+    were written, when the default width differed) is refused with the width to write, and loads with it."""
+    from sdlora.configtools import dump_yaml, load_yaml
+    from sdlora.rundir import CONFIG_HEADER
+
+    _run(tmp_path, _config("sdlora_calib", projection_dim=12), "run")
+    path = tmp_path / "run" / "config.yaml"
+    saved = load_yaml(path)
+    saved["method"]["calib"].update(head="linear", drift="none", features="adapted", projection_dim=0)
+    path.write_text(CONFIG_HEADER + dump_yaml(saved))
+    with pytest.raises(ValueError, match=r"method\.calib\.projection_dim: 12 in its config\.yaml"):
+        build_method_from_run(tmp_path / "run")
+    saved["method"]["calib"]["projection_dim"] = 12
+    path.write_text(CONFIG_HEADER + dump_yaml(saved))
+    method, _, _ = build_method_from_run(tmp_path / "run")
+    assert method.calib is not None and method.calib.projection.shape == (32, 12)

@@ -99,7 +99,9 @@ def test_diagnose_a_calibrated_run_shows_its_head(tmp_path, capsys):
     cfg = from_dict(
         RunConfig,
         tiny_config(
-            method={"name": "sdlora_calib"}, data={"train_per_class": 8, "test_per_class": 4}, train={"epochs": 2}
+            method={"name": "sdlora_calib", "calib": {"projection_dim": 16}},
+            data={"train_per_class": 8, "test_per_class": 4},
+            train={"epochs": 2},
         ),
     )
     results = run_experiment(cfg, tmp_path / "run")

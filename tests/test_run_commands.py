@@ -36,7 +36,11 @@ METHOD_PARAMS = [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for
 
 def _config(tmp_path: Path, method: str) -> Path:
     cfg = tiny_config(
-        method={"name": method, **({"options": OPTIONS[method]} if method in OPTIONS else {})},
+        method={
+            "name": method,
+            **({"options": OPTIONS[method]} if method in OPTIONS else {}),
+            **({"calib": {"projection_dim": 16}} if method.endswith("_calib") else {}),  # default 4,096
+        },
         data={"name": "imagefolder", "root": str(tmp_path / "first4"), "train_per_class": None},
         scenario={"shuffle": False},
         train={"epochs": 1, "threads": 1},

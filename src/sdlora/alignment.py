@@ -281,7 +281,7 @@ class FeatureStatistics:
 
     def tensors(self, prefix: str) -> dict[str, Tensor]:
         """Counts, means and covariances; the pooled scatter of ``shared`` as its upper triangle (``covs_upper``:
-        it is symmetric, and at d = 2,816 float64 it is most of a checkpoint)."""
+        it is symmetric, and in float64 at ``calib.features: both`` widths it is most of a checkpoint)."""
         out = {f"{prefix}counts": self.counts.contiguous(), f"{prefix}means": self.means.contiguous()}
         if self.covariance == "shared":
             out[f"{prefix}covs_upper"] = pack_symmetric(self.covs)
@@ -312,6 +312,8 @@ class FeatureStatistics:
             )
         self.counts = counts.to(torch.float64).clone()
         self.means = means.to(torch.float32).clone()
+        if self.covariance == "shared" and not packed:  # an older checkpoint's d x d: symmetric to round-off
+            covs = 0.5 * (covs.double() + covs.double().t())
         self.covs = covs.to(self.covs.dtype).clone()
 
 

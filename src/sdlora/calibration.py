@@ -425,14 +425,20 @@ class CalibratedHead:
         return out
 
     def load(self, tensors: dict[str, Tensor], prefix: str) -> None:
-        self.stats.load(tensors, prefix)
-        proj = tensors[f"{prefix}projection"]
+        """Restore from ``tensors(prefix)``.
+
+        Raises:
+            ValueError: a projection of another width (checked first: the statistics' width follows from it) or
+                statistics that do not fit.
+        """
+        proj = tensors.get(f"{prefix}projection", torch.zeros(self.num_features, 0))
         if proj.shape[0] != self.num_features or proj.shape[1] not in (0, self.cfg.projection_dim):
             raise ValueError(
                 f"calibrated head projection {tuple(proj.shape)} does not fit {self.num_features} features and "
                 f"method.calib.projection_dim {self.cfg.projection_dim}; a run saved by a version with another "
                 f"default loads with method.calib.projection_dim: {proj.shape[1]} in its config.yaml"
             )
+        self.stats.load(tensors, prefix)
         self.projection = proj.float().clone()
         self.weight = tensors[f"{prefix}weight"].float().clone()
 

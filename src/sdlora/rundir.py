@@ -306,10 +306,12 @@ def normalised_config(data: dict[str, Any]) -> dict[str, Any]:
         resolve_method_config(cfg)
     except (ConfigError, TypeError, ValueError):
         return data
-    if written.head == "linear" and cfg.method.calib.head != "linear":
-        # A calibrated registry entry (sdlora_calib) whose config was saved before the entry's head was written
-        # into it: what head it used depends on the version that ran it, so keep the saved keys and let the
-        # difference show (compare runs it again; resume refuses with the diff).
+    if cfg.method.calib != written:
+        # A calibrated registry entry (sdlora_calib) whose config was saved before the entry's settings were
+        # written into it (this version's are, and resolving them again changes nothing): what head it used
+        # depends on the version that ran it, so keep the saved keys and let the difference show (resume and
+        # compare refuse it with the diff). Alignment entries (sdlora_ca) are normalised: their setting is one
+        # flag whose meaning has not changed.
         cfg.method.calib = written
     return cast("dict[str, Any]", to_dict(cfg))
 

@@ -41,6 +41,8 @@ def test_every_method_runs_two_tasks_on_a_text_backbone(method, tiny_bert_dir, t
     if method == "ranpac":  # a small projection (the default M = 10,000 is minutes on CPU); LoRA on task 1 only
         cfg["method"]["options"] = {"projection_dim": 64, "adapt_first_task": True}
         trained_tasks = 1
+    if method.endswith("_calib"):  # a small projection of the frozen block (the default is 4,096)
+        cfg["method"]["calib"] = {"projection_dim": 16}
     res = run_tiny(tmp_path / "run", cfg)
     assert res["status"] == "finished" and res["completed_tasks"] == 2
     assert res["backbone"]["modality"] == "text" and res["dataset"]["modality"] == "text"
