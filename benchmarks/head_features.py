@@ -171,20 +171,28 @@ class Blocks:
         return [(0, m, 1.0), (m, m + d, 1.0), (m + d, m + 2 * d, w)]
 
 
-def score(saved: dict[str, Any], projection: int) -> list[tuple[str, float]]:
-    bl = Blocks(saved, projection)
-    m, d, h, uu, vv = bl.m, bl.d, bl.h, bl.u, bl.v
-    stores = {"none": Stats(m + 2 * d), "v~v": Stats(m + 2 * d), "v~uv": Stats(m + 2 * d)}
+def compensated(saved: dict[str, Any], bl: Blocks, drifts: dict[str, list[int] | None]) -> dict[str, Stats]:
+    """Statistics of ``[h, u, v]`` accumulated task by task, one store per entry of ``drifts``: the old classes'
+    ``v`` block moved after each task by the linear drift map regressed on those columns (``None``: not moved)."""
+    stores = {name: Stats(bl.m + 2 * bl.d) for name in drifts}
     for t in range(saved["n"]):
         u, v, y, lo, hi = saved[f"task{t}"]
         za = bl.z(u, v)
         if t:
             zb = bl.z(u, saved[f"before{t}"])
-            for name, regs in (("v~v", vv), ("v~uv", uu + vv)):
-                a, b = drift(zb, za, regs, vv)
-                stores[name].move(vv, a, b, regs)
+            for name, regs in drifts.items():
+                if regs is not None:
+                    a, b = drift(zb, za, regs, bl.v)
+                    stores[name].move(bl.v, a, b, regs)
         for st in stores.values():
             st.add(za, y, lo, hi)
+    return stores
+
+
+def score(saved: dict[str, Any], projection: int) -> list[tuple[str, float]]:
+    bl = Blocks(saved, projection)
+    m, d, h, uu, vv = bl.m, bl.d, bl.h, bl.u, bl.v
+    stores = compensated(saved, bl, {"none": None, "v~v": vv, "v~uv": uu + vv})
     oracle = Stats(m + 2 * d)
     for j in range(saved["n"]):
         u, v = saved[f"final{j}"]
@@ -213,14 +221,7 @@ def ridge_scan(saved: dict[str, Any], projection: int, ridges: list[float]) -> l
     RanPAC's way of selecting the ridge without old data."""
     bl = Blocks(saved, projection)
     cols = bl.h + bl.u + bl.v
-    st = Stats(bl.m + 2 * bl.d)
-    for t in range(saved["n"]):
-        u, v, y, lo, hi = saved[f"task{t}"]
-        za = bl.z(u, v)
-        if t:
-            a, b = drift(bl.z(u, saved[f"before{t}"]), za, bl.v, bl.v)
-            st.move(bl.v, a, b, bl.v)
-        st.add(za, y, lo, hi)
+    st = compensated(saved, bl, {"v~v": bl.v})["v~v"]
     ut, vt, yt = saved["test"]
     zt = bl.z(ut, vt)
     u0, v0, y0, lo0, hi0 = saved["task0"]

@@ -42,6 +42,7 @@ __all__ = [
     "align_head",
     "block_normalised_logits",
     "pack_symmetric",
+    "symmetrised",
     "unpack_symmetric",
 ]
 
@@ -107,6 +108,12 @@ class AlignConfig:
 def pack_symmetric(g: Tensor) -> Tensor:
     """The upper triangle of the symmetric matrix ``g`` (row by row, diagonal included) as one vector."""
     return torch.cat([g[i, i:] for i in range(g.shape[0])]) if g.numel() else g.new_zeros(0)
+
+
+def symmetrised(s: Tensor) -> Tensor:
+    """``(S + S^T) / 2``: exactly symmetric (each pair of entries is the same sum), so a pooled scatter that is
+    symmetric up to round-off survives :func:`pack_symmetric` (checkpoints) bit for bit."""
+    return 0.5 * (s + s.t())
 
 
 def unpack_symmetric(v: Tensor, m: int) -> Tensor:
@@ -226,8 +233,7 @@ class FeatureStatistics:
         if self.covariance == "diagonal":
             scatter = second - counts[:, None] * mean * mean
         elif self.covariance == "shared":  # sum_c (sum_i x x^T - n_c mu_c mu_c^T), already summed over c
-            scatter = second - mean.t() @ (counts[:, None] * mean)
-            scatter = 0.5 * (scatter + scatter.t())  # exactly symmetric: the checkpoint keeps its upper triangle
+            scatter = symmetrised(second - mean.t() @ (counts[:, None] * mean))
         else:
             scatter = second - counts[:, None, None] * mean[:, :, None] * mean[:, None, :]
         self.counts = torch.cat([self.counts, counts])
@@ -261,7 +267,7 @@ class FeatureStatistics:
                 var = (1 - shrinkage) * cov + shrinkage * cov.mean()
                 out.append(var.clamp_min(0).sqrt())
                 continue
-            cov = 0.5 * (cov + cov.t())
+            cov = symmetrised(cov)
             cov = (1 - shrinkage) * cov + shrinkage * (torch.trace(cov) / self.d) * torch.eye(self.d, dtype=cov.dtype)
             evals, evecs = torch.linalg.eigh(cov)
             factor = evecs * evals.clamp_min(0).sqrt()
@@ -313,7 +319,7 @@ class FeatureStatistics:
         self.counts = counts.to(torch.float64).clone()
         self.means = means.to(torch.float32).clone()
         if self.covariance == "shared" and not packed:  # an older checkpoint's d x d: symmetric to round-off
-            covs = 0.5 * (covs.double() + covs.double().t())
+            covs = symmetrised(covs.double())
         self.covs = covs.to(self.covs.dtype).clone()
 
 

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .alignment import FeatureStatistics
+from .alignment import FeatureStatistics, symmetrised
 
 __all__ = [
     "CalibConfig",
@@ -226,12 +226,11 @@ def apply_linear_drift(stats: FeatureStatistics, a: Tensor, b: Tensor) -> None:
         s = stats.covs.double().clone()
         s[:, start:] = s[:, start:] @ a  # S M
         s[start:, :] = a.t() @ s[start:, :]  # M^T (S M)
-        stats.covs = 0.5 * (s + s.t())  # exactly symmetric, as the checkpoint keeps its upper triangle
+        stats.covs = symmetrised(s)
         return
     stats.means = (stats.means.double() @ a + b).float()
     if stats.covariance == "shared":
-        s = a.t() @ stats.covs @ a
-        stats.covs = 0.5 * (s + s.t())  # exactly symmetric, as the checkpoint keeps its upper triangle
+        stats.covs = symmetrised(a.t() @ stats.covs @ a)
     elif stats.covariance == "full":
         stats.covs = torch.einsum("ji,cjk,kl->cil", a, stats.covs.double(), a).float()
     else:  # diag(A^T diag(v) A)_i = sum_j A_ji^2 v_j
@@ -428,10 +427,12 @@ class CalibratedHead:
         """Restore from ``tensors(prefix)``.
 
         Raises:
-            ValueError: a projection of another width (checked first: the statistics' width follows from it) or
-                statistics that do not fit.
+            ValueError: no projection, a projection of another width (checked first: the statistics' width
+                follows from it) or statistics that do not fit.
         """
-        proj = tensors.get(f"{prefix}projection", torch.zeros(self.num_features, 0))
+        proj = tensors.get(f"{prefix}projection")
+        if proj is None:
+            raise ValueError(f"checkpoint has no calibrated head projection ({prefix}projection)")
         if proj.shape[0] != self.num_features or proj.shape[1] not in (0, self.cfg.projection_dim):
             raise ValueError(
                 f"calibrated head projection {tuple(proj.shape)} does not fit {self.num_features} features and "

@@ -291,7 +291,8 @@ def normalised_config(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` through the typed config and the method's options (defaults filled in for keys it lacks), as
     ``run_experiment`` derives the ``config.yaml`` it saves; ``data`` unchanged when it is not a whole run config
     (every top-level section) or no longer parses (an unknown or mistyped key then shows in the diff). The
-    exception: ``method.calib`` of a calibrated registry entry saved without its head (see the comment)."""
+    exception: a saved ``method.calib`` that the registry entry's settings would change stays as saved (see the
+    comment)."""
     from dataclasses import fields
 
     from .config import RunConfig

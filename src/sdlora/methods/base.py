@@ -279,9 +279,8 @@ class Method(nn.Module):
         after this call) and hold the features until ``after_task``.
         """
         self._features_before = None
-        if self.calib_config.drift != "none" and any(s.num_classes for s in self._class_stores()):
-            before = self._task_features(ctx, frozen=False) if ctx.num_new else None
-            self._features_before = torch.cat([f for f, _, _ in before]) if before is not None else None
+        if self.calib_config.drift != "none" and ctx.num_new and any(s.num_classes for s in self._class_stores()):
+            self._features_before = torch.cat([f for f, _, _ in self._task_features(ctx, frozen=False)])
         self.head.grow(ctx.num_new, device=ctx.device)
         self.head.set_trainable(train_old=self.cfg.loss_scope == "all")
 
