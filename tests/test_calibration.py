@@ -331,3 +331,12 @@ def test_a_calibrated_run_of_another_projection_width_says_how_to_load_it(tmp_pa
     path.write_text(CONFIG_HEADER + dump_yaml(saved))
     method, _, _ = build_method_from_run(tmp_path / "run")
     assert method.calib is not None and method.calib.projection.shape == (32, 12)
+
+
+def test_a_checkpoint_without_the_projection_is_refused():
+    head = CalibratedHead(CalibConfig(head="ridge", features="both", projection_dim=4), 3)
+    head.ensure_projection(seed=1)
+    saved = head.tensors("calib.")
+    del saved["calib.projection"]
+    with pytest.raises(ValueError, match=r"no calibrated head projection \(calib\.projection\)"):
+        CalibratedHead(head.cfg, 3).load(saved, "calib.")
