@@ -25,6 +25,7 @@ from sdlora.methods import load_run_config
         ({"train": {"weight_decay": -1e-4}}, "train.weight_decay", ">= 0"),
         ({"train": {"weight_decay": float("nan")}}, "train.weight_decay", "finite"),
         ({"train": {"grad_clip": float("inf")}}, "train.grad_clip", "finite"),
+        ({"train": {"keep_checkpoints": 0}}, "train.keep_checkpoints", "or null (keep all)"),
         ({"seed": -1}, "seed", "[0, 2**32)"),
         ({"seed": 2**32}, "seed", "[0, 2**32)"),
         ({"scenario": {"seed": -3}}, "scenario.seed", "[0, 2**32)"),

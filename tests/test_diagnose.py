@@ -49,6 +49,10 @@ def test_diagnose_agrees_with_the_run(tmp_path, capsys):
     assert "after task 2 of 3" in printed and "within" in printed
     assert json.loads((tmp_path / "d.json").read_text())["after_task"] == 2
     assert main(["diagnose", str(tmp_path / "nowhere")]) == 2
+    for p in (tmp_path / "run" / "checkpoints").glob("task_000.*"):  # what train.keep_checkpoints: 2 leaves
+        p.unlink()
+    with pytest.raises(RunError, match="no checkpoint after task 1 .*keep_checkpoints.*omit --task"):
+        diagnose_run(tmp_path / "run", task=1)
 
 
 def test_diagnose_a_text_run(tmp_path, tiny_bert_dir):

@@ -126,6 +126,21 @@ def test_resume_after_kill_gives_same_matrix(tmp_path):
     assert resumed["status"] == "finished"
 
 
+def test_keep_checkpoints_deletes_older_ones_only_after_their_successor_is_committed(tmp_path):
+    full = _run(tmp_path, tiny_config(), "full")
+    kept = _run(tmp_path, tiny_config(train={"keep_checkpoints": 1}), "kept")
+    assert kept["accuracy_matrix"] == full["accuracy_matrix"]
+    assert sorted(p.name for p in (tmp_path / "kept" / "checkpoints").iterdir()) == [
+        "task_002.json",
+        "task_002.safetensors",
+    ]
+    # A resume may turn it on (it changes no result): the killed run's task_000 goes once task_002 is committed.
+    part = _killed_during_task_3(tmp_path)
+    resumed = _run(tmp_path, tiny_config(train={"keep_checkpoints": 2}), "part", resume=True)
+    assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+    assert sorted(p.name for p in (part / "checkpoints").glob("*.json")) == ["task_001.json", "task_002.json"]
+
+
 def test_resume_refuses_changed_config(tmp_path):
     _run(tmp_path, tiny_config())
     changed = tiny_config(train={"lr": 0.02})

@@ -193,6 +193,26 @@ def test_killed_learn_leaves_the_run_as_it_was_and_can_be_rerun(tmp_path, monkey
     assert rec_a["tensors_sha256"] == rec_b["tensors_sha256"]
 
 
+def test_learn_with_keep_checkpoints_removes_the_old_one_only_after_its_commit(tmp_path, monkeypatch):
+    two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]), train={"keep_checkpoints": 1})
+    new = _folder(tmp_path / "new", ["c4", "c5"])
+    names = lambda: sorted(p.name for p in (two / "checkpoints").glob("*.json"))  # noqa: E731
+    assert names() == ["task_001.json"]
+    import sdlora.learn
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # killed between the new checkpoint and results.json
+        m.setattr(sdlora.learn, "atomic_write_json", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            learn(two, new)
+    assert names() == ["task_001.json", "task_002.json"]
+    assert build_method_from_run(two)[2]["task"] == 1  # the committed one is still there
+    learn(two, new)
+    assert names() == ["task_002.json"] and build_method_from_run(two)[2]["task"] == 2
+
+
 def test_missing_earlier_test_set_is_reported_and_skipped(tmp_path, capsys):
     two = _run(tmp_path, "two", _folder(tmp_path / "first4", ALL[:4]))
     first = _folder(tmp_path / "new1", ["c4", "c5"])

@@ -24,6 +24,7 @@ from sdlora.rundir import (
     latest_checkpoint,
     load_checkpoint,
     prepare_run_dir,
+    prune_checkpoints,
     restore_rng_state,
     rng_state,
     run_dir_lock,
@@ -63,15 +64,9 @@ def test_status_and_prepare(tmp_path):
 
 def test_checkpoints_commit_and_detect_damage(tmp_path):
     for task in range(3):
-        save_checkpoint(tmp_path, task, _Tiny(float(task)), {"next": task + 1}, keep=2)
+        save_checkpoint(tmp_path, task, _Tiny(float(task)), {"next": task + 1})
     ck = latest_checkpoint(tmp_path)
     assert ck is not None and ck.name == "task_002.json"
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "task_001.json",
-        "task_001.safetensors",
-        "task_002.json",
-        "task_002.safetensors",
-    ]
     tensors, record = load_checkpoint(ck)
     assert torch.equal(tensors["w"], torch.full((2, 3), 2.0)) and "rng.torch" in tensors
     assert record["task"] == 2 and record["engine"] == {"next": 3} and record["method"] == {"method": "tiny"}
@@ -86,11 +81,33 @@ def test_checkpoints_commit_and_detect_damage(tmp_path):
         load_checkpoint(ck)
 
 
+def _checkpoint_names(out):
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def test_prune_keeps_the_newest_committed_checkpoints_only(tmp_path):
+    for task in range(4):
+        save_checkpoint(tmp_path, task, _Tiny(float(task)), {"next": task + 1})
+    every = _checkpoint_names(tmp_path)
+    assert prune_checkpoints(tmp_path, 1) == []  # no results.json: nothing is known to be committed
+    assert prune_checkpoints(tmp_path, None) == [] and _checkpoint_names(tmp_path) == every
+    # The record counts 3 tasks: task_003 is a killed learn's, never a candidate; of the committed, the newest 2 stay.
+    atomic_write_json(tmp_path / "results.json", {"completed_tasks": 3})
+    removed = prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in removed] == ["task_000.json"]
+    assert _checkpoint_names(tmp_path) == [f"task_00{t}.{x}" for t in (1, 2, 3) for x in ("json", "safetensors")]
+    prune_checkpoints(tmp_path, 1)
+    assert committed_checkpoint(tmp_path).name == "task_002.json"
+    assert _checkpoint_names(tmp_path) == [f"task_00{t}.{x}" for t in (2, 3) for x in ("json", "safetensors")]
+    assert prune_checkpoints(tmp_path, 1) == []  # the committed one is never removed
+    load_checkpoint(committed_checkpoint(tmp_path))
+
+
 def test_committed_checkpoint_is_the_one_results_json_describes(tmp_path):
     """A checkpoint newer than the record (a ``sdlora learn`` killed before its commit) is not loaded."""
     assert committed_checkpoint(tmp_path) is None
     for task in range(3):
-        save_checkpoint(tmp_path, task, _Tiny(float(task)), {}, keep=None)
+        save_checkpoint(tmp_path, task, _Tiny(float(task)), {})
     assert committed_checkpoint(tmp_path).name == "task_002.json"  # no record: the newest
     atomic_write_json(tmp_path / "results.json", {"completed_tasks": 2})
     assert committed_checkpoint(tmp_path).name == "task_001.json"
@@ -187,7 +204,7 @@ def _sdlora_run_dir(out):
     (out / "accuracy_matrix.csv").write_text("after_task,task_1\n1,50.0\n")
     (out / "log.txt").write_text("2026-01-01 10:00:00,123 INFO sdlora 0.1.0 | method sdlora\n")
     atomic_write_json(out / "split.json", {"dataset": "imagefolder", "seed": 1, "train": [], "test": []})
-    save_checkpoint(out, 0, _Tiny(1.0), {"next": 1}, keep=None)
+    save_checkpoint(out, 0, _Tiny(1.0), {"next": 1})
     (out / "plots").mkdir()
     for name in ("accuracy_matrix.png", "accuracy_curve.png"):
         (out / "plots" / name).write_bytes(b"\x89PNG")
@@ -248,7 +265,7 @@ def _rewrite(ck, edit):
     ],
 )
 def test_edited_checkpoint_record_is_refused_with_advice(tmp_path, edit):
-    save_checkpoint(tmp_path, 0, _Tiny(1.0), {"next": 1}, keep=None)
+    save_checkpoint(tmp_path, 0, _Tiny(1.0), {"next": 1})
     ck = tmp_path / "checkpoints" / "task_000.json"
     _rewrite(ck, edit)
     with pytest.raises(
@@ -263,7 +280,7 @@ def test_edited_checkpoint_record_is_refused_with_advice(tmp_path, edit):
 )
 def test_malformed_checkpoint_record_gives_advice_not_a_traceback(tmp_path, record):
     """A record of the wrong shape used to leak AttributeError / IndexError / TypeError."""
-    save_checkpoint(tmp_path, 0, _Tiny(1.0), {"next": 1}, keep=None)
+    save_checkpoint(tmp_path, 0, _Tiny(1.0), {"next": 1})
     ck = tmp_path / "checkpoints" / "task_000.json"
     ck.write_text(json.dumps(record))
     with pytest.raises(RunError, match="corrupt checkpoint.*to resume from the previous task"):
@@ -273,7 +290,7 @@ def test_malformed_checkpoint_record_gives_advice_not_a_traceback(tmp_path, reco
 def test_checkpoint_record_without_its_sha256_is_refused(tmp_path):
     """Issue 22, item 9: a record without ``record_sha256`` was trusted, so an edit that also dropped the digest
     resumed with whatever the record said."""
-    save_checkpoint(tmp_path, 0, _Tiny(1.0), {"next": 1}, keep=None)
+    save_checkpoint(tmp_path, 0, _Tiny(1.0), {"next": 1})
     ck = tmp_path / "checkpoints" / "task_000.json"
     load_checkpoint(ck)  # as written: accepted
     _rewrite(ck, lambda r: (r.pop("record_sha256"), r["engine"].update(next=7)))

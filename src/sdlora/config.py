@@ -137,6 +137,10 @@ class TrainConfig:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         deterministic: ``torch.use_deterministic_algorithms`` and no cuDNN benchmark.
         checkpoint: write a checkpoint after every task (needed for ``--resume``).
+        keep_checkpoints: keep only the newest N task checkpoints, deleting older ones once the next task is
+            committed (None: keep all). ``--resume``, ``predict``, ``learn`` and ``export`` read the newest only;
+            ``sdlora diagnose --task K`` needs task K's. A checkpoint holds the method's whole state (a RanPAC run's
+            Gram matrix, a calibrated head's scatter), so a long run with a large head saves disk with 1.
         threads: torch intra-op threads on CPU (None: torch's default).
         log_to: run trackers that also receive the run's progress: any of ``tensorboard``, ``mlflow``, ``wandb``
             (:mod:`sdlora.tracking`; each needs its package, ``pip install 'sdlora[track]'``). Empty: none.
@@ -161,6 +165,7 @@ class TrainConfig:
     device: str = "auto"
     deterministic: bool = False
     checkpoint: bool = True
+    keep_checkpoints: int | None = None
     threads: int | None = None
     log_to: list[str] = field(default_factory=list)
 
@@ -216,6 +221,11 @@ class TrainConfig:
             raise ValueError(f"grad_clip: must be positive or null, got {self.grad_clip}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device: must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.keep_checkpoints is not None and self.keep_checkpoints <= 0:
+            raise ValueError(
+                f"keep_checkpoints: must be positive (the newest checkpoint is what resume, predict and learn read) "
+                f"or null (keep all), got {self.keep_checkpoints}"
+            )
         if self.threads is not None and self.threads <= 0:
             raise ValueError(f"threads: must be positive or null, got {self.threads}")
 

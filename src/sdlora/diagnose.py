@@ -78,7 +78,10 @@ def _checkpoint_for(out: Path, task: int | None, completed: int) -> Path:
         raise RunError(f"--task {task}: {out} has completed {completed} task(s); give 1..{completed}")
     ck = out / "checkpoints" / f"task_{task - 1:03d}.json"
     if not ck.exists():
-        raise RunError(f"{out} has no checkpoint after task {task} ({ck}); the run keeps one per finished task")
+        raise RunError(
+            f"{out} has no checkpoint after task {task} ({ck}): a run keeps one per finished task unless its "
+            "train.keep_checkpoints removed the older ones; omit --task to diagnose the last one"
+        )
     return ck
 
 

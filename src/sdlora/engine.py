@@ -59,6 +59,7 @@ from .rundir import (
     committed_checkpoint,
     load_checkpoint,
     prepare_run_dir,
+    prune_checkpoints,
     restore_rng_state,
     run_dir_lock,
     save_checkpoint,
@@ -471,8 +472,9 @@ def _run(
             # Commit order (as in sdlora learn): the checkpoint, then results.json, which commits it. A kill in
             # between leaves a record of the previous task and its checkpoint, never a record without its model.
             if tcfg.checkpoint:
-                save_checkpoint(out, t, method, state.to_checkpoint(), keep=None, data_identity=data.identity)
+                save_checkpoint(out, t, method, state.to_checkpoint(), data_identity=data.identity)
             atomic_write_json(out / RESULTS_FILE, results)
+            prune_checkpoints(out, tcfg.keep_checkpoints)
             _emit(listeners, RunEvent("task_end", out, t, results))
         if info.enabled:
             dist.barrier()

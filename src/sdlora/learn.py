@@ -64,6 +64,7 @@ from .rundir import (
     RunError,
     committed_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     restore_rng_state,
     run_dir_lock,
     save_checkpoint,
@@ -598,11 +599,11 @@ def _learn_locked(
             task,
             method,
             state.to_checkpoint(),
-            keep=None,
             data_identity=results.get("data_identity"),
             learned=record_new,
         )
         atomic_write_json(out / RESULTS_FILE, new_results)
+        prune_checkpoints(out, tcfg.keep_checkpoints)
         for event in (RunEvent("task_end", out, task, new_results), RunEvent("run_end", out, task, new_results)):
             on_run_event(event)
             if tracking is not None:

@@ -55,6 +55,7 @@ __all__ = [
     "committed_checkpoint",
     "config_changes",
     "normalised_config",
+    "prune_checkpoints",
     "ensure_run_dir",
     "latest_checkpoint",
     "learned_task_count",
@@ -74,7 +75,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Config keys that may change on ``--resume`` without changing results.
-RESUME_FREE_KEYS = ("data.num_workers", "train.device", "train.threads", "train.checkpoint", "train.log_to")
+RESUME_FREE_KEYS = (
+    "data.num_workers",
+    "train.device",
+    "train.threads",
+    "train.checkpoint",
+    "train.keep_checkpoints",
+    "train.log_to",
+)
 
 #: The lock file of a run directory (:func:`run_dir_lock`).
 LOCK_FILE = ".sdlora.lock"
@@ -526,7 +534,6 @@ def save_checkpoint(
     task: int,
     method: Method,
     engine_state: dict[str, Any],
-    keep: int | None,
     data_identity: dict[str, Any] | None = None,
     learned: dict[str, Any] | None = None,
 ) -> None:
@@ -541,7 +548,6 @@ def save_checkpoint(
         task: the 0-based task just finished.
         method: its ``state()`` is saved.
         engine_state: the engine's JSON-able state (``RunState.to_checkpoint()``), stored under ``engine``.
-        keep: keep only the newest ``keep`` checkpoints (None: all).
         data_identity: the run's ``data_identity`` (what ``--resume`` compares the data with).
         learned: for a task ``sdlora learn`` added, its ``learned_tasks`` entry (folder, class names, the identity
             of the folder's data): such a checkpoint is not one of the config's scenario, and ``--resume`` refuses
@@ -572,11 +578,30 @@ def save_checkpoint(
     record = to_jsonable(record)
     record["record_sha256"] = _record_digest(record)
     atomic_write_json(stem.with_suffix(".json"), record)
-    if keep is not None:
-        done = sorted(ckdir.glob("task_*.json"))
-        for old in done[:-keep]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".safetensors").unlink(missing_ok=True)
+
+
+def prune_checkpoints(out: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest ``keep`` committed checkpoints (``train.keep_checkpoints``; None: keep all).
+
+    Call it after ``results.json`` commits a task, never between a checkpoint and its commit: only checkpoints of
+    tasks the record counts are candidates, and the newest of them (the one :func:`committed_checkpoint` returns,
+    what ``--resume``, ``predict``, ``learn`` and ``export`` read) is always among those kept, so a process killed
+    at any point leaves a loadable run. A checkpoint of an uncommitted task (a killed ``learn``) is left alone.
+    Returns the removed JSON records.
+    """
+    if keep is None or not (out / "checkpoints").is_dir():
+        return []
+    try:
+        completed = int(read_json(out / RESULTS_FILE)["completed_tasks"])
+    except Exception:  # no readable record: nothing is known to be committed, so nothing may go
+        return []
+    committed = sorted(p for p in (out / "checkpoints").glob("task_*.json") if 0 <= _checkpoint_task(p) < completed)
+    removed = committed[: max(len(committed) - keep, 0)]
+    for old in removed:
+        # The record first: a kill between the two deletions leaves tensors without a record, which nothing reads.
+        old.unlink(missing_ok=True)
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
+    return removed
 
 
 def latest_checkpoint(out: Path) -> Path | None:
