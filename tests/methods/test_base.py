@@ -45,3 +45,23 @@ def test_first_task_loss_covers_its_classes_in_both_scopes():
     for scope in ("current", "all"):
         method = tiny_method("sdlora", loss_scope=scope)
         torch.testing.assert_close(method.training_loss(logits, y, ctx), F.cross_entropy(logits, y))
+
+
+def test_registering_a_method_whose_config_hook_is_not_a_classmethod_is_refused():
+    from sdlora.methods import METHODS, Method, register_method
+
+    class Instance(Method):
+        def make_calib_config(self, cfg):  # resolve_method_config calls it on the class
+            return cfg
+
+    with pytest.raises(TypeError, match=r"'bad_hook': Instance.make_calib_config must be a @classmethod"):
+        register_method("bad_hook")(Instance)
+    assert "bad_hook" not in METHODS
+
+    class Inherits(Method):  # the base class's classmethods are inherited: accepted
+        pass
+
+    try:
+        assert register_method("inherits_hooks")(Inherits) is Inherits
+    finally:
+        METHODS.pop("inherits_hooks", None)

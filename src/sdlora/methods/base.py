@@ -7,6 +7,7 @@ optimiser, the device, evaluation and checkpoints (style: avalanche/mammoth hook
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -43,6 +44,14 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     def deco(cls: type[Method]) -> type[Method]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
+        for hook in ("make_align_config", "make_calib_config"):
+            # resolve_method_config calls them on the class (the saved config must show them before a model
+            # exists); an instance method would fail there with a bare TypeError.
+            if not isinstance(inspect.getattr_static(cls, hook), classmethod | staticmethod):
+                raise TypeError(
+                    f"method {name!r}: {cls.__name__}.{hook} must be a @classmethod (it is applied to the run's "
+                    "config before the method is built)"
+                )
         cls.name = name
         METHODS[name] = cls
         return cls
