@@ -230,8 +230,19 @@ def test_block_normalised_logits_keep_the_argmax():
 
 
 def test_align_config_validation_and_refusal_for_simplecil(tmp_path):
-    for bad in ({"shrinkage": 1.5}, {"samples_per_class": 0}, {"lr": 0.0}, {"logit_norm": -1.0}):
-        with pytest.raises(ValueError):
+    nan = float("nan")
+    for bad, key in (
+        ({"shrinkage": 1.5}, "shrinkage"),
+        ({"shrinkage": nan}, "shrinkage"),
+        ({"samples_per_class": 0}, "samples_per_class"),
+        ({"lr": 0.0}, "lr"),
+        ({"lr": nan}, "lr"),
+        ({"weight_decay": nan}, "weight_decay"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"logit_norm": -1.0}, "logit_norm"),
+        ({"logit_norm": float("inf")}, "logit_norm"),
+    ):
+        with pytest.raises(ValueError, match=f"^{key} must"):
             AlignConfig(**bad)
     cfg = from_dict(RunConfig, tiny_config(method={"name": "simplecil", "align": {"enabled": True}}))
     with pytest.raises(ValueError, match="head-based"):

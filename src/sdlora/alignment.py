@@ -90,6 +90,7 @@ class AlignConfig:
     params: Literal["head", "block_affine"] = "head"
 
     def __post_init__(self) -> None:
+        # Written so that NaN fails every check (``nan <= 0`` is False, ``0 <= nan`` too).
         if not 0.0 <= self.shrinkage <= 1.0:
             raise ValueError(f"shrinkage must be in [0, 1], got {self.shrinkage}")
         for name in ("samples_per_class", "batch_size"):
@@ -97,12 +98,14 @@ class AlignConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or not 0.0 <= self.momentum < 1.0:
-            raise ValueError("weight_decay must be >= 0 and momentum in [0, 1)")
-        if self.logit_norm is not None and self.logit_norm <= 0:
-            raise ValueError(f"logit_norm must be positive or null, got {self.logit_norm}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (self.weight_decay >= 0.0 and math.isfinite(self.weight_decay)):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.logit_norm is not None and not (self.logit_norm > 0 and math.isfinite(self.logit_norm)):
+            raise ValueError(f"logit_norm must be a positive number or null, got {self.logit_norm}")
 
 
 def pack_symmetric(g: Tensor) -> Tensor:
