@@ -314,3 +314,24 @@ def test_config_error_is_value_error_with_path():
     err = ConfigError("boom", "a.b")
     assert isinstance(err, ValueError)
     assert (err.path, str(err)) == ("a.b", "a.b: boom")
+
+
+@dataclass
+class _Floats:
+    lr: float = 0.1
+    clip: float | None = None
+    either: int | float = 1
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_floats_are_refused_in_every_float_field(bad):
+    for key, message in (
+        ("lr", "expected a finite number, got"),
+        ("clip", "expected a finite number or null, got"),
+        ("either", "expected a finite number, got"),
+    ):
+        with pytest.raises(ConfigError, match=rf"^{key}: {message}"):
+            from_dict(_Floats, {key: bad})
+    with pytest.raises(ConfigError, match=r"^method\.extra\.x: "):  # inside a union of scalars in a mapping
+        from_dict(Experiment, {"seed": 1, "method": {"extra": {"x": bad}}})
+    assert from_dict(_Floats, {"lr": 3, "clip": 1e-3, "either": 2.5}) == _Floats(3.0, 1e-3, 2.5)

@@ -190,6 +190,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                # No setting of sdlora means anything at NaN or infinity (YAML's .nan/.inf), and NaN passes every
+                # "x <= 0" check in a __post_init__: refuse it here, for every config dataclass at once.
+                raise _TypeMismatch(f"expected a finite number, got {value}", path)
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -208,7 +212,7 @@ def _convert_union(tp: Any, value: Any, path: str) -> Any:
     options = [a for a in args if a is not _NoneType]
     # Exact scalar matches first, so `int | float` keeps 3 an int and `int | bool` keeps True a bool.
     for a in options:
-        if a in _SCALARS and type(value) is a:
+        if a in _SCALARS and type(value) is a and not (a is float and not math.isfinite(value)):
             return value
     errors: list[ConfigError] = []
     for a in options:
@@ -219,6 +223,8 @@ def _convert_union(tp: Any, value: Any, path: str) -> Any:
     # For `X | None` an error from inside X (a list item, a section's key or __post_init__) is the more precise one.
     if len(options) == 1 and not (isinstance(errors[0], _TypeMismatch) and errors[0].path == path):
         raise errors[0]
+    if isinstance(value, float) and not math.isfinite(value) and float in options:
+        raise _TypeMismatch(f"expected a finite number{' or null' if _NoneType in args else ''}, got {value}", path)
     raise _TypeMismatch(f"expected {_type_name(tp)}, got {_show(value)}", path)
 
 
