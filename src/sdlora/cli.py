@@ -366,7 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("compare", help="run several methods (and seeds) on one config and tabulate them")
     sp.add_argument("config")
-    sp.add_argument("--methods", default="sdlora,sdlora_rr,sdlora_kd,seq_lora,simplecil,inflora")
+    sp.add_argument(
+        "--methods",
+        default="sdlora,sdlora_rr,sdlora_kd,seq_lora,simplecil,inflora",
+        help="comma-separated method names (sdlora list), or 'all': every registered method, skipping those that "
+        "cannot work on the config's backbone (default: %(default)s)",
+    )
     sp.add_argument("--seeds", type=_seed_list, help="comma-separated seeds (default: the config's seed)")
     sp.add_argument("--out", default="runs/compare")
     sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")

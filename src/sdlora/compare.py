@@ -6,6 +6,10 @@ Layout of ``--out DIR``::
     DIR/compare.csv, compare.md   one row per method (``report.write_compare``)
     DIR/plots/compare_curves.png
 
+``--methods all`` runs every registered method (``methods.METHODS``, sorted by name) and skips, with a note in
+``compare.md``, a method that cannot work on the config's backbone (``methods.UnsupportedBackbone``: the prompt
+methods on a text model); a method named explicitly that cannot is a failed run like any other.
+
 Resumable: a finished run whose saved config equals the requested one is reused, an unfinished one is resumed
 from its last checkpoint, and a failing run does not stop the others (the failures are reported together at the
 end, after the table of the runs that finished). Bad input is different: every (method, seed) config is loaded and
@@ -74,7 +78,8 @@ def run_compare(
 
     Args:
         config: a config file or preset name (``demo``).
-        methods: registered method names, in table order.
+        methods: registered method names, in table order; ``["all"]``: every registered method (see the module
+            docstring).
         seeds: seeds to run (each also sets the class order unless the config fixes ``scenario.seed``); ``None``:
             the config's own seed.
         out: compare directory (see the module docstring).
@@ -96,6 +101,11 @@ def run_compare(
 
     if not methods:
         raise ValueError("compare needs at least one method")
+    every = methods == ["all"]
+    if every:
+        methods = sorted(METHODS)
+    elif "all" in methods:
+        raise ValueError("--methods all stands alone (every registered method); name methods or give all")
     dupes = sorted({m for m in methods if methods.count(m) > 1})
     if dupes:
         raise ValueError(f"methods named more than once: {', '.join(dupes)}")
@@ -121,7 +131,7 @@ def run_compare(
                 raise
     is_main = int(os.environ.get("RANK", "0")) == 0
     with run_dir_lock(out_path) if is_main else contextlib.nullcontext():
-        return _compare(configs, methods, seeds, out_path)
+        return _compare(configs, methods, seeds, out_path, skip_unsupported=every)
 
 
 def _compare(
@@ -129,13 +139,16 @@ def _compare(
     methods: list[str],
     seeds: list[int] | None,
     out_path: Path,
+    skip_unsupported: bool = False,
 ) -> str:
     """The runs of :func:`run_compare` (configs loaded, compare directory locked), then the table."""
     from . import report
+    from .methods import UnsupportedBackbone
     from .rundir import RunError
 
     runs: dict[str, list[Path]] = {}
     failures: list[str] = []
+    skipped: list[str] = []
     for method in methods:
         dirs: list[Path] = []
         for seed in seeds if seeds is not None else [None]:
@@ -145,6 +158,14 @@ def _compare(
                 raise
             except (ConfigError, FileNotFoundError):
                 raise  # bad input (a key-path error found while building, missing data): the same for every run
+            except UnsupportedBackbone as e:  # the same for every seed: said once, the other seeds not tried
+                if skip_unsupported:
+                    log.warning("compare: skipping %s: %s", method, e)
+                    skipped.append(f"{method}: {e}")
+                else:
+                    log.error("compare: %s cannot run on this backbone: %s", method, e)
+                    failures.append(f"{method} (every seed): {type(e).__name__}: {e}")
+                break
             except Exception as e:
                 label = f"{method} (seed {seed if seed is not None else 'from config'})"
                 log.error("compare: %s failed: %s: %s", label, type(e).__name__, e)
@@ -154,7 +175,7 @@ def _compare(
     table = ""
     is_main = int(os.environ.get("RANK", "0")) == 0
     if runs and is_main:
-        table = report.write_compare({m: [str(d) for d in ds] for m, ds in runs.items()}, out_path)
+        table = report.write_compare({m: [str(d) for d in ds] for m, ds in runs.items()}, out_path, skipped)
         log.info("compare: wrote %s and %s", out_path / "compare.md", out_path / "compare.csv")
     if failures:
         written = f"; the table of the other methods is in {out_path / 'compare.md'}" if runs else ""

@@ -626,7 +626,9 @@ def plot_compare(loaded: Mapping[str, Sequence[Mapping[str, Any]]], path: str | 
     _save_figure(fig, os.fspath(path))
 
 
-def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str | os.PathLike) -> str:
+def write_compare(
+    runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str | os.PathLike, skipped: Sequence[str] = ()
+) -> str:
     """Compare methods over seeds: ``compare.csv``, ``compare.md`` and ``plots/compare_curves.png`` in ``out_dir``.
 
     One row per method. Acc and AAA are given as "mean (std)" with the sample standard deviation (ddof=1) over the
@@ -639,6 +641,7 @@ def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str 
     Args:
         runs: Method name -> run directories of that method (one per seed).
         out_dir: Output directory (created if needed).
+        skipped: methods not run and why (``"name: reason"``), listed under the table.
 
     Returns:
         The markdown written to ``compare.md``.
@@ -650,6 +653,8 @@ def write_compare(runs: Mapping[str, Sequence[str | os.PathLike]], out_dir: str 
     """
     loaded = load_compare_runs(runs)
     csv_text, markdown = compare_tables(loaded)
+    if skipped:
+        markdown += "\nNot run (the method cannot work on this backbone):\n\n" + "".join(f"- {s}\n" for s in skipped)
     out_dir = os.fspath(out_dir)
     os.makedirs(os.path.join(out_dir, "plots"), exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "compare.csv"), csv_text)

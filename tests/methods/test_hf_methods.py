@@ -32,6 +32,26 @@ def test_prompt_methods_refuse_a_text_backbone_clearly(method, tiny_bert_dir, te
         run_tiny(tmp_path / "run", cfg)
 
 
+def test_compare_all_skips_what_cannot_run_on_the_backbone(tiny_bert_dir, text_file, tmp_path, monkeypatch):
+    import sdlora.methods
+    from engine_helpers import write_config
+    from sdlora.compare import run_compare
+    from sdlora.rundir import RunError
+
+    # "all" is every registered method; two of them keep the test short: one that runs, one that refuses text
+    monkeypatch.setattr(sdlora.methods, "METHODS", {m: METHODS[m] for m in ("simplecil", "l2p")})
+    config = str(write_config(tmp_path / "text.yaml", hf_text_config(tiny_bert_dir, text_file, method="simplecil")))
+    table = run_compare(config, ["all"], [1, 2], tmp_path / "all")
+    assert "| simplecil |" in table and "| l2p |" not in table
+    assert "Not run (the method cannot work on this backbone):\n\n- l2p: l2p prefixes the attention" in table
+    assert not (tmp_path / "all" / "l2p" / "seed1" / "config.yaml").exists()
+    # Named explicitly, it is a failed compare run, reported once for every seed; the others' table is written.
+    with pytest.raises(RunError, match=r"1 compare run\(s\) failed.*\n  l2p \(every seed\): UnsupportedBackbone"):
+        run_compare(config, ["simplecil", "l2p"], [1, 2], tmp_path / "all")
+    with pytest.raises(ValueError, match="all stands alone"):
+        run_compare(config, ["all", "l2p"], [1], tmp_path / "all")
+
+
 @pytest.mark.parametrize("method", sorted(set(METHODS) - TIMM_ONLY))
 def test_every_method_runs_two_tasks_on_a_text_backbone(method, tiny_bert_dir, text_file, tmp_path):
     cfg = hf_text_config(tiny_bert_dir, text_file, method=method)

@@ -8,7 +8,17 @@ from . import (
     ranpac,  # noqa: F401  (registers ranpac)
     sdlora,  # noqa: F401  (registers sdlora, sdlora_rr, sdlora_kd, sdlora_ca, sdlora_calib)
 )
-from .base import METHODS, LowRankUpdate, Method, NoOptions, TaskContext, create_method, parse_options, register_method
+from .base import (
+    METHODS,
+    LowRankUpdate,
+    Method,
+    NoOptions,
+    TaskContext,
+    UnsupportedBackbone,
+    create_method,
+    parse_options,
+    register_method,
+)
 from .options import load_run_config, resolve_method_config
 
 __all__ = [
@@ -17,6 +27,7 @@ __all__ = [
     "Method",
     "NoOptions",
     "TaskContext",
+    "UnsupportedBackbone",
     "create_method",
     "load_run_config",
     "parse_options",

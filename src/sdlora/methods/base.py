@@ -38,6 +38,12 @@ __all__ = [
 METHODS: dict[str, type[Method]] = {}
 
 
+class UnsupportedBackbone(ValueError):
+    """A method cannot work on this backbone at all (prefix-tuning on a model without timm ViT blocks, InfLoRA
+    without key/value projections): raised while the method is built. ``sdlora compare --methods all`` skips such a
+    method instead of counting it as a failed run."""
+
+
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: make a method available as ``method.name: <name>``."""
 

@@ -54,7 +54,7 @@ from ..backbones import Backbone
 from ..config import MethodConfig
 from ..lora.layer import add_rows
 from ..lora.surgery import qkv_slices, replace_submodule
-from .base import LowRankUpdate, Method, TaskContext, register_method
+from .base import LowRankUpdate, Method, TaskContext, UnsupportedBackbone, register_method
 
 __all__ = ["InfLoRA", "InfLoRALinear", "InfLoRAOptions", "down_projection", "gpm_update", "project_out"]
 
@@ -298,7 +298,7 @@ class InfLoRA(Method):
             entries = [(name, [("out", 0, m.out_features)]) for name, m in matching("k") + matching("v")]
             entries.sort(key=lambda e: [n for n, _ in linears].index(e[0]))
         if not entries:
-            raise ValueError(
+            raise UnsupportedBackbone(
                 f"inflora adapts the attention key and value projections, and backbone {backbone.name!r} has none "
                 f"that sdlora recognises (found roles: {sorted(roles) or 'none'}); it supports a fused qkv "
                 "(timm ViTs) and separate key/value linears (BERT-style query/key/value, q_proj/k_proj/v_proj, "

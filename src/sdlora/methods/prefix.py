@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import UnsupportedBackbone
+
 __all__ = ["PrefixAttention", "inject_prefix_attention", "prefix_attention_class"]
 
 
@@ -128,7 +130,7 @@ def inject_prefix_attention(model: nn.Module, layers: list[int], method: str) ->
     """
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
-        raise ValueError(
+        raise UnsupportedBackbone(
             f"{method} prefixes the attention of timm ViT blocks (model.blocks[i].attn); the backbone "
             f"{type(model).__name__} has no such blocks. Use a timm ViT backbone, or a method that works on any "
             "backbone (ranpac, simplecil, seq_lora, lora_merge)"
@@ -144,7 +146,7 @@ def inject_prefix_attention(model: nn.Module, layers: list[int], method: str) ->
         try:
             wrapper = PrefixAttention(attn)
         except TypeError as e:
-            raise ValueError(
+            raise UnsupportedBackbone(
                 f"{method} cannot prompt blocks.{i}.attn: {e}. Prefix-tuning needs attention that accepts extra "
                 "keys and values; use a timm ViT backbone, or a method that works on any backbone (ranpac, "
                 "simplecil, seq_lora, lora_merge)"
