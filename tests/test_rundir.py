@@ -103,6 +103,48 @@ def test_prune_keeps_the_newest_committed_checkpoints_only(tmp_path):
     load_checkpoint(committed_checkpoint(tmp_path))
 
 
+def test_prune_orders_tasks_by_number_and_sweeps_orphaned_tensors(tmp_path):
+    for task in (998, 999, 1000):  # task_1000 sorts before task_999 by name
+        save_checkpoint(tmp_path, task, _Tiny(float(task)), {})
+    (tmp_path / "checkpoints" / "task_500.safetensors").write_bytes(b"x")  # a kill between the two deletions
+    atomic_write_json(tmp_path / "results.json", {"completed_tasks": 1001})
+    assert committed_checkpoint(tmp_path).name == latest_checkpoint(tmp_path).name == "task_1000.json"
+    assert [p.name for p in prune_checkpoints(tmp_path, 1)] == ["task_998.json", "task_999.json"]
+    assert _checkpoint_names(tmp_path) == ["task_1000.json", "task_1000.safetensors"]
+
+
+def test_a_reader_retries_when_a_writer_prunes_its_checkpoint(tmp_path, monkeypatch):
+    import sdlora.rundir as rundir
+
+    save_checkpoint(tmp_path, 0, _Tiny(0.0), {"next": 1})
+    atomic_write_json(tmp_path / "results.json", {"completed_tasks": 1})
+    real = rundir.load_checkpoint
+    calls = []
+
+    def writer_commits_and_prunes_first(path):
+        if not calls:  # between the reader's lookup and its load, a run with keep_checkpoints: 1 moves on
+            save_checkpoint(tmp_path, 1, _Tiny(1.0), {"next": 2})
+            atomic_write_json(tmp_path / "results.json", {"completed_tasks": 2})
+            prune_checkpoints(tmp_path, 1)
+        calls.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(rundir, "load_checkpoint", writer_commits_and_prunes_first)
+    path, tensors, record = rundir.load_committed_checkpoint(tmp_path)
+    assert calls == ["task_000.json", "task_001.json"] and path.name == "task_001.json" and record["task"] == 1
+    assert torch.equal(tensors["w"], torch.full((2, 3), 1.0))
+
+
+def test_damage_advice_depends_on_an_older_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, 0, _Tiny(0.0), {})
+    save_checkpoint(tmp_path, 1, _Tiny(1.0), {})
+    for task, advice in ((1, "to resume from the previous task"), (0, "no older checkpoint remains")):
+        ck = tmp_path / "checkpoints" / f"task_00{task}.json"
+        ck.write_text("{")
+        with pytest.raises(RunError, match=advice):
+            load_checkpoint(ck)
+
+
 def test_committed_checkpoint_is_the_one_results_json_describes(tmp_path):
     """A checkpoint newer than the record (a ``sdlora learn`` killed before its commit) is not loaded."""
     assert committed_checkpoint(tmp_path) is None
@@ -269,7 +311,7 @@ def test_edited_checkpoint_record_is_refused_with_advice(tmp_path, edit):
     ck = tmp_path / "checkpoints" / "task_000.json"
     _rewrite(ck, edit)
     with pytest.raises(
-        RunError, match=r"corrupt checkpoint .*task_000\.json.*delete .* to resume from the previous task"
+        RunError, match=r"corrupt checkpoint .*task_000\.json.*no older checkpoint remains.*deleting .* start over"
     ):
         load_checkpoint(ck)
 
@@ -283,7 +325,7 @@ def test_malformed_checkpoint_record_gives_advice_not_a_traceback(tmp_path, reco
     save_checkpoint(tmp_path, 0, _Tiny(1.0), {"next": 1})
     ck = tmp_path / "checkpoints" / "task_000.json"
     ck.write_text(json.dumps(record))
-    with pytest.raises(RunError, match="corrupt checkpoint.*to resume from the previous task"):
+    with pytest.raises(RunError, match="corrupt checkpoint.*no older checkpoint remains"):
         load_checkpoint(ck)
 
 
@@ -294,7 +336,7 @@ def test_checkpoint_record_without_its_sha256_is_refused(tmp_path):
     ck = tmp_path / "checkpoints" / "task_000.json"
     load_checkpoint(ck)  # as written: accepted
     _rewrite(ck, lambda r: (r.pop("record_sha256"), r["engine"].update(next=7)))
-    with pytest.raises(RunError, match=r"task_000\.json: it has no 'record_sha256'.*delete .* previous task"):
+    with pytest.raises(RunError, match=r"task_000\.json: it has no 'record_sha256'.*no older checkpoint remains"):
         load_checkpoint(ck)
 
 

@@ -8,7 +8,9 @@ Layout of ``--out DIR``::
 
 ``--methods all`` runs every registered method (``methods.METHODS``, sorted by name) and skips, with a note in
 ``compare.md``, a method that cannot work on the config's backbone (``methods.UnsupportedBackbone``: the prompt
-methods on a text model); a method named explicitly that cannot is a failed run like any other.
+methods on a text model); a method named explicitly that cannot is a failed run like any other. A config whose
+``method.options`` belong to one method (the ``l2p_*`` presets) is refused for the others before anything runs:
+use a config without options for ``all``.
 
 Resumable: a finished run whose saved config equals the requested one is reused, an unfinished one is resumed
 from its last checkpoint, and a failing run does not stop the others (the failures are reported together at the

@@ -190,11 +190,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                # No setting of sdlora means anything at NaN or infinity (YAML's .nan/.inf), and NaN passes every
-                # "x <= 0" check in a __post_init__: refuse it here, for every config dataclass at once.
-                raise _TypeMismatch(f"expected a finite number, got {value}", path)
-            return float(value)
+            # No float field read through here (config sections, run records) means anything at NaN or infinity
+            # (YAML's .nan/.inf), and NaN passes every "x <= 0" check in a __post_init__: refused for all at once.
+            try:
+                if math.isfinite(value):
+                    return float(value)
+            except OverflowError:  # an int too large for a float
+                pass
+            raise _TypeMismatch(f"expected a finite number, got {_show(value)}", path)
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from .data import batch_to
@@ -65,15 +66,15 @@ def block_statistics(logits: torch.Tensor, labels: torch.Tensor, bounds: list[tu
     }
 
 
-def _checkpoint_for(out: Path, task: int | None, completed: int) -> Path:
+def _load_checkpoint_for(out: Path, task: int | None, completed: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The committed checkpoint (``task`` None) or the one after ``task`` (1-based), which must be committed."""
-    from .rundir import RunError, committed_checkpoint
+    from .rundir import RunError, load_checkpoint, load_committed_checkpoint
 
     if task is None:
-        ck = committed_checkpoint(out)
-        if ck is None:
+        loaded = load_committed_checkpoint(out)
+        if loaded is None:
             raise RunError(f"{out} has no checkpoint yet (checkpoints/task_*.json)")
-        return ck
+        return loaded[1], loaded[2]
     if not 1 <= task <= completed:
         raise RunError(f"--task {task}: {out} has completed {completed} task(s); give 1..{completed}")
     ck = out / "checkpoints" / f"task_{task - 1:03d}.json"
@@ -82,7 +83,7 @@ def _checkpoint_for(out: Path, task: int | None, completed: int) -> Path:
             f"{out} has no checkpoint after task {task} ({ck}): a run keeps one per finished task unless its "
             "train.keep_checkpoints removed the older ones; omit --task to diagnose the last one"
         )
-    return ck
+    return load_checkpoint(ck)
 
 
 def diagnose_run(
@@ -105,15 +106,14 @@ def diagnose_run(
     from .learn import load_test_sources, task_test_sources
     from .methods import create_method, load_run_config
     from .results import load_results
-    from .rundir import RunError, load_checkpoint, seed_everything
+    from .rundir import RunError, seed_everything
 
     out = Path(run_dir)
     if not (out / "config.yaml").exists():
         raise RunError(f"{out} is not a run directory (no config.yaml)")
     results = load_results(out)
-    ck = _checkpoint_for(out, task, int(results["completed_tasks"]))
+    tensors, record = _load_checkpoint_for(out, task, int(results["completed_tasks"]))
     cfg, _ = load_run_config(str(out / "config.yaml"))
-    tensors, record = load_checkpoint(ck)
     after = int(record["task"]) + 1
     dev = torch.device(device)
     seed_everything(cfg.seed)

@@ -7,7 +7,8 @@ A run directory (``sdlora run --out DIR``) holds::
     results.json         the run record, rewritten after every task (engine; :class:`sdlora.results.RunResults`)
     metrics.csv, accuracy_matrix.csv, plots/   derived tables and plots (:mod:`sdlora.report`)
     log.txt              the run's log (engine)
-    checkpoints/task_NNN.{safetensors,json}    method state + engine state + RNG after each task (this module)
+    checkpoints/task_NNN.{safetensors,json}    method state + engine state + RNG after each task, or after the
+                         newest N with ``train.keep_checkpoints: N`` (this module)
     .sdlora.lock         held while a process writes the run (:func:`run_dir_lock`)
 
 One writer at a time: ``run``, ``--resume``, ``--overwrite`` and ``compare`` hold :func:`run_dir_lock` for the
@@ -60,6 +61,7 @@ __all__ = [
     "latest_checkpoint",
     "learned_task_count",
     "load_checkpoint",
+    "load_committed_checkpoint",
     "prepare_run_dir",
     "regenerate_run_files",
     "restore_rng_state",
@@ -595,18 +597,26 @@ def prune_checkpoints(out: Path, keep: int | None) -> list[Path]:
         completed = int(read_json(out / RESULTS_FILE)["completed_tasks"])
     except Exception:  # no readable record: nothing is known to be committed, so nothing may go
         return []
-    committed = sorted(p for p in (out / "checkpoints").glob("task_*.json") if 0 <= _checkpoint_task(p) < completed)
+    committed = [p for p in _checkpoint_records(out) if 0 <= _checkpoint_task(p) < completed]
     removed = committed[: max(len(committed) - keep, 0)]
     for old in removed:
-        # The record first: a kill between the two deletions leaves tensors without a record, which nothing reads.
+        # The record first: a kill between the two deletions leaves tensors without a record, which nothing reads
+        # (and the sweep below removes next time).
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)
+    if committed[-keep:]:
+        oldest_kept = _checkpoint_task(committed[-keep:][0])
+        for orphan in (out / "checkpoints").glob("task_*.safetensors"):
+            if 0 <= _checkpoint_task(orphan) < oldest_kept and not orphan.with_suffix(".json").exists():
+                orphan.unlink(missing_ok=True)
+    if removed:
+        log.info("train.keep_checkpoints=%d: removed %s", keep, ", ".join(p.stem for p in removed))
     return removed
 
 
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest committed checkpoint (its JSON exists), or None."""
-    done = sorted((out / "checkpoints").glob("task_*.json")) if (out / "checkpoints").exists() else []
+    done = _checkpoint_records(out)
     return done[-1] if done else None
 
 
@@ -636,13 +646,19 @@ def committed_checkpoint(out: Path) -> Path | None:
     function, so all of them see the same task. Without a readable ``results.json`` it is the newest checkpoint
     (what ``--resume`` rebuilds a lost record from; :func:`build_method_from_run` refuses such a run).
     """
-    done = sorted((out / "checkpoints").glob("task_*.json")) if (out / "checkpoints").exists() else []
+    done = _checkpoint_records(out)
     try:
         completed = int(read_json(out / RESULTS_FILE)["completed_tasks"])
     except Exception:  # no or unreadable record: nothing to check against
         return done[-1] if done else None
     committed = [p for p in done if _checkpoint_task(p) < completed]
     return committed[-1] if committed else None
+
+
+def _checkpoint_records(out: Path) -> list[Path]:
+    """``out/checkpoints/task_*.json`` in task order (by number: ``task_1000`` after ``task_999``)."""
+    ckdir = out / "checkpoints"
+    return sorted(ckdir.glob("task_*.json"), key=_checkpoint_task) if ckdir.is_dir() else []
 
 
 def _checkpoint_task(path: Path) -> int:
@@ -662,7 +678,14 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """
     from safetensors.torch import load_file
 
-    advice = f"delete {path} (and its .safetensors) to resume from the previous task"
+    older = [p for p in _checkpoint_records(path.parent.parent) if 0 <= _checkpoint_task(p) < _checkpoint_task(path)]
+    advice = (
+        f"delete {path} (and its .safetensors) to resume from the previous task"
+        if older
+        else "no older checkpoint remains (the first task's, or train.keep_checkpoints removed them): deleting "
+        f"{path} makes --resume start over from the first task, and a run with tasks added by sdlora learn cannot be "
+        "continued"
+    )
     try:
         record = read_json(path)
     except Exception as e:
@@ -684,6 +707,28 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if sha256_file(tpath) != record.get("tensors_sha256"):
         raise RunError(f"checkpoint {tpath} does not match its recorded sha256 (damaged); {advice}")
     return load_file(str(tpath)), record
+
+
+def load_committed_checkpoint(out: Path) -> tuple[Path, dict[str, Tensor], dict[str, Any]] | None:
+    """:func:`committed_checkpoint` and :func:`load_checkpoint` for a reader that does not hold the run's lock
+    (``predict``, ``export``, ``diagnose``): ``(path, tensors, record)``, or None without a checkpoint.
+
+    A run that is still training with ``train.keep_checkpoints`` may remove the chosen checkpoint between the two
+    steps (after committing a newer one): the lookup is then made once more rather than the vanished file reported
+    as damaged.
+    """
+    ck = committed_checkpoint(out)
+    if ck is None:
+        return None
+    try:
+        return (ck, *load_checkpoint(ck))
+    except RunError:
+        if ck.exists():  # damaged, not pruned: the error says what to do
+            raise
+        again = committed_checkpoint(out)
+        if again is None or again == ck:
+            raise
+        return (again, *load_checkpoint(again))
 
 
 # ------------------------------------------------------------------------------------- rebuild a method
@@ -712,10 +757,10 @@ def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tu
             f"sdlora run CONFIG --out {out} --resume rebuilds it from the checkpoints"
         )
     cfg, _ = load_run_config(str(out / "config.yaml"))
-    ck = committed_checkpoint(out)
-    if ck is None:
+    loaded = load_committed_checkpoint(out)
+    if loaded is None:
         raise RunError(f"{out} has no checkpoint yet (checkpoints/task_*.json); finish a task first")
-    tensors, record = load_checkpoint(ck)
+    _, tensors, record = loaded
     seed_everything(cfg.seed)
     backbone = create_backbone(cfg.backbone, cfg.data.image_size)
     method = create_method(cfg.method, backbone).to(torch.device(device))
