@@ -132,8 +132,8 @@ def inject_prefix_attention(model: nn.Module, layers: list[int], method: str) ->
     if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
         raise UnsupportedBackbone(
             f"{method} prefixes the attention of timm ViT blocks (model.blocks[i].attn); the backbone "
-            f"{type(model).__name__} has no such blocks. Use a timm ViT backbone, or a method that works on any "
-            "backbone (ranpac, simplecil, seq_lora, lora_merge)"
+            f"{type(model).__name__} has no such blocks. Use a timm ViT backbone, or a method that does not need "
+            "them (ranpac, simplecil, seq_lora, lora_merge)"
         )
     bad = [i for i in layers if not 0 <= i < len(blocks)]
     if bad:
@@ -148,7 +148,7 @@ def inject_prefix_attention(model: nn.Module, layers: list[int], method: str) ->
         except TypeError as e:
             raise UnsupportedBackbone(
                 f"{method} cannot prompt blocks.{i}.attn: {e}. Prefix-tuning needs attention that accepts extra "
-                "keys and values; use a timm ViT backbone, or a method that works on any backbone (ranpac, "
+                "keys and values; use a timm ViT backbone, or a method that does not need them (ranpac, "
                 "simplecil, seq_lora, lora_merge)"
             ) from None
         blocks[i].attn = wrapper
