@@ -302,7 +302,11 @@ def _error_source(e: ConfigError, path: Path, overrides: list[str]) -> str:
 
 
 def load_config(
-    name_or_path: str, overrides: list[str] | None = None, *, check: Callable[[RunConfig], object] | None = None
+    name_or_path: str,
+    overrides: list[str] | None = None,
+    *,
+    check: Callable[[RunConfig], object] | None = None,
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> tuple[RunConfig, dict[str, Any]]:
     """Load a YAML config (path or preset name), apply ``--set`` overrides, validate.
 
@@ -314,6 +318,8 @@ def load_config(
         overrides: ``--set key=value`` items, applied in order.
         check: a further check of the typed config by a layer that knows more (it may fill values in place); its
             ``ConfigError`` is attributed to the file or override like the others.
+        prepare: applied to the file's data before the overrides (a saved run's config: the values its keys had
+            before they existed, ``sdlora.methods.with_legacy_options``).
 
     Returns:
         The typed config and its plain-data form (what is written to the run directory).
@@ -331,6 +337,8 @@ def load_config(
             "epochs per task); start from a preset (sdlora list) or a file in configs/",
             source=str(path),
         )
+    if prepare is not None:
+        data = prepare(data)
     data = apply_overrides(data, overrides, RunConfig)
     try:
         cfg = from_dict(RunConfig, data)

@@ -113,7 +113,7 @@ def diagnose_run(
         raise RunError(f"{out} is not a run directory (no config.yaml)")
     results = load_results(out)
     tensors, record = _load_checkpoint_for(out, task, int(results["completed_tasks"]))
-    cfg, _ = load_run_config(str(out / "config.yaml"))
+    cfg, _ = load_run_config(str(out / "config.yaml"), saved_run=True)
     after = int(record["task"]) + 1
     dev = torch.device(device)
     seed_everything(cfg.seed)

@@ -544,7 +544,7 @@ def _learn_locked(
             f"{out} holds an unfinished run ({results['completed_tasks']} of {results['num_tasks']} tasks); finish it "
             "first (sdlora run CONFIG --out RUN_DIR --resume), then learn new classes"
         )
-    cfg, cfg_dict = load_run_config(str(out / "config.yaml"))
+    cfg, cfg_dict = load_run_config(str(out / "config.yaml"), saved_run=True)
     tensors, record = _committed_state(out, int(results["completed_tasks"]))
     task = int(record["task"]) + 1
     mean, std = results["backbone"]["mean"], results["backbone"]["std"]

@@ -301,16 +301,18 @@ def normalised_config(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` through the typed config and the method's options (defaults filled in for keys it lacks), as
     ``run_experiment`` derives the ``config.yaml`` it saves; ``data`` unchanged when it is not a whole run config
     (every top-level section) or no longer parses (an unknown or mistyped key then shows in the diff). The
-    exception: a saved ``method.calib`` that the registry entry's settings would change stays as saved (see the
-    comment)."""
+    exceptions: a saved ``method.calib`` that the registry entry's settings would change stays as saved (see the
+    comment), and a method option the saved config lacks gets the value the run used, where it differs from
+    today's default (``methods.with_legacy_options``)."""
     from dataclasses import fields
 
     from .config import RunConfig
     from .configtools import ConfigError, from_dict, to_dict
-    from .methods.options import resolve_method_config
+    from .methods.options import resolve_method_config, with_legacy_options
 
     if set(data) != {f.name for f in fields(RunConfig)}:
         return data
+    data = with_legacy_options(data)
     try:
         cfg = from_dict(RunConfig, data)
         written = cfg.method.calib
@@ -756,7 +758,7 @@ def build_method_from_run(run_dir: str | os.PathLike, device: str = "cpu") -> tu
             f"{out} has no {RESULTS_FILE} (killed before its first task was recorded, or the file was lost); "
             f"sdlora run CONFIG --out {out} --resume rebuilds it from the checkpoints"
         )
-    cfg, _ = load_run_config(str(out / "config.yaml"))
+    cfg, _ = load_run_config(str(out / "config.yaml"), saved_run=True)
     loaded = load_committed_checkpoint(out)
     if loaded is None:
         raise RunError(f"{out} has no checkpoint yet (checkpoints/task_*.json); finish a task first")

@@ -46,8 +46,11 @@ class Runtime:
     progress: Callable[[Literal["step", "epoch_end"], int, int, dict[str, float]], None] | None = None
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
-    """``train.optimizer`` (sgd, adam or adamw) over ``params`` at learning rate ``lr``."""
+def make_optimizer(
+    params: list[nn.Parameter] | list[dict[str, Any]], cfg: TrainConfig, lr: float
+) -> torch.optim.Optimizer:
+    """``train.optimizer`` (sgd, adam or adamw) over ``params`` at learning rate ``lr`` (or over torch parameter
+    groups, each of which may set its own ``lr``)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
@@ -112,10 +115,12 @@ def train_task(
     tcfg, info, device = rt.train, rt.info, rt.device
     tell = rt.progress if info.main else None
     epochs = ctx.epochs
-    params = method.trainable_parameters()
+    lr = tcfg.lr_for(ctx.task)
+    groups = [(g, factor) for g, factor in method.optimizer_groups() if g]
+    params = [p for g, _ in groups for p in g]
     if not method.trains or epochs == 0 or not params:
         return {"epochs": 0, "steps": 0, "loss": None}
-    opt = make_optimizer(params, tcfg, tcfg.lr_for(ctx.task))
+    opt = make_optimizer([{"params": g, "lr": lr * factor} for g, factor in groups], tcfg, lr)
     sched = make_scheduler(opt, tcfg, epochs)
     sampler = GlobalBatchSampler(
         len(train_set), tcfg.batch_size, seed=rt.seed * 1000 + ctx.task, rank=info.rank, world=info.world

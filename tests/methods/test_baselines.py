@@ -212,3 +212,48 @@ def test_method_options_are_typed_by_the_methods_own_dataclass(tmp_path):
         load_run_config(str(path), ["method.name=simplecil"])
     with pytest.raises(ConfigError, match=r"method\.name.*unknown method 'nope'"):
         load_run_config(str(path), ["method.name=nope"])
+
+
+def test_full_ft_trains_the_backbone_at_a_fraction_of_the_heads_learning_rate(tmp_path):
+    from engine_helpers import tiny_config
+    from sdlora.config import RunConfig, TrainConfig
+    from sdlora.configtools import from_dict, to_dict
+    from sdlora.methods import load_run_config, resolve_method_config
+    from sdlora.rundir import config_changes, normalised_config
+    from sdlora.training import make_optimizer
+
+    method = tiny_method("full_ft", options={"backbone_lr_scale": 0.25})
+    method.begin_task(make_ctx(0, 0, 2, []))
+    (head, one), (backbone, scale) = method.optimizer_groups()
+    assert (one, scale) == (1.0, 0.25)
+    assert {id(p) for p in backbone} == {id(p) for p in method.model.parameters()}
+    assert {id(p) for p in head} == {id(p) for p in method.head.parameters() if p.requires_grad} and head
+    # One plain SGD step moves each group by its own learning rate times its gradient.
+    opt = make_optimizer(
+        [{"params": g, "lr": 0.1 * f} for g, f in method.optimizer_groups()],
+        from_dict(TrainConfig, {"optimizer": "sgd", "momentum": 0.0}),
+        0.1,
+    )
+    before = [p.detach().clone() for p in backbone + head]
+    F.cross_entropy(method(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 0, 1])).backward()
+    grads = [p.grad.clone() for p in backbone + head]
+    opt.step()
+    for p, b, g, lr in zip(backbone + head, before, grads, [0.025] * len(backbone) + [0.1] * len(head)):
+        torch.testing.assert_close(p.detach(), b - lr * g)
+    assert tiny_method("full_ft").options.backbone_lr_scale == 0.1  # the default
+    with pytest.raises(ValueError, match="backbone_lr_scale must be positive"):
+        tiny_method("full_ft", options={"backbone_lr_scale": 0.0})
+
+    # A run saved before the option existed trained its backbone at train.lr: it reads as 1.0, not as the default.
+    old = to_dict(from_dict(RunConfig, tiny_config(method={"name": "full_ft", "options": {}})))
+    assert old["method"]["options"] == {}
+    assert normalised_config(old)["method"]["options"] == {"backbone_lr_scale": 1.0}
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "config.yaml").write_text(json.dumps(old))
+    new = to_dict(resolve_method_config(from_dict(RunConfig, tiny_config(method={"name": "full_ft"}))))
+    assert config_changes(out, new) == ["method.options.backbone_lr_scale: 1.0 -> 0.1"]
+    # learn, predict and diagnose rebuild such a run as it trained
+    cfg, _ = load_run_config(str(out / "config.yaml"), saved_run=True)
+    assert cfg.method.options == {"backbone_lr_scale": 1.0}
+    assert load_run_config(str(out / "config.yaml"))[0].method.options == {"backbone_lr_scale": 0.1}

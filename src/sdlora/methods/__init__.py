@@ -19,7 +19,7 @@ from .base import (
     parse_options,
     register_method,
 )
-from .options import load_run_config, resolve_method_config
+from .options import load_run_config, resolve_method_config, with_legacy_options
 
 __all__ = [
     "METHODS",
@@ -33,4 +33,5 @@ __all__ = [
     "parse_options",
     "register_method",
     "resolve_method_config",
+    "with_legacy_options",
 ]

@@ -302,6 +302,11 @@ class Method(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def optimizer_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """The trainable parameters in groups, each with its learning-rate factor (times ``train.lr``); the
+        first group's learning rate is the one logged. Default: one group at factor 1."""
+        return [(self.trainable_parameters(), 1.0)]
+
     def training_loss(self, logits: Tensor, y: Tensor, ctx: TaskContext) -> Tensor:
         """Cross-entropy; after the first task over the current task's logits only (``loss_scope: current``,
         the official code's ``F.cross_entropy(logits[:, known:], y - known)``), so old rows get no gradient."""

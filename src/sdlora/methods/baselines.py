@@ -9,7 +9,7 @@ The LoRA baselines and the ablations are configurations of the one SD-LoRA imple
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -134,17 +134,47 @@ class SDLoRAAblationFixed(SDLoRA):
 
 
 # ------------------------------------------------------------------------------------------ full fine-tuning
+@dataclasses.dataclass
+class FullFineTuneOptions:
+    """Options of ``full_ft`` (``method.options``).
+
+    Attributes:
+        backbone_lr_scale: the backbone's learning rate as a fraction of ``train.lr`` (the head trains at
+            ``train.lr``). A learning rate chosen for adapters or a head destroys the pretrained features when
+            every backbone weight moves with it; a slower backbone is SLCA's "slow learner" (Zhang et al., ICCV
+            2023; its backbone-to-head ratio 0.01, its successor SLCA++ 0.1). Default 0.1.
+    """
+
+    #: What a saved config without the key ran with (before the option existed the backbone trained at train.lr):
+    #: ``rundir.normalised_config`` fills it in, so such a run shows a difference instead of passing for this one.
+    LEGACY: ClassVar[dict[str, Any]] = {"backbone_lr_scale": 1.0}
+
+    backbone_lr_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.backbone_lr_scale > 0.0:
+            raise ValueError(f"backbone_lr_scale must be positive, got {self.backbone_lr_scale}")
+
+
 @register_method("full_ft")
 class FullFineTune(Method):
     """Full fine-tuning: every backbone parameter trains in every task, with the same growing head and loss as
-    SD-LoRA (paper Table 2, first row). Nothing protects earlier tasks: an upper bound on forgetting.
-
-    Use a small learning rate (the whole backbone moves; the adapter learning rates are far too large here).
+    SD-LoRA (paper Table 2, first row). Nothing protects earlier tasks: an upper bound on forgetting. The backbone
+    trains at ``method.options.backbone_lr_scale`` times ``train.lr``.
     """
+
+    options_class = FullFineTuneOptions
 
     def __init__(self, cfg: MethodConfig, backbone: Backbone) -> None:
         super().__init__(cfg, backbone)
         self.model.requires_grad_(True)
+
+    def optimizer_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        backbone = {id(p) for p in self.model.parameters()}
+        params = self.trainable_parameters()
+        head = [p for p in params if id(p) not in backbone]
+        # The head first: its learning rate (train.lr) is the one logged.
+        return [(head, 1.0), ([p for p in params if id(p) in backbone], self.options.backbone_lr_scale)]
 
     def parameter_counts(self) -> dict[str, int]:
         counts = super().parameter_counts()

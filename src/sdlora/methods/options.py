@@ -34,9 +34,27 @@ def resolve_method_config(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def load_run_config(name_or_path: str, overrides: list[str] | None = None) -> tuple[RunConfig, dict[str, Any]]:
+def with_legacy_options(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved run config's data with the method options it lacks set to what the run used before they existed
+    (the options class's ``LEGACY`` values, for an option whose default differs from the old behaviour); without
+    this they would be filled with today's default and an old run would pass for, or continue as, a new one."""
+    method = data.get("method")
+    if not isinstance(method, dict) or method.get("name") not in METHODS:
+        return data
+    legacy = getattr(METHODS[method["name"]].options_class, "LEGACY", {})
+    options = method.get("options") or {}
+    missing = {k: v for k, v in legacy.items() if k not in options} if isinstance(options, dict) else {}
+    if not missing:
+        return data
+    return {**data, "method": {**method, "options": {**options, **missing}}}
+
+
+def load_run_config(
+    name_or_path: str, overrides: list[str] | None = None, *, saved_run: bool = False
+) -> tuple[RunConfig, dict[str, Any]]:
     """:func:`sdlora.config.load_config` with the method checked and its options' defaults filled in
-    (:func:`resolve_method_config`): the config as a run uses and saves it.
+    (:func:`resolve_method_config`): the config as a run uses and saves it. ``saved_run``: the file is a run
+    directory's ``config.yaml`` (:func:`with_legacy_options` applies).
 
     Returns:
         The typed config and its plain-data form (what is written to the run directory).
@@ -45,4 +63,5 @@ def load_run_config(name_or_path: str, overrides: list[str] | None = None) -> tu
         ConfigError: as ``load_config``, also for an unknown method or bad method options, attributed to the file
             or to the ``--set`` override that set the value.
     """
-    return load_config(name_or_path, overrides, check=resolve_method_config)
+    prepare = with_legacy_options if saved_run else None
+    return load_config(name_or_path, overrides, check=resolve_method_config, prepare=prepare)
