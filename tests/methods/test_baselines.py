@@ -240,7 +240,7 @@ def test_full_ft_trains_the_backbone_at_a_fraction_of_the_heads_learning_rate(tm
     opt.step()
     for p, b, g, lr in zip(backbone + head, before, grads, [0.025] * len(backbone) + [0.1] * len(head)):
         torch.testing.assert_close(p.detach(), b - lr * g)
-    assert tiny_method("full_ft").options.backbone_lr_scale == 0.1  # the default
+    assert tiny_method("full_ft").options.backbone_lr_scale == 0.01  # the default
     with pytest.raises(ValueError, match="backbone_lr_scale must be positive"):
         tiny_method("full_ft", options={"backbone_lr_scale": 0.0})
 
@@ -252,8 +252,8 @@ def test_full_ft_trains_the_backbone_at_a_fraction_of_the_heads_learning_rate(tm
     out.mkdir()
     (out / "config.yaml").write_text(json.dumps(old))
     new = to_dict(resolve_method_config(from_dict(RunConfig, tiny_config(method={"name": "full_ft"}))))
-    assert config_changes(out, new) == ["method.options.backbone_lr_scale: 1.0 -> 0.1"]
+    assert config_changes(out, new) == ["method.options.backbone_lr_scale: 1.0 -> 0.01"]
     # learn, predict and diagnose rebuild such a run as it trained
     cfg, _ = load_run_config(str(out / "config.yaml"), saved_run=True)
     assert cfg.method.options == {"backbone_lr_scale": 1.0}
-    assert load_run_config(str(out / "config.yaml"))[0].method.options == {"backbone_lr_scale": 0.1}
+    assert load_run_config(str(out / "config.yaml"))[0].method.options == {"backbone_lr_scale": 0.01}

@@ -142,14 +142,14 @@ class FullFineTuneOptions:
         backbone_lr_scale: the backbone's learning rate as a fraction of ``train.lr`` (the head trains at
             ``train.lr``). A learning rate chosen for adapters or a head destroys the pretrained features when
             every backbone weight moves with it; a slower backbone is SLCA's "slow learner" (Zhang et al., ICCV
-            2023; its backbone-to-head ratio 0.01, its successor SLCA++ 0.1). Default 0.1.
+            2023: backbone 1e-4 against head 1e-2, the default ratio 0.01 here; SLCA++ uses 0.1).
     """
 
     #: What a saved config without the key ran with (before the option existed the backbone trained at train.lr):
     #: ``rundir.normalised_config`` fills it in, so such a run shows a difference instead of passing for this one.
     LEGACY: ClassVar[dict[str, Any]] = {"backbone_lr_scale": 1.0}
 
-    backbone_lr_scale: float = 0.1
+    backbone_lr_scale: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.backbone_lr_scale > 0.0:
