@@ -593,21 +593,19 @@ def prune_checkpoints(out: Path, keep: int | None) -> list[Path]:
     at any point leaves a loadable run. A checkpoint of an uncommitted task (a killed ``learn``) is left alone.
     Returns the removed JSON records.
     """
-    if keep is None or not (out / "checkpoints").is_dir():
+    if keep is None:
         return []
-    try:
-        completed = int(read_json(out / RESULTS_FILE)["completed_tasks"])
-    except Exception:  # no readable record: nothing is known to be committed, so nothing may go
-        return []
-    committed = [p for p in _checkpoint_records(out) if 0 <= _checkpoint_task(p) < completed]
+    # No readable record: nothing is known to be committed, so nothing may go.
+    committed = [p for p in _committed_records(out) or [] if _checkpoint_task(p) >= 0]
     removed = committed[: max(len(committed) - keep, 0)]
     for old in removed:
         # The record first: a kill between the two deletions leaves tensors without a record, which nothing reads
         # (and the sweep below removes next time).
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)
-    if committed[-keep:]:
-        oldest_kept = _checkpoint_task(committed[-keep:][0])
+    kept = committed[len(removed) :]
+    if kept:
+        oldest_kept = _checkpoint_task(kept[0])
         for orphan in (out / "checkpoints").glob("task_*.safetensors"):
             if 0 <= _checkpoint_task(orphan) < oldest_kept and not orphan.with_suffix(".json").exists():
                 orphan.unlink(missing_ok=True)
@@ -648,13 +646,21 @@ def committed_checkpoint(out: Path) -> Path | None:
     function, so all of them see the same task. Without a readable ``results.json`` it is the newest checkpoint
     (what ``--resume`` rebuilds a lost record from; :func:`build_method_from_run` refuses such a run).
     """
-    done = _checkpoint_records(out)
+    committed = _committed_records(out)
+    if committed is None:  # no or unreadable record: nothing to check against
+        done = _checkpoint_records(out)
+        return done[-1] if done else None
+    return committed[-1] if committed else None
+
+
+def _committed_records(out: Path) -> list[Path] | None:
+    """The checkpoint records of the tasks ``results.json`` counts as completed, in task order; None without a
+    readable ``results.json``."""
     try:
         completed = int(read_json(out / RESULTS_FILE)["completed_tasks"])
-    except Exception:  # no or unreadable record: nothing to check against
-        return done[-1] if done else None
-    committed = [p for p in done if _checkpoint_task(p) < completed]
-    return committed[-1] if committed else None
+    except Exception:
+        return None
+    return [p for p in _checkpoint_records(out) if _checkpoint_task(p) < completed]
 
 
 def _checkpoint_records(out: Path) -> list[Path]:
@@ -676,22 +682,24 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     Raises:
         RunError: missing tensors file, corrupt or edited JSON (not JSON, a wrong shape, or content that does not
             match its recorded sha256), or tensors that do not match theirs. The message says to delete the
-            checkpoint to resume from the previous one.
+            checkpoint to resume from the previous one, or that no older one remains.
     """
     from safetensors.torch import load_file
 
-    older = [p for p in _checkpoint_records(path.parent.parent) if 0 <= _checkpoint_task(p) < _checkpoint_task(path)]
-    advice = (
-        f"delete {path} (and its .safetensors) to resume from the previous task"
-        if older
-        else "no older checkpoint remains (the first task's, or train.keep_checkpoints removed them): deleting "
-        f"{path} makes --resume start over from the first task, and a run with tasks added by sdlora learn cannot be "
-        "continued"
-    )
+    def advice() -> str:  # looked up only when the checkpoint is refused
+        task = _checkpoint_task(path)
+        if any(0 <= _checkpoint_task(p) < task for p in _checkpoint_records(path.parent.parent)):
+            return f"delete {path} (and its .safetensors) to resume from the previous task"
+        return (
+            "no older checkpoint remains (the first task's, or train.keep_checkpoints removed them): deleting "
+            f"{path} makes --resume start over from the first task, and a run with tasks added by sdlora learn "
+            "cannot be continued"
+        )
+
     try:
         record = read_json(path)
     except Exception as e:
-        raise RunError(f"corrupt checkpoint {path}: {e}; {advice}") from None
+        raise RunError(f"corrupt checkpoint {path}: {e}; {advice()}") from None
     problem = _schema_problem(record, path)
     if problem is None and not isinstance(record.get("record_sha256"), str):
         # Every record sdlora writes carries its own digest; one without it cannot be told from an edited one.
@@ -702,12 +710,12 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if problem is None and record["record_sha256"] != _record_digest(record):
         problem = "its content does not match its recorded sha256 (edited or damaged after it was written)"
     if problem is not None:
-        raise RunError(f"corrupt checkpoint {path}: {problem}; {advice}")
+        raise RunError(f"corrupt checkpoint {path}: {problem}; {advice()}")
     tpath = path.with_suffix(".safetensors")
     if not tpath.exists():
         raise RunError(f"checkpoint {path} has no tensors file {tpath}; delete {path} to use the previous one")
     if sha256_file(tpath) != record.get("tensors_sha256"):
-        raise RunError(f"checkpoint {tpath} does not match its recorded sha256 (damaged); {advice}")
+        raise RunError(f"checkpoint {tpath} does not match its recorded sha256 (damaged); {advice()}")
     return load_file(str(tpath)), record
 
 

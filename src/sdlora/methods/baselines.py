@@ -146,7 +146,8 @@ class FullFineTuneOptions:
     """
 
     #: What a saved config without the key ran with (before the option existed the backbone trained at train.lr):
-    #: ``rundir.normalised_config`` fills it in, so such a run shows a difference instead of passing for this one.
+    #: ``methods.with_legacy_options`` fills it in (resume and compare, learn, predict, diagnose), so such a run
+    #: shows a difference instead of passing for a new one, and continues as it trained.
     LEGACY: ClassVar[dict[str, Any]] = {"backbone_lr_scale": 1.0}
 
     backbone_lr_scale: float = 0.01
