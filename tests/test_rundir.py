@@ -145,6 +145,16 @@ def test_damage_advice_depends_on_an_older_checkpoint(tmp_path):
             load_checkpoint(ck)
 
 
+def test_missing_tensors_advice_depends_on_an_older_checkpoint(tmp_path):
+    save_checkpoint(tmp_path, 0, _Tiny(0.0), {})
+    save_checkpoint(tmp_path, 1, _Tiny(1.0), {})
+    for task, advice in ((1, "to resume from the previous task"), (0, "no older checkpoint remains")):
+        ck = tmp_path / "checkpoints" / f"task_00{task}.json"
+        ck.with_suffix(".safetensors").unlink()
+        with pytest.raises(RunError, match=f"has no tensors file .*{advice}"):
+            load_checkpoint(ck)
+
+
 def test_committed_checkpoint_is_the_one_results_json_describes(tmp_path):
     """A checkpoint newer than the record (a ``sdlora learn`` killed before its commit) is not loaded."""
     assert committed_checkpoint(tmp_path) is None

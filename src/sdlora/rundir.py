@@ -713,7 +713,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise RunError(f"corrupt checkpoint {path}: {problem}; {advice()}")
     tpath = path.with_suffix(".safetensors")
     if not tpath.exists():
-        raise RunError(f"checkpoint {path} has no tensors file {tpath}; delete {path} to use the previous one")
+        raise RunError(f"checkpoint {path} has no tensors file {tpath}; {advice()}")
     if sha256_file(tpath) != record.get("tensors_sha256"):
         raise RunError(f"checkpoint {tpath} does not match its recorded sha256 (damaged); {advice()}")
     return load_file(str(tpath)), record
