@@ -171,11 +171,13 @@ class FullFineTune(Method):
         self.model.requires_grad_(True)
 
     def optimizer_groups(self) -> list[tuple[list[nn.Parameter], float]]:
-        backbone = {id(p) for p in self.model.parameters()}
-        params = self.trainable_parameters()
-        head = [p for p in params if id(p) not in backbone]
+        in_backbone = {id(p) for p in self.model.parameters()}
+        head: list[nn.Parameter] = []
+        backbone: list[nn.Parameter] = []
+        for p in self.trainable_parameters():
+            (backbone if id(p) in in_backbone else head).append(p)
         # The head first: its learning rate (train.lr) is the one logged.
-        return [(head, 1.0), ([p for p in params if id(p) in backbone], self.options.backbone_lr_scale)]
+        return [(head, 1.0), (backbone, self.options.backbone_lr_scale)]
 
     def parameter_counts(self) -> dict[str, int]:
         counts = super().parameter_counts()
