@@ -240,6 +240,19 @@ def test_write_compare_means_and_stds(tmp_path):
     assert_png(out / "plots" / "compare_curves.png")
 
 
+def test_compare_figure_tells_many_methods_apart_best_first():
+    from sdlora.report import compare_figure
+
+    # 18 methods (what `compare --methods all` runs): the default colour cycle would repeat from the 11th.
+    loaded = {f"m{i:02d}": [{"acc_after_task": [90.0, float(i)]}] for i in range(18)}
+    loaded["unfinished"] = [{"acc_after_task": [80.0, None]}]
+    ax = compare_figure(loaded).axes[0]
+    lines = ax.get_lines()
+    assert len({(tuple(ln.get_color()), ln.get_linestyle()) for ln in lines}) == 19
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == [f"m{i:02d} (n=1)" for i in range(17, -1, -1)] + ["unfinished (n=1)"]
+
+
 def test_write_compare_rejects_inconsistent_runs(tmp_path):
     a = write_run(tmp_path / "a", RUN_A)
     same_seed = write_run(tmp_path / "b", dict(RUN_B, seed=0))

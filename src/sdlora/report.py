@@ -604,26 +604,52 @@ def compare_tables(loaded: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[s
 
 def plot_compare(loaded: Mapping[str, Sequence[Mapping[str, Any]]], path: str | os.PathLike) -> None:
     """Mean ``acc_after_task`` per method, with a +-1 std band (ddof=1) when a method has several runs."""
+    _save_figure(compare_figure(loaded), os.fspath(path))
+
+
+def compare_figure(loaded: Mapping[str, Sequence[Mapping[str, Any]]]) -> Any:
+    """The figure of :func:`plot_compare` (a matplotlib ``Figure``, not saved).
+
+    Methods are drawn and listed best first (by mean final accuracy), each with its own colour and line style: the
+    default ten-colour cycle repeats from the eleventh method (``sdlora compare --methods all`` has 18), so more
+    methods take the twenty colours of ``tab20`` and, beyond those, a second line style. With more than six methods
+    the legend stands beside the axes instead of over the curves.
+    """
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(7.0, 4.5))
+    curves = {
+        method: np.array([[np.nan if v is None else v for v in r["acc_after_task"]] for r in results], dtype=float)
+        for method, results in loaded.items()
+    }
+    final = {m: float(c.mean(axis=0)[-1]) for m, c in curves.items()}
+    # Best first; sorted() is stable, so ties keep their input order; unfinished curves go last.
+    order = sorted(curves, key=lambda m: -final[m] if np.isfinite(final[m]) else np.inf)
+    many = len(order) > 10
+    palette = colormaps["tab20"].colors if many else colormaps["tab10"].colors
+    styles = ("-", "--", ":", "-.")
+    fig = Figure(figsize=(9.0, 4.5) if len(order) > 6 else (7.0, 4.5))
     ax = fig.add_subplot()
-    for method, results in loaded.items():
-        curves = np.array([[np.nan if v is None else v for v in r["acc_after_task"]] for r in results], dtype=float)
-        x = np.arange(1, curves.shape[1] + 1)
-        mean = curves.mean(axis=0)
-        (line,) = ax.plot(x, mean, marker="o", markersize=3, label=f"{method} (n={len(results)})")
-        if len(results) > 1:
-            std = curves.std(axis=0, ddof=1)
-            ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+    for i, method in enumerate(order):
+        c = curves[method]
+        x = np.arange(1, c.shape[1] + 1)
+        mean = c.mean(axis=0)
+        color = palette[i % len(palette)]
+        style = styles[(i // len(palette)) % len(styles)]
+        ax.plot(x, mean, marker="o", markersize=3, color=color, linestyle=style, label=f"{method} (n={len(c)})")
+        if len(c) > 1:
+            std = c.std(axis=0, ddof=1)
+            ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.1 if many else 0.2, linewidth=0)
     ax.set_xlabel("task")
     ax.set_ylabel("accuracy on seen classes (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
-    if loaded:
+    if len(order) > 6:
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    elif order:
         ax.legend(fontsize="small")
-    _save_figure(fig, os.fspath(path))
+    return fig
 
 
 def write_compare(
