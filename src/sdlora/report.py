@@ -627,7 +627,9 @@ def compare_figure(loaded: Mapping[str, Sequence[Mapping[str, Any]]]) -> Any:
     # Best first; sorted() is stable, so ties keep their input order; unfinished curves go last.
     order = sorted(curves, key=lambda m: -final[m] if np.isfinite(final[m]) else np.inf)
     many = len(order) > 10
-    palette = colormaps["tab20"].colors if many else colormaps["tab10"].colors
+    n_colors = 20 if many else 10
+    cmap = colormaps["tab20" if many else "tab10"]
+    palette = [cmap(i) for i in range(n_colors)]
     styles = ("-", "--", ":", "-.")
     fig = Figure(figsize=(9.0, 4.5) if len(order) > 6 else (7.0, 4.5))
     ax = fig.add_subplot()
