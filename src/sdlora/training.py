@@ -21,7 +21,7 @@ from .distributed import DistInfo, all_reduce_sum, comm_device, ddp_kwargs, glob
 from .methods import Method, TaskContext
 from .rundir import RunError
 
-__all__ = ["Runtime", "autocast", "evaluate", "make_optimizer", "make_scheduler", "train_task"]
+__all__ = ["Runtime", "autocast", "evaluate", "make_optimizer", "make_scheduler", "param_groups", "train_task"]
 
 
 @dataclass
@@ -56,6 +56,12 @@ def make_optimizer(
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)
+
+
+def param_groups(method: Method, lr: float) -> list[dict[str, Any]]:
+    """The method's ``optimizer_groups`` as torch parameter groups, each at ``lr`` times its factor (empty groups
+    left out): what :func:`train_task` gives :func:`make_optimizer`."""
+    return [{"params": g, "lr": lr * factor} for g, factor in method.optimizer_groups() if g]
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, epochs: int) -> Any:
@@ -116,11 +122,11 @@ def train_task(
     tell = rt.progress if info.main else None
     epochs = ctx.epochs
     lr = tcfg.lr_for(ctx.task)
-    groups = [(g, factor) for g, factor in method.optimizer_groups() if g]
-    params = [p for g, _ in groups for p in g]
+    groups = param_groups(method, lr)
+    params = [p for g in groups for p in g["params"]]
     if not method.trains or epochs == 0 or not params:
         return {"epochs": 0, "steps": 0, "loss": None}
-    opt = make_optimizer([{"params": g, "lr": lr * factor} for g, factor in groups], tcfg, lr)
+    opt = make_optimizer(groups, tcfg, lr)
     sched = make_scheduler(opt, tcfg, epochs)
     sampler = GlobalBatchSampler(
         len(train_set), tcfg.batch_size, seed=rt.seed * 1000 + ctx.task, rank=info.rank, world=info.world

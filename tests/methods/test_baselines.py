@@ -220,7 +220,7 @@ def test_full_ft_trains_the_backbone_at_a_fraction_of_the_heads_learning_rate(tm
     from sdlora.configtools import from_dict, to_dict
     from sdlora.methods import load_run_config, resolve_method_config
     from sdlora.rundir import config_changes, normalised_config
-    from sdlora.training import make_optimizer
+    from sdlora.training import make_optimizer, param_groups
 
     method = tiny_method("full_ft", options={"backbone_lr_scale": 0.25})
     method.begin_task(make_ctx(0, 0, 2, []))
@@ -228,12 +228,8 @@ def test_full_ft_trains_the_backbone_at_a_fraction_of_the_heads_learning_rate(tm
     assert (one, scale) == (1.0, 0.25)
     assert {id(p) for p in backbone} == {id(p) for p in method.model.parameters()}
     assert {id(p) for p in head} == {id(p) for p in method.head.parameters() if p.requires_grad} and head
-    # One plain SGD step moves each group by its own learning rate times its gradient.
-    opt = make_optimizer(
-        [{"params": g, "lr": 0.1 * f} for g, f in method.optimizer_groups()],
-        from_dict(TrainConfig, {"optimizer": "sgd", "momentum": 0.0}),
-        0.1,
-    )
+    # One plain SGD step of the optimizer train_task builds moves each group by its own learning rate.
+    opt = make_optimizer(param_groups(method, 0.1), from_dict(TrainConfig, {"optimizer": "sgd", "momentum": 0.0}), 0.1)
     before = [p.detach().clone() for p in backbone + head]
     F.cross_entropy(method(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 0, 1])).backward()
     grads = [p.grad.clone() for p in backbone + head]
