@@ -44,6 +44,16 @@ if [ "$MODE" = lock ] && [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$ST
     echo "[setup] $VENV already matches $LOCK"
 else
     rm -f "$STAMP_FILE"
+    # Refuse before pip starts rather than fail half-way with "No space left on device": the locked set (PyTorch's
+    # CUDA build from PyPI and its nvidia-* wheels) takes about 7 GiB in the venv, plus the downloaded wheels.
+    NEED_GIB="${SDLORA_SETUP_MIN_FREE_GIB:-9}"
+    FREE_KIB=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
+    if [ -n "$FREE_KIB" ] && [ "$FREE_KIB" -lt $((NEED_GIB * 1024 * 1024)) ]; then
+        echo "[setup] error: $((FREE_KIB / 1024 / 1024)) GiB free on the disk of $VENV, the install needs about" >&2
+        echo "[setup]        $NEED_GIB GiB (PyTorch and its CUDA libraries, and pip's downloads). Free space on that" >&2
+        echo "[setup]        disk and run setup again (SDLORA_SETUP_MIN_FREE_GIB=N sets the threshold; 0 skips it)" >&2
+        exit 1
+    fi
     if [ "$MODE" = latest ]; then
         echo "[setup] installing sdlora with the newest dependencies pyproject.toml allows into $VENV"
         "${PIP[@]}" install -U --upgrade-strategy eager -e ".[dev]"

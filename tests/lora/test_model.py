@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import timm
 import torch
@@ -240,11 +242,53 @@ def test_kd_absorbs_combination_and_keeps_random(x, protocol):
     randomise_current(model)
     report = model.end_task()
     assert report["frozen"] == n_units and report["absorbed"] == 0
-    assert model.kd_log[1:] == [
+    counts = [{k: e[k] for k in ("task", "absorbed", "kept")} for e in model.kd_log]
+    assert counts == [
+        {"task": 0, "absorbed": 0, "kept": n_units},
         {"task": 1, "absorbed": 0, "kept": n_units},
         {"task": 2, "absorbed": n_units, "kept": 0},
         {"task": 3, "absorbed": 0, "kept": n_units},
     ]
+    # The log says how close each task came to kd_tau: nothing to fit with after the first task, random
+    # directions far above it, the exact combination at (numerically) zero.
+    tau = model.config.kd_tau
+    assert model.kd_log[0]["residual_min"] is None and model.kd_log[0]["residual_median"] is None
+    for entry in (model.kd_log[1], model.kd_log[3]):
+        assert tau < entry["residual_min"] <= entry["residual_median"] <= 1.0
+    assert model.kd_log[2]["residual_median"] <= 1e-6
+    assert report["kd_residual_min"] == model.kd_log[3]["residual_min"]
+
+
+@pytest.mark.parametrize("protocol", ["paper", "official"])
+def test_direction_residuals_fit_each_direction_by_the_earlier_ones(protocol):
+    # Plain SD-LoRA (no KD): nothing is absorbed, so the residuals can be read after training.
+    model = make(AdapterConfig(rank=2, protocol=protocol))
+    run_tasks(model, 2)
+    model.begin_task(rank=4)
+    _set_current(
+        model,
+        lambda u: (
+            torch.cat([u.A_frozen[0:2], u.A_frozen[2:4]], 0),
+            torch.cat([1.5 * u.B_frozen[:, 0:2], -0.5 * u.B_frozen[:, 2:4]], 1),
+        ),
+    )
+    model.end_task()
+    residuals = model.direction_residuals()
+    assert set(residuals) == {name for name, _ in model.named_units()}
+    for values in residuals.values():
+        assert len(values) == 2
+        assert 0.05 < values[0] <= 1.0  # a random direction is far from the first one
+        assert values[1] < 1e-6  # the third is the exact combination of the first two
+
+
+def test_kd_report_residual_is_the_newest_direction_residual():
+    model = make(AdapterConfig(rank=2, kd=True, protocol="paper"))
+    run_tasks(model, 2, end_last=False)
+    report = model.end_task()
+    newest = [values[-1] for values in model.direction_residuals().values()]
+    assert report["absorbed"] == 0
+    assert report["kd_residual_min"] == pytest.approx(min(newest))
+    assert report["kd_residual_median"] == pytest.approx(statistics.median(newest))
 
 
 def test_kd_absorption_preserves_output(x):

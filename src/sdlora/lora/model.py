@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import statistics
 from typing import Any
 
 import torch
@@ -236,10 +237,12 @@ class SDLoRAModel(nn.Module):
         ``begin_task`` otherwise, so that the state evaluated after the task is the one that was trained.
 
         Returns:
-            ``{"task", "rank", "frozen", "absorbed", "dropped_zero"}`` (+ ``"kd_absorption"`` with KD): how many
-            units kept a new frozen direction, how many (will) absorb it into earlier magnitudes, how many had
-            a zero product; ``"kd_absorption"`` says when absorbed directions are folded in (``"end_task"`` or
-            ``"next begin_task"``).
+            ``{"task", "rank", "frozen", "absorbed", "dropped_zero"}`` (+ ``"kd_absorption"``,
+            ``"kd_residual_min"``, ``"kd_residual_median"`` with KD): how many units kept a new frozen direction,
+            how many (will) absorb it into earlier magnitudes, how many had a zero product; ``"kd_absorption"``
+            says when absorbed directions are folded in (``"end_task"`` or ``"next begin_task"``); the residuals
+            are the smallest and the median fit residual over the units (the value compared with ``kd_tau``;
+            ``None`` before there is an earlier direction to fit with).
         """
         if not self.in_task:
             raise RuntimeError("end_task() called without begin_task()")
@@ -254,6 +257,7 @@ class SDLoRAModel(nn.Module):
             "dropped_zero": 0,
         }
         pending = not cfg.normalise_current
+        residuals: list[float] = []  # KD fit residuals of the units that fitted one (compared with kd_tau)
         # "single" keeps its one component learning; "first_only" has nothing new after the first task.
         if cfg.components != "single" and self._adds_component(task):
             alphas = self.alphas().detach()
@@ -265,6 +269,7 @@ class SDLoRAModel(nn.Module):
                     continue
                 if cfg.kd and unit.num_frozen > 1:
                     coef, residual = self._kd_fit(unit)
+                    residuals.append(residual)
                     if residual <= cfg.kd_tau:
                         report["absorbed"] += 1
                         if pending:
@@ -278,28 +283,42 @@ class SDLoRAModel(nn.Module):
         self.in_task = False
         if cfg.kd:
             report["kd_absorption"] = "next begin_task" if pending else "end_task"
-            self.kd_log.append({"task": task, "absorbed": report["absorbed"], "kept": report["frozen"]})
+            # How close the units came to kd_tau, so a run that never absorbs says by how much it missed.
+            report["kd_residual_min"] = min(residuals) if residuals else None
+            report["kd_residual_median"] = statistics.median(residuals) if residuals else None
+            self.kd_log.append(
+                {
+                    "task": task,
+                    "absorbed": report["absorbed"],
+                    "kept": report["frozen"],
+                    "residual_min": report["kd_residual_min"],
+                    "residual_median": report["kd_residual_median"],
+                }
+            )
         return report
 
-    def _kd_fit(self, unit: LowRankUnit) -> tuple[Tensor, float]:
-        """Least-squares fit of the unit's newest frozen direction by the earlier ones (paper Eq. 7).
+    def _kd_fit(self, unit: LowRankUnit, component: int = -1) -> tuple[Tensor, float]:
+        """Least-squares fit of one frozen direction of ``unit`` by the ones before it (paper Eq. 7).
 
-        d = M_t / ||M_t||_F is fitted by D_k = M_k / n_k: c = argmin ||d - sum_k c_k D_k||_F, in float64 from
-        r x r Gram blocks (no dense d_out x d_in product). Returns ``(c, residual)`` with the residual
-        ``||d - D c||_F`` (d has unit norm, so it is relative), squared when ``kd_squared_residual``.
+        d = M_j / ||M_j||_F (j = ``component``, the newest by default) is fitted by D_k = M_k / n_k, k < j:
+        c = argmin ||d - sum_k c_k D_k||_F, in float64 from r x r Gram blocks (no dense d_out x d_in product).
+        Returns ``(c, residual)`` with the residual ``||d - D c||_F`` (d has unit norm, so it is relative),
+        squared when ``kd_squared_residual``.
         """
         cfg = self.config
-        r_t = unit.comp_ranks[-1]
-        keep = unit.A_frozen.shape[0] - r_t
+        j = component % unit.num_frozen
+        if j == 0:
+            raise ValueError(f"{unit.name}: the first frozen direction has no earlier ones to be fitted by")
+        keep = sum(unit.comp_ranks[:j])
+        stop = keep + unit.comp_ranks[j]
         a_all, b_all = unit.A_frozen.double(), unit.B_frozen.double()
-        a_t, b_t = a_all[keep:], b_all[:, keep:]
+        a_t, b_t = a_all[keep:stop], b_all[:, keep:stop]
         a_f, b_f = a_all[:keep], b_all[:, :keep]
         m_norm = float(component_norm(b_t, a_t, "frobenius_of_product"))
         owner = unit.rank_owner[:keep]
-        n_comp = unit.num_frozen - 1
-        proj = torch.zeros(n_comp, keep, dtype=torch.float64, device=owner.device)
+        proj = torch.zeros(j, keep, dtype=torch.float64, device=owner.device)
         proj[owner, torch.arange(keep, device=owner.device)] = 1.0
-        norms = unit.norms[:n_comp].double()
+        norms = unit.norms[:j].double()
         # <M_k, M_l>_F = sum((B_k^T B_l) * (A_k A_l^T)), aggregated from rank rows to components.
         gram_m = proj @ ((b_f.t() @ b_f) * (a_f @ a_f.t())) @ proj.t()
         gram = gram_m / (norms[:, None] * norms[None, :])
@@ -310,6 +329,21 @@ class SDLoRAModel(nn.Module):
         coef = torch.linalg.lstsq(gram, rhs[:, None], driver="gelsd").solution[:, 0]
         res_sq = float((1.0 - 2.0 * coef @ rhs + coef @ gram @ coef).clamp_min(0.0))
         return coef, (res_sq if cfg.kd_squared_residual else res_sq**0.5)
+
+    @torch.no_grad()
+    def direction_residuals(self) -> dict[str, list[float]]:
+        """SD-LoRA-KD's fit residual (paper Eq. 7) of every kept frozen direction by the ones kept before it.
+
+        For each unit, entry ``j - 1`` is the residual of frozen component ``j`` (j >= 1) fitted by components
+        ``0..j-1``, the value SD-LoRA-KD compares with ``kd_tau`` (squared when ``kd_squared_residual``). It is
+        computed for any adapter, KD or not, so a trained plain SD-LoRA shows how much of each new direction its
+        earlier ones would have explained. Component j is task j's direction only while nothing was absorbed or
+        dropped (``kd_log`` and ``end_task``'s report say). A component still pending normalisation (the
+        official protocol, between ``end_task`` and the next ``begin_task``) is fitted by its direction too.
+        """
+        return {
+            name: [self._kd_fit(unit, j)[1] for j in range(1, unit.num_frozen)] for name, unit in self.named_units()
+        }
 
     def _absorb_last(self, unit: LowRankUnit, coef: Tensor, alphas: Tensor) -> None:
         """SD-LoRA-KD's absorption (paper Eq. 8, Algorithm 1 line 12) of the unit's newest frozen component.
