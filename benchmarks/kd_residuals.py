@@ -6,7 +6,8 @@ frozen direction ``j >= 1`` of every adapted projection is fitted by the directi
 ``j``). Printed per direction: the smallest, median and largest residual over the projections, and how many of
 them would pass ``--tau`` (default: the run's own ``adapter.kd_tau``). Works on any SD-LoRA-family run, KD or
 not: a plain ``sdlora`` run shows what KD would have decided on the same directions (up to the directions KD
-itself would have dropped earlier). In a KD run that absorbed something, direction ``j`` is no longer task ``j``'s.
+itself would have dropped earlier). In a projection that absorbed a direction or dropped one (a zero product),
+the later directions shift: direction ``j`` is then no longer task ``j``'s.
 
 Usage::
 

@@ -45,14 +45,22 @@ if [ "$MODE" = lock ] && [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$ST
 else
     rm -f "$STAMP_FILE"
     # Refuse before pip starts rather than fail half-way with "No space left on device": the locked set (PyTorch's
-    # CUDA build from PyPI and its nvidia-* wheels) takes about 7 GiB in the venv, plus the downloaded wheels.
+    # CUDA build from PyPI and its nvidia-* wheels) takes about 7 GiB in the venv, plus the downloaded wheels. Only
+    # a venv without torch yet is checked: an update of a set-up venv replaces a few packages.
     NEED_GIB="${SDLORA_SETUP_MIN_FREE_GIB:-9}"
-    FREE_KIB=$(df -Pk "$VENV" | awk 'NR == 2 {print $4}')
-    if [ -n "$FREE_KIB" ] && [ "$FREE_KIB" -lt $((NEED_GIB * 1024 * 1024)) ]; then
-        echo "[setup] error: $((FREE_KIB / 1024 / 1024)) GiB free on the disk of $VENV, the install needs about" >&2
-        echo "[setup]        $NEED_GIB GiB (PyTorch and its CUDA libraries, and pip's downloads). Free space on that" >&2
-        echo "[setup]        disk and run setup again (SDLORA_SETUP_MIN_FREE_GIB=N sets the threshold; 0 skips it)" >&2
-        exit 1
+    case "$NEED_GIB" in
+        ''|*[!0-9]*) echo "[setup] error: SDLORA_SETUP_MIN_FREE_GIB must be a whole number of GiB, got '$NEED_GIB'" >&2
+                     exit 2 ;;
+    esac
+    NEED_GIB=$((10#$NEED_GIB))
+    if [ "$NEED_GIB" -gt 0 ] && ! compgen -G "$VENV/lib/python*/site-packages/torch" >/dev/null; then
+        FREE_KIB=$(df -Pk "$VENV" 2>/dev/null | awk 'NR == 2 {print $4}') || FREE_KIB=
+        if [ -n "$FREE_KIB" ] && [ "$FREE_KIB" -lt $((NEED_GIB * 1024 * 1024)) ]; then
+            echo "[setup] error: $((FREE_KIB / 1024 / 1024)) GiB free on the disk of $VENV, a first install needs" >&2
+            echo "[setup]        about $NEED_GIB GiB (PyTorch and its CUDA libraries, and pip's downloads). Free space" >&2
+            echo "[setup]        there and run setup again (SDLORA_SETUP_MIN_FREE_GIB=N sets the threshold; 0 skips it)" >&2
+            exit 1
+        fi
     fi
     if [ "$MODE" = latest ]; then
         echo "[setup] installing sdlora with the newest dependencies pyproject.toml allows into $VENV"

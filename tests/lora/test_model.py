@@ -264,6 +264,7 @@ def test_direction_residuals_fit_each_direction_by_the_earlier_ones(protocol):
     # Plain SD-LoRA (no KD): nothing is absorbed, so the residuals can be read after training.
     model = make(AdapterConfig(rank=2, protocol=protocol))
     run_tasks(model, 2)
+    after_two = model.direction_residuals()
     model.begin_task(rank=4)
     _set_current(
         model,
@@ -275,10 +276,16 @@ def test_direction_residuals_fit_each_direction_by_the_earlier_ones(protocol):
     model.end_task()
     residuals = model.direction_residuals()
     assert set(residuals) == {name for name, _ in model.named_units()}
-    for values in residuals.values():
+    for name, values in residuals.items():
         assert len(values) == 2
         assert 0.05 < values[0] <= 1.0  # a random direction is far from the first one
+        assert values[0] == pytest.approx(after_two[name][0], abs=1e-12)  # a later direction changes nothing
         assert values[1] < 1e-6  # the third is the exact combination of the first two
+    unit = model.named_units()[0][1]
+    with pytest.raises(ValueError, match="no earlier ones"):
+        model._kd_fit(unit, 0)
+    with pytest.raises(IndexError, match="out of range"):
+        model._kd_fit(unit, 3)
 
 
 def test_kd_report_residual_is_the_newest_direction_residual():
@@ -289,6 +296,13 @@ def test_kd_report_residual_is_the_newest_direction_residual():
     assert report["absorbed"] == 0
     assert report["kd_residual_min"] == pytest.approx(min(newest))
     assert report["kd_residual_median"] == pytest.approx(statistics.median(newest))
+    assert model.kd_log[-1] == {
+        "task": 1,
+        "absorbed": 0,
+        "kept": len(newest),
+        "residual_min": report["kd_residual_min"],
+        "residual_median": report["kd_residual_median"],
+    }
 
 
 def test_kd_absorption_preserves_output(x):

@@ -306,7 +306,10 @@ class SDLoRAModel(nn.Module):
         squared when ``kd_squared_residual``.
         """
         cfg = self.config
-        j = component % unit.num_frozen
+        n = unit.num_frozen
+        if not -n <= component < n:
+            raise IndexError(f"{unit.name}: component {component} out of range ({n} frozen)")
+        j = component % n
         if j == 0:
             raise ValueError(f"{unit.name}: the first frozen direction has no earlier ones to be fitted by")
         keep = sum(unit.comp_ranks[:j])
@@ -332,14 +335,16 @@ class SDLoRAModel(nn.Module):
 
     @torch.no_grad()
     def direction_residuals(self) -> dict[str, list[float]]:
-        """SD-LoRA-KD's fit residual (paper Eq. 7) of every kept frozen direction by the ones kept before it.
+        """SD-LoRA-KD's fit residual (paper Eq. 7) of every frozen direction by the ones before it in its unit.
 
         For each unit, entry ``j - 1`` is the residual of frozen component ``j`` (j >= 1) fitted by components
         ``0..j-1``, the value SD-LoRA-KD compares with ``kd_tau`` (squared when ``kd_squared_residual``). It is
         computed for any adapter, KD or not, so a trained plain SD-LoRA shows how much of each new direction its
-        earlier ones would have explained. Component j is task j's direction only while nothing was absorbed or
-        dropped (``kd_log`` and ``end_task``'s report say). A component still pending normalisation (the
-        official protocol, between ``end_task`` and the next ``begin_task``) is fitted by its direction too.
+        earlier ones would have explained. Component j is task j's direction only while the unit absorbed or
+        dropped (zero product) nothing (``kd_log`` and ``end_task``'s report say). Under the official protocol,
+        between ``end_task`` and the next ``begin_task``, the newest component is still in the stack even when it
+        is marked for absorption, and is reported like the others (pending normalisation changes its scale, not
+        its direction).
         """
         return {
             name: [self._kd_fit(unit, j)[1] for j in range(1, unit.num_frozen)] for name, unit in self.named_units()
