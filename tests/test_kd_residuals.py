@@ -45,4 +45,4 @@ def test_kd_residuals_refuses_what_it_cannot_read(tmp_path, capsys):
     run_experiment(from_dict(RunConfig, cfg), tmp_path / "ncm")
     assert kr.main([str(tmp_path / "ncm"), str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
-    assert "has no SD-LoRA adapter" in err and "missing is not a directory" in err
+    assert "has no SD-LoRA adapter" in err and "missing is not a run directory (no config.yaml)" in err
