@@ -28,7 +28,8 @@ run_check() {  # name, command...: runs it with its output in $LOG_DIR/<name>.lo
         failed+=("$name")
     fi
 }
-run_check ruff "$VENV/bin/ruff" check src tests benchmarks
+run_check ruff "$VENV/bin/ruff" check src tests benchmarks scripts
+run_check ruff-format "$VENV/bin/ruff" format --check src tests benchmarks scripts
 run_check mypy "$VENV/bin/mypy"
 run_check pytest "$VENV/bin/python" -m pytest -q "$@"
 
