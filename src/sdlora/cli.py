@@ -1,5 +1,5 @@
 """Command-line interface: ``sdlora run | demo | compare | check-data | export | predict | learn | report | diagnose |
-list | data get | reproduce``.
+build-data | list | data get | reproduce``.
 
 Exit codes: 0 success, 1 run failure, 2 bad input (config, arguments, data, run directory). The reason goes to
 stderr in one line (``sdlora: error: ...``), also when it happened in a DataLoader worker process.

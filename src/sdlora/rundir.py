@@ -3,18 +3,19 @@
 A run directory (``sdlora run --out DIR``) holds::
 
     config.yaml          the resolved config (engine, before the first task)
-    split.json           the file lists of a split made here (engine; ``imagefolder`` single tree only)
+    split.json           the file lists of a split made here (engine; ``imagefolder`` single tree, ``emoji_r``)
     results.json         the run record, rewritten after every task (engine; :class:`sdlora.results.RunResults`)
     metrics.csv, accuracy_matrix.csv, plots/   derived tables and plots (:mod:`sdlora.report`)
     log.txt              the run's log (engine)
     checkpoints/task_NNN.{safetensors,json}    method state + engine state + RNG after each task, or after the
                          newest N with ``train.keep_checkpoints: N`` (this module)
+    tracking.json        the tracked runs' ids with ``train.log_to`` (:mod:`sdlora.tracking`)
     .sdlora.lock         held while a process writes the run (:func:`run_dir_lock`)
 
 One writer at a time: ``run``, ``--resume``, ``--overwrite`` and ``compare`` hold :func:`run_dir_lock` for the
 whole run (under torchrun, rank 0 holds it for all processes), and a second process is refused naming the holder.
-Everything here runs on one process (under torchrun: rank 0); the engine decides who calls it. Used by
-``engine``, ``compare`` and ``cli export``.
+Everything here runs on one process (under torchrun: rank 0); the engine decides who calls it. Used by the engine,
+``learn`` and every command that reads a run (``compare``, ``predict``, ``export``, ``diagnose``, ``report``).
 """
 
 from __future__ import annotations
