@@ -21,15 +21,8 @@ from sdlora.distributed import state_fingerprint
 from sdlora.engine import build_method_from_run
 from sdlora.methods import METHODS
 from sdlora.predict import load_run
-from test_learn import ALL, _folder
+from test_learn import ALL, TINY_OPTIONS, _folder
 
-#: Options that keep each method tiny (the defaults are sized for a ViT-B: RanPAC's M = 10,000, 10-prompt pools).
-OPTIONS = {
-    "ranpac": {"projection_dim": 48},
-    "l2p": {"pool_size": 4, "prompt_length": 2, "top_k": 2, "layers": [0, 1]},
-    "coda_prompt": {"pool_size": 6, "prompt_length": 2, "layers": [0, 1]},
-    "inflora": {"rank": 2},
-}
 FAST = {"sdlora", "simplecil", "ranpac"}
 METHOD_PARAMS = [m if m in FAST else pytest.param(m, marks=pytest.mark.slow) for m in sorted(METHODS)]
 
@@ -38,8 +31,7 @@ def _config(tmp_path: Path, method: str) -> Path:
     cfg = tiny_config(
         method={
             "name": method,
-            **({"options": OPTIONS[method]} if method in OPTIONS else {}),
-            **({"calib": {"projection_dim": 16}} if method.endswith("_calib") else {}),  # default 4,096
+            **TINY_OPTIONS.get(method, {}),
         },
         data={"name": "imagefolder", "root": str(tmp_path / "first4"), "train_per_class": None},
         scenario={"shuffle": False},
