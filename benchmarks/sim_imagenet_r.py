@@ -2,12 +2,13 @@
 """End-to-end simulation of SD-LoRA on ImageNet-R N=10 (official protocol): projected wall time and peak memory.
 
 Runs the real engine (``sdlora.engine.run_experiment``) on the ``imagenet_r_n10_official`` preset with two
-substitutions that need neither the dataset nor the pretrained weights: a random-init ViT-B/16 (same shapes and
-cost as the pretrained one) and the ``synthetic`` dataset at the real split's size (200 classes, 24,000 training
-and 6,000 test images, 120 / 30 per class, fed at 224 px through the preset's transforms; the images are stored
-at 32 px and resized by those transforms, so JPEG decoding of real ImageNet-R files is *not* part of the
-measurement). Everything else is the preset: 10 tasks of 20 classes, batch 128, SGD lr 8e-3, bf16 autocast
-(``--amp``), evaluation on all seen classes after each task, a checkpoint after each task.
+substitutions that need neither the dataset nor the pretrained weights: a random-init ViT-B/16 (same shapes and cost
+as the pretrained one) and the ``synthetic`` dataset at the real split's size (200 classes, 24,000 training and 6,000
+test images, 120 / 30 per class, fed at 224 px through the preset's transforms; the images are stored at 32 px and
+resized by those transforms, so JPEG decoding of real ImageNet-R files is *not* part of the measurement). Everything
+else is the preset: 10 tasks of 20 classes, batch 128, SGD lr 8e-3, evaluation on all seen classes after each task, a
+checkpoint after each task; on top of it bf16 autocast (``train.amp=true``, which the preset leaves off; ``--no-amp``
+for float32).
 
 The preset's 20 epochs per task are shortened to ``--epochs`` (default 1) and extrapolated: per task, projected
 training time = measured training time x 20 / epochs (an upper bound: the per-task fixed costs and the first
