@@ -253,3 +253,34 @@ def test_full_ft_trains_the_backbone_at_a_fraction_of_the_heads_learning_rate(tm
     cfg, _ = load_run_config(str(out / "config.yaml"), saved_run=True)
     assert cfg.method.options == {"backbone_lr_scale": 1.0}
     assert load_run_config(str(out / "config.yaml"))[0].method.options == {"backbone_lr_scale": 0.01}
+
+
+@pytest.mark.parametrize(
+    ("name", "adapter"),
+    [
+        ("sdlora_ablation_first", {"components": "first_only", "kd": False}),
+        ("sdlora_ablation_single", {"components": "single", "normalise_current": True}),
+        ("sdlora_ablation_fixed", {"train_old_magnitudes": False, "alpha_carry_over": True}),
+        ("sdlora_kd", {"kd": True}),
+        ("sdlora_rr", {"rank_schedule": [10, 10, 10, 10, 8, 8, 8, 8, 6]}),
+    ],
+)
+def test_the_saved_config_shows_the_adapter_a_variant_runs_with(tmp_path, name, adapter):
+    from engine_helpers import tiny_config
+    from sdlora.config import RunConfig
+    from sdlora.configtools import from_dict, to_dict
+    from sdlora.methods import resolve_method_config
+    from sdlora.rundir import config_changes
+
+    saved = to_dict(resolve_method_config(from_dict(RunConfig, tiny_config(method={"name": name}))))
+    assert {k: saved["method"]["adapter"][k] for k in adapter} == adapter
+    built = tiny_method(name)
+    assert {k: getattr(built.adapter_config, k) for k in adapter} == adapter  # what the model was built with
+    # A run saved before the variant's settings were written into its config (the bare adapter section) still
+    # compares equal to today's resolved config: --resume and compare keep accepting it.
+    bare = to_dict(from_dict(RunConfig, tiny_config(method={"name": name})))
+    assert bare["method"]["adapter"] != saved["method"]["adapter"]
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "config.yaml").write_text(json.dumps(bare))
+    assert config_changes(out, saved) == []

@@ -23,6 +23,7 @@ from ..config import MethodConfig
 from ..configtools import ConfigError, from_dict
 from ..data import Batch
 from ..heads import IncrementalLinear
+from ..lora import AdapterConfig
 
 __all__ = [
     "METHODS",
@@ -50,7 +51,7 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     def deco(cls: type[Method]) -> type[Method]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
-        for hook in ("make_align_config", "make_calib_config"):
+        for hook in ("make_adapter_config", "make_align_config", "make_calib_config"):
             # resolve_method_config calls them on the class (the saved config must show them before a model
             # exists); an instance method would fail there with a bare TypeError.
             if not isinstance(inspect.getattr_static(cls, hook), classmethod | staticmethod):
@@ -204,6 +205,13 @@ class Method(nn.Module):
         # The current task's features before the task (this process's shard, for drift compensation); held only
         # from begin_task to after_task, never saved.
         self._features_before: Tensor | None = None
+
+    @classmethod
+    def make_adapter_config(cls, cfg: AdapterConfig) -> AdapterConfig:
+        """Registry entries that are a configuration of the LoRA adapter (``sdlora_kd``, ``seq_lora``, the
+        ablations) set it here (applied to the run's config by ``resolve_method_config``, so the saved config shows
+        the adapter the run uses, and again when the adapter is built)."""
+        return cfg
 
     @classmethod
     def make_align_config(cls, cfg: AlignConfig) -> AlignConfig:

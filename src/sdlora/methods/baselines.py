@@ -63,7 +63,8 @@ class SeqLoRA(SDLoRA):
     ``rank_schedule`` and ``kd`` of ``method.adapter`` are ignored: a single component has one rank.
     """
 
-    def make_adapter_config(self, cfg: AdapterConfig) -> AdapterConfig:
+    @classmethod
+    def make_adapter_config(cls, cfg: AdapterConfig) -> AdapterConfig:
         return plain_lora_config(cfg)
 
     @property
@@ -98,7 +99,8 @@ class SDLoRAAblationFirst(SDLoRA):
     afterwards only its magnitude (and the head) trains. The other adapter settings (protocol, rank, targets)
     are those of ``method.adapter``; ``kd`` is off (there is no second direction to distil)."""
 
-    def make_adapter_config(self, cfg: AdapterConfig) -> AdapterConfig:
+    @classmethod
+    def make_adapter_config(cls, cfg: AdapterConfig) -> AdapterConfig:
         return dataclasses.replace(cfg, components="first_only", kd=False, train_magnitudes=True)
 
 
@@ -112,7 +114,8 @@ class SDLoRAAblationSingle(SDLoRA):
     it would never be decoupled at all. B starts at zero, so the first step sees the smoothed 0/0 of
     ``AdapterConfig.normalise_current``: use Adam (as the demo does)."""
 
-    def make_adapter_config(self, cfg: AdapterConfig) -> AdapterConfig:
+    @classmethod
+    def make_adapter_config(cls, cfg: AdapterConfig) -> AdapterConfig:
         return dataclasses.replace(
             cfg, components="single", normalise_current=True, train_magnitudes=True, rank_schedule=None, kd=False
         )
@@ -127,7 +130,8 @@ class SDLoRAAblationFixed(SDLoRA):
     protocol): the official protocol's re-creation of every magnitude at ``alpha_init`` would itself rescale
     the old directions."""
 
-    def make_adapter_config(self, cfg: AdapterConfig) -> AdapterConfig:
+    @classmethod
+    def make_adapter_config(cls, cfg: AdapterConfig) -> AdapterConfig:
         return dataclasses.replace(
             cfg, components="per_task", train_magnitudes=True, train_old_magnitudes=False, alpha_carry_over=True
         )

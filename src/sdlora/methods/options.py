@@ -16,7 +16,8 @@ __all__ = ["load_run_config", "resolve_method_config"]
 def resolve_method_config(cfg: RunConfig) -> RunConfig:
     """Check ``method.name`` against the registry and ``method.options`` against the method's options dataclass,
     filling the options' defaults in place (so the saved config lists every option), and apply the registry
-    entry's settings of ``method.align``/``method.calib`` (``Method.make_align_config``/``make_calib_config``).
+    entry's settings of ``method.adapter``/``method.align``/``method.calib`` (``Method.make_adapter_config``,
+    ``make_align_config``, ``make_calib_config``).
     Returns ``cfg``.
 
     Raises:
@@ -27,8 +28,10 @@ def resolve_method_config(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}", "method.name")
     cls = METHODS[name]
     cfg.method.options = to_dict(parse_options(cls, cfg.method.options))
-    # The registry entry's fixed settings (sdlora_ca's alignment, sdlora_calib's head), so that the saved config
-    # says what the run does; the method applies them again (idempotent) when it is built from a bare config.
+    # The registry entry's fixed settings (the variants' adapter, sdlora_ca's alignment, sdlora_calib's head), so
+    # that the saved config says what the run does; the method applies them again (idempotent) when it is built
+    # from a bare config.
+    cfg.method.adapter = cls.make_adapter_config(cfg.method.adapter)
     cfg.method.align = cls.make_align_config(cfg.method.align)
     cfg.method.calib = cls.make_calib_config(cfg.method.calib)
     return cfg

@@ -37,7 +37,8 @@ class SDLoRA(Method):
         assert isinstance(self.model, SDLoRAModel)
         return self.model
 
-    def make_adapter_config(self, cfg: AdapterConfig) -> AdapterConfig:
+    @classmethod
+    def make_adapter_config(cls, cfg: AdapterConfig) -> AdapterConfig:
         """Variants adjust the adapter configuration here (a variant is configuration, not a copy)."""
         return cfg
 
@@ -91,7 +92,8 @@ class SDLoRARR(SDLoRA):
     """SD-LoRA-RR (paper §3.5, Eq. 6): decreasing ranks, 10 for tasks 1-4, 8 for 5-8, 6 afterwards, unless
     ``method.adapter.rank_schedule`` gives another schedule."""
 
-    def make_adapter_config(self, cfg: AdapterConfig) -> AdapterConfig:
+    @classmethod
+    def make_adapter_config(cls, cfg: AdapterConfig) -> AdapterConfig:
         if cfg.rank_schedule is None:
             return dataclasses.replace(cfg, rank_schedule=list(RR_SCHEDULE))
         return cfg
@@ -102,7 +104,8 @@ class SDLoRAKD(SDLoRA):
     """SD-LoRA-KD (paper §3.5, Eq. 7-8, Algorithm 1): a new direction that earlier ones explain (residual
     <= ``method.adapter.kd_tau``) is absorbed into their magnitudes instead of being stored."""
 
-    def make_adapter_config(self, cfg: AdapterConfig) -> AdapterConfig:
+    @classmethod
+    def make_adapter_config(cls, cfg: AdapterConfig) -> AdapterConfig:
         return dataclasses.replace(cfg, kd=True)
 
 
