@@ -209,8 +209,9 @@ class Method(nn.Module):
     @classmethod
     def make_adapter_config(cls, cfg: AdapterConfig) -> AdapterConfig:
         """Registry entries that are a configuration of the LoRA adapter (``sdlora_kd``, ``seq_lora``, the
-        ablations) set it here (applied to the run's config by ``resolve_method_config``, so the saved config shows
-        the adapter the run uses, and again when the adapter is built)."""
+        ablations: a variant is configuration, not a copy) set it here (applied to the run's config by
+        ``resolve_method_config``, so the saved config shows the adapter the run uses, and again when the adapter is
+        built)."""
         return cfg
 
     @classmethod

@@ -37,11 +37,6 @@ class SDLoRA(Method):
         assert isinstance(self.model, SDLoRAModel)
         return self.model
 
-    @classmethod
-    def make_adapter_config(cls, cfg: AdapterConfig) -> AdapterConfig:
-        """Variants adjust the adapter configuration here (a variant is configuration, not a copy)."""
-        return cfg
-
     @property
     def protocol(self) -> str:
         return self.adapter.config.protocol
